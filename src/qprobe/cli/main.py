@@ -1,0 +1,65 @@
+"""The `qprobe` command. Subcommands live in their own modules and are imported on use."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from qprobe.errors import QProbeError
+
+# name -> "module:attribute" of a click command; one line per capability.
+COMMANDS = {
+    "collect": "qprobe.cli.run_cmds:collect",
+    "export": "qprobe.cli.run_cmds:export",
+    "inspect": "qprobe.cli.run_cmds:inspect_run",
+    "ls": "qprobe.cli.run_cmds:ls",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported only when invoked (keeps `--help` fast)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, _, attr = COMMANDS[name].partition(":")
+        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qprobe")
+def cli() -> None:
+    """Q-probing: sample k completions, score each with a linear probe on the model's own
+    hidden states, keep the best. Typical flow:
+
+    \b
+      qprobe collect --task mbpp --split train --n 16 --out runs/mbpp-train --allow-code-execution
+      qprobe train --run runs/mbpp-train --loss pg --out probes/pg
+      qprobe eval ...        qprobe select --probe probes/pg --prompt "..."
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: QProbeError becomes one line on stderr and exit code 2, no traceback."""
+    try:
+        cli.main(args=argv, prog_name="qprobe", standalone_mode=False)
+    except QProbeError as exc:
+        click.echo(f"qprobe: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("qprobe: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The embedder interface: features of prompt+completion, one array per feature request."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from qprobe.features.spec import FeatureRequest, FeatureSpec
+from qprobe.generation.base import Completion
+
+
+class Embedder(ABC):
+    """Computes features of (rendered prompt + completion) for one or more requests."""
+
+    #: Back-end name recorded in the spec ("llamacpp", "transformers", "sentence-transformers", ...).
+    name: str = ""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """At least `model` and `sha256` of the weights the features come from."""
+
+    @abstractmethod
+    def embed(
+        self, text: str, completions: list[Completion], requests: list[FeatureRequest]
+    ) -> dict[str, Any]:
+        """For each request, keyed by `request.key`: an array [k, d] (pooling 'last'/'mean'),
+        or a list of k arrays [t_i, d] (pooling 'tokens')."""
+
+    def spec(self, request: FeatureRequest, dim: int, dtype: str = "float32") -> FeatureSpec:
+        ident = self.identity()
+        return FeatureSpec(
+            backend=self.name,
+            model=str(ident.get("model", "")),
+            sha256=str(ident.get("sha256", "")),
+            layer=request.layer,
+            pooling=request.pooling,
+            dim=dim,
+            dtype=dtype,
+            embedder=request.embedder,
+        )
+
+    def close(self) -> None:
+        """Release the model."""
+
+
+def pool(states: np.ndarray, pooling: str) -> np.ndarray:
+    """Pool completion-token states [t, d] into [d] ('last', 'mean') or keep them ('tokens')."""
+    if pooling == "last":
+        return states[-1]  # [d]
+    if pooling == "mean":
+        return states.mean(axis=0)  # [d]
+    return states  # [t, d]

@@ -1,0 +1,86 @@
+"""The back-end interface: k sampled completions per prompt.
+
+A back-end is the only place that generates text. `qprobe.generation.fake` is the
+reference implementation; the real ones (llamacpp, transformers, openai, vllm) follow it.
+Embeddings of prompt+completion are computed by an `Embedder` (`qprobe.features`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from qprobe.errors import ConfigError
+from qprobe.tasks.base import Prompt
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled. `seed` is the run seed; each sample derives its own."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 300
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"expected temperature >= 0, got {self.temperature}; use 0 for greedy")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"expected 0 < top_p <= 1, got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"expected max_new_tokens >= 1, got {self.max_new_tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sample: `text` is exactly what the reward and the embedding see (stop removed)."""
+
+    text: str
+    n_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
+    seed: int
+    # Token ids of the completion when the back-end has them (lets features reuse them).
+    token_ids: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
+
+
+def sample_seed(run_seed: int, prompt_id: str, index: int) -> int:
+    """A per-sample seed that depends only on (run seed, prompt, index): resumes reproduce."""
+    import hashlib
+
+    h = hashlib.sha256(f"{run_seed}\x00{prompt_id}\x00{index}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+class Backend(ABC):
+    """Samples completions and embeds prompt+completion pairs."""
+
+    name: str = ""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """Model identity for manifests and feature specs: at least `model` and `sha256`."""
+
+    def render(self, prompt: Prompt) -> str:
+        """The exact string the model continues (chat template applied where relevant)."""
+        return prompt.text
+
+    @abstractmethod
+    def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
+        """len(seeds) completions of the rendered prompt `text`, one per seed."""
+
+    def close(self) -> None:
+        """Release the model."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
