@@ -24,6 +24,11 @@ class Entry:
     summary: str  # one line for `qprobe ls`
 
 
+def _load_catalog() -> None:
+    """The built-in entries live in `qprobe.catalog`; import it on first look-up."""
+    import qprobe.catalog  # noqa: F401
+
+
 class Registry(Generic[T]):
     """A name -> component mapping for one family (tasks, back-ends, rewards, losses)."""
 
@@ -43,6 +48,7 @@ class Registry(Generic[T]):
         return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
     def entry(self, name: str) -> Entry:
+        _load_catalog()
         if name not in self._entries:
             close = difflib.get_close_matches(name, list(self._entries), n=1)
             hint = f"did you mean '{close[0]}'?" if close else "run `qprobe ls` to see them"
@@ -52,9 +58,11 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def names(self) -> list[str]:
+        _load_catalog()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        _load_catalog()
         return name in self._entries
 
     def __iter__(self) -> Iterator[Entry]:

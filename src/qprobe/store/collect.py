@@ -1,0 +1,247 @@
+"""Collect: sample k completions per prompt, embed and reward them, append to a run.
+
+Generation runs in the calling thread; rewards run in a worker thread (the sandbox fans
+out to processes), so scoring overlaps the next prompts' generation. Rows are committed in
+shards; re-running the same command resumes, skipping every (prompt, sample) already stored.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qprobe.errors import ConfigError, StoreError
+from qprobe.features import make_embedder
+from qprobe.features.spec import FeatureRequest, FeatureSpec
+from qprobe.generation.base import Completion, SamplingConfig, sample_seed
+from qprobe.registry import BACKENDS, TASKS
+from qprobe.store.run import Run, RunWriter
+from qprobe.tasks.base import Prompt, RewardResult
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Everything that defines a collection. The same config resumes the same run."""
+
+    task: str
+    split: str
+    out: Path
+    n: int = 16
+    backend: str = "fake"
+    model: str | None = None
+    features: tuple[str, ...] = ("-1:last",)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    limit: int | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    feature_dtype: str = "float32"
+    shard_samples: int = 64  # commit a shard once this many samples are ready
+    shard_seconds: float = 30.0  # ... or once the oldest pending sample is this old
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"expected --n >= 1 samples per prompt, got {self.n}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"expected --limit >= 1 prompts, got {self.limit}")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ConfigError(f"expected feature dtype float32 or float16, got '{self.feature_dtype}'")
+        for text in self.features:
+            FeatureRequest.parse(text)
+
+    @property
+    def requests(self) -> list[FeatureRequest]:
+        return [FeatureRequest.parse(t) for t in self.features]
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("qprobe", "numpy", "pyarrow", "torch", "llama-cpp-python", "transformers", "vllm", "openai"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def fingerprint(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a manifest that must agree for a resume to continue the same run."""
+    keys = ("task", "backend", "model", "sampling")
+    return {k: manifest.get(k) for k in keys}
+
+
+@dataclass
+class _Pending:
+    prompt: Prompt
+    prompt_index: int
+    text: str
+    indices: list[int]
+    completions: list[Completion]
+    features: dict[str, Any]
+    rewards: Future[list[RewardResult]]
+    started: float
+
+
+def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run], None] | None = None) -> Run:
+    """Run (or resume) a collection and return the finished run."""
+    task = TASKS.create(cfg.task, **cfg.task_options)
+    task.check_split(cfg.split)
+    prompts = task.prompts(cfg.split)
+    if cfg.limit is not None:
+        prompts = prompts[: cfg.limit]
+    reward = task.reward()
+    if reward.executes_code:
+        from qprobe import sandbox
+
+        sandbox.require_opt_in()
+    backend_opts = dict(cfg.backend_options)
+    if cfg.model is not None:
+        backend_opts["model"] = cfg.model
+    sampling = cfg.sampling
+    if not sampling.stop and task.stop:
+        sampling = SamplingConfig(**{**sampling.to_dict(), "stop": tuple(task.stop)})
+    backend = BACKENDS.create(cfg.backend, **backend_opts)
+    try:
+        ident = backend.identity()
+        manifest = {
+            "task": {"name": cfg.task, "split": cfg.split, "options": cfg.task_options, **task.manifest()},
+            "backend": {"name": cfg.backend, "options": {k: v for k, v in backend_opts.items() if k != "model"}},
+            "model": ident,
+            "sampling": sampling.to_dict(),
+            "reward": reward.manifest(),
+        }
+        if reward.executes_code:
+            from qprobe import sandbox
+
+            manifest["reward"]["sandbox"] = sandbox.isolation_level()
+        is_new = not (Path(cfg.out) / "manifest.json").exists()
+        writer = _open_writer(cfg, manifest)
+        try:
+            with writer:
+                return _collect_into(writer, cfg, prompts, backend, reward, sampling, progress, on_shard)
+        except BaseException:
+            if is_new and not writer.shards:  # nothing collected: leave nothing half-made behind
+                import shutil
+
+                shutil.rmtree(cfg.out, ignore_errors=True)
+            raise
+    finally:
+        backend.close()
+
+
+def _open_writer(cfg: CollectConfig, manifest: dict[str, Any]) -> RunWriter:
+    writer = RunWriter.create_or_open(cfg.out, manifest)
+    old, new = fingerprint(writer.manifest), fingerprint(json.loads(json.dumps(manifest, default=str)))
+    if old != new:
+        writer.close()
+        diff = [k for k in old if old[k] != new[k]]
+        raise StoreError(
+            f"expected the settings of the existing run in {cfg.out} to resume it, got different {diff} "
+            f"(stored {[old[k] for k in diff]}, asked {[new[k] for k in diff]}); "
+            "repeat the original options or write to a new --out"
+        )
+    stored = writer.manifest.get("features")
+    wanted = [r.key for r in cfg.requests]
+    if stored and sorted(stored) != sorted(wanted):
+        writer.close()
+        raise StoreError(
+            f"expected the run's features {sorted(stored)} to resume {cfg.out}, got {sorted(wanted)}; "
+            "repeat the original --feature options or write to a new --out"
+        )
+    writer.update_manifest(versions=library_versions(), n=max(cfg.n, int(writer.manifest.get("n", 0))),
+                           complete=False)
+    return writer
+
+
+def _collect_into(
+    writer: RunWriter, cfg: CollectConfig, prompts: list[Prompt], backend: Any, reward: Any,
+    sampling: SamplingConfig, progress: bool, on_shard: Callable[[Run], None] | None,
+) -> Run:
+    from qprobe.store.progress import CollectProgress
+
+    done = writer.pairs()
+    todo = [(i, p, [j for j in range(cfg.n) if (p.id, j) not in done]) for i, p in enumerate(prompts)]
+    todo = [t for t in todo if t[2]]
+    total = len(prompts) * cfg.n
+    groups: dict[str, list[FeatureRequest]] = {}
+    for req in cfg.requests:
+        groups.setdefault(req.embedder, []).append(req)
+    embedders = {name: make_embedder(backend, name) for name in groups}
+    pending: list[_Pending] = []
+    bar = CollectProgress(total=total, done=total - sum(len(t[2]) for t in todo), enabled=progress)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qprobe-reward") as pool, bar:
+            for index, prompt, missing in todo:
+                text = backend.render(prompt)
+                seeds = [sample_seed(sampling.seed, prompt.id, j) for j in missing]
+                t0 = time.perf_counter()
+                comps = backend.generate(text, sampling, seeds)
+                feats: dict[str, Any] = {}
+                for name, reqs in groups.items():
+                    feats.update(embedders[name].embed(text, comps, reqs))
+                if not writer.manifest.get("features"):
+                    writer.set_features(_specs(embedders, groups, feats, cfg.feature_dtype))
+                fut = pool.submit(reward.score, prompt, [c.text for c in comps])
+                pending.append(_Pending(prompt, index, text, missing, comps, feats, fut, t0))
+                bar.advance(len(comps), sum(c.n_tokens for c in comps), time.perf_counter() - t0)
+                n_pending = sum(len(p.indices) for p in pending)
+                if n_pending >= cfg.shard_samples or time.perf_counter() - pending[0].started > cfg.shard_seconds:
+                    _flush(writer, pending, on_shard)
+            _flush(writer, pending, on_shard)
+    finally:
+        for e in embedders.values():
+            e.close()
+    complete = len(writer) >= len(prompts) * cfg.n
+    writer.update_manifest(complete=complete, n_prompts=len(prompts))
+    return Run.open(writer.path)
+
+
+def _specs(embedders: dict[str, Any], groups: dict[str, list[FeatureRequest]], feats: dict[str, Any],
+           dtype: str) -> dict[str, FeatureSpec]:
+    specs = {}
+    for name, reqs in groups.items():
+        for req in reqs:
+            value = feats[req.key]
+            dim = int(value[0].shape[-1]) if req.pooling == "tokens" else int(np.asarray(value).shape[-1])
+            specs[req.key] = embedders[name].spec(req, dim, dtype)
+    return specs
+
+
+def _flush(writer: RunWriter, pending: list[_Pending], on_shard: Callable[[Run], None] | None) -> None:
+    if not pending:
+        return
+    rows: dict[str, list[Any]] = {c: [] for c in
+                                  ("prompt_id", "prompt_index", "sample_index", "prompt", "completion",
+                                   "n_tokens", "finish_reason", "reward", "details", "seed")}
+    feats: dict[str, list[Any]] = {k: [] for k in pending[0].features}
+    for p in pending:
+        results = p.rewards.result()
+        if len(results) != len(p.completions):
+            raise StoreError(f"expected {len(p.completions)} rewards for prompt {p.prompt.id}, got {len(results)}")
+        for j, c, r in zip(p.indices, p.completions, results):
+            rows["prompt_id"].append(p.prompt.id)
+            rows["prompt_index"].append(p.prompt_index)
+            rows["sample_index"].append(j)
+            rows["prompt"].append(p.text)
+            rows["completion"].append(c.text)
+            rows["n_tokens"].append(c.n_tokens)
+            rows["finish_reason"].append(c.finish_reason)
+            rows["reward"].append(None if r.reward is None else float(r.reward))
+            rows["details"].append(json.dumps(r.details, sort_keys=True, default=str))
+            rows["seed"].append(c.seed)
+        for k, v in p.features.items():
+            feats[k].extend(list(v))
+    writer.append(rows, {k: (v if writer.feature_spec(k).pooling == "tokens" else np.stack(v))
+                         for k, v in feats.items()})
+    pending.clear()
+    if on_shard is not None:
+        on_shard(writer)

@@ -1,0 +1,55 @@
+"""A summary of a run for `qprobe inspect`: counts, reward rate, feature shapes, provenance."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qprobe.store.run import Run
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    run = Run.open(path)
+    m = run.manifest
+    t = run.table(["prompt_id", "reward", "n_tokens", "finish_reason", "details"])
+    rewards = np.array([np.nan if r is None else r for r in t.column("reward").to_pylist()], dtype=float)
+    prompts = t.column("prompt_id").to_pylist()
+    per_prompt = Counter(prompts)
+    statuses = Counter(json.loads(d).get("status", "?") for d in t.column("details").to_pylist() if d)
+    scored = rewards[~np.isnan(rewards)]
+    by_prompt: dict[str, list[float]] = {}
+    for p, r in zip(prompts, rewards):
+        if not np.isnan(r):
+            by_prompt.setdefault(p, []).append(r)
+    mixed = sum(1 for v in by_prompt.values() if min(v) != max(v))
+    features = {}
+    for key in run.feature_keys:
+        spec = run.feature_spec(key)
+        shape = f"[{len(run)}, {spec.dim}]" if spec.pooling != "tokens" else f"[tokens, {spec.dim}]"
+        features[key] = f"{shape} {spec.dtype} ({spec.describe()})"
+    task = m.get("task", {})
+    model = m.get("model", {})
+    return {
+        "run": str(run.path),
+        "task": f"{task.get('name')} / {task.get('split')}",
+        "backend": m.get("backend", {}).get("name"),
+        "model": f"{model.get('model')} (sha256 {str(model.get('sha256', ''))[:16]})",
+        "samples": len(run),
+        "prompts": len(per_prompt),
+        "samples per prompt": f"{min(per_prompt.values(), default=0)}-{max(per_prompt.values(), default=0)} (target {m.get('n')})",
+        "complete": m.get("complete"),
+        "reward rate": f"{scored.mean():.4f} over {len(scored)} scored" if len(scored) else "n/a",
+        "unscored": int(np.isnan(rewards).sum()),
+        "prompts with mixed rewards": mixed,
+        "mean tokens": round(float(np.mean(t.column("n_tokens").to_numpy())), 1) if len(run) else 0,
+        "finish reasons": dict(Counter(t.column("finish_reason").to_pylist())),
+        "statuses": dict(statuses),
+        "sampling": m.get("sampling"),
+        "features": features,
+        "shards": len(run.shards),
+        "provenance": {"created": m.get("created"), "updated": m.get("updated"), **m.get("versions", {})},
+    }
