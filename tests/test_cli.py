@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qprobe.cli.main import COMMANDS, cli, main
+
+
+def run(args: list[str]) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, args, catch_exceptions=True)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_every_command_has_useful_help() -> None:
+    code, out, _ = run(["--help"])
+    assert code == 0
+    for name in COMMANDS:
+        assert name in out
+        code, text, _ = run([name, "--help"])
+        assert code == 0, name
+        assert len(text.split()) > 15, f"`qprobe {name} --help` is too thin"
+
+
+def test_ls_lists_components_one_line_each() -> None:
+    code, out, _ = run(["ls"])
+    assert code == 0
+    for name in ("fake", "mbpp", "humaneval", "gsm8k", "jsonl", "llamacpp", "transformers", "openai", "vllm",
+                 "unit-tests", "mse", "ce", "pg", "bt", "dpo", "margin_bt"):
+        assert f"  {name} " in out, name
+    assert "sandbox isolation:" in out
+
+
+def test_collect_inspect_export_on_fake(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["collect", "--task", "fake", "--backend", "fake", "--n", "3", "--limit", "4", "--out", str(out),
+            "--task-option", "size=10", "--no-progress"]
+    code, text, _ = run(args)
+    assert code == 0, text
+    code, text, _ = run(["inspect", str(out), "--json"])
+    info = json.loads(text)
+    assert info["samples"] == 12 and info["prompts"] == 4 and info["task"] == "fake / train"
+    assert "L-1_last" in info["features"] and "[12, 16]" in info["features"]["L-1_last"]
+    code, _, _ = run(["export", str(out), "--out", str(tmp_path / "rows.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(f"train/{i}", j) for i in range(4) for j in range(3)]
+    assert "features" not in rows[0] and isinstance(rows[0]["details"], dict)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["collect", "--task", "fak", "--backend", "fake", "--out", "{tmp}/r"], "did you mean 'fake'"),
+        (["collect", "--task", "fake", "--backend", "fake", "--split", "dev", "--out", "{tmp}/r"], "splits"),
+        (["collect", "--task", "fake", "--backend", "fake", "--n", "0", "--out", "{tmp}/r"], "--n >= 1"),
+        (["collect", "--task", "fake", "--backend", "fake", "--feature", "x:y", "--out", "{tmp}/r"], "layer:pooling"),
+        (["collect", "--task", "fake", "--backend", "fake", "--task-option", "size", "--out", "{tmp}/r"], "KEY=VALUE"),
+        (["collect", "--task", "fake", "--backend", "fake", "--resume", "--out", "{tmp}/r"], "--resume"),
+        (["inspect", "{tmp}"], "manifest.json"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_on_disk(tmp_path: Path, qprobe_cmd: list[str], args: list[str], expect: str) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    p = subprocess.run([*qprobe_cmd, *argv], capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert expect in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_main_returns_exit_code_2_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", str(tmp_path)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("qprobe: error: expected a run directory")
