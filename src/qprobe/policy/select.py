@@ -1,0 +1,145 @@
+"""The Q-probe policy (section 4): sample k, embed, score, pick by softmax(Q/beta).
+
+`QProbePolicy` is what users call. The probe's feature spec decides how candidates are
+embedded; an embedder producing other features is refused (SpecMismatchError).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qprobe.errors import ConfigError
+from qprobe.features import make_embedder
+from qprobe.features.spec import FeatureRequest, FeatureSpec
+from qprobe.generation.base import SamplingConfig, sample_seed
+from qprobe.tasks.base import Prompt
+
+
+def selection_probs(scores: np.ndarray, beta: float) -> np.ndarray:
+    """Probability of picking each of k candidates: softmax(Q/beta); argmax at beta = 0, ties shared."""
+    q = np.asarray(scores, dtype=np.float64)  # [k]
+    if beta == 0:
+        top = q == q.max()
+        return top / top.sum()
+    z = (q - q.max()) / beta
+    w = np.exp(z)
+    return w / w.sum()  # Sec. 4.1, pi(a_i) = exp(Q_i / beta) / sum_j exp(Q_j / beta)
+
+
+@dataclass
+class Candidate:
+    text: str
+    score: float
+    prob: float
+    n_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class Selection:
+    prompt_id: str
+    text: str
+    index: int
+    candidates: list[Candidate] = field(default_factory=list)
+    draws: int = 0  # samples drawn (rejection mode may draw more than k)
+
+    def to_dict(self, with_candidates: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_candidates:
+            d.pop("candidates")
+        return d
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """k candidates, temperature beta; mode 'softmax' (4.1) or 'rejection' (4.2)."""
+
+    k: int = 8
+    beta: float = 0.0
+    mode: str = "softmax"
+    q_max: float | None = None  # rejection: an upper bound M on Q (default: the largest Q seen)
+    max_rounds: int = 8  # rejection: give up after this many batches of k (then take the argmax)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"expected k >= 1 candidates, got {self.k}")
+        if self.beta < 0:
+            raise ConfigError(f"expected beta >= 0, got {self.beta}; beta = 0 means argmax")
+        if self.mode not in ("softmax", "rejection"):
+            raise ConfigError(f"expected mode 'softmax' or 'rejection', got '{self.mode}'")
+        if self.mode == "rejection" and self.beta == 0:
+            raise ConfigError("expected beta > 0 for rejection sampling (accept with exp((Q - M) / beta)); use mode softmax for argmax")
+
+
+class QProbePolicy:
+    """Best-of-k selection with a trained probe over a frozen model.
+
+    `probe` needs `score(features [k, d]) -> [k]` and a `feature_spec_` (FeatureSpec).
+    """
+
+    def __init__(self, backend: Any, probe: Any, config: PolicyConfig | None = None,
+                 sampling: SamplingConfig | None = None, rng: np.random.Generator | None = None) -> None:
+        self.backend = backend
+        self.probe = probe
+        self.config = config or PolicyConfig()
+        self.sampling = sampling or SamplingConfig()
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        spec: FeatureSpec = probe.feature_spec_
+        self.request = FeatureRequest(layer=spec.layer, pooling=spec.pooling, embedder=spec.embedder)
+        self.embedder = make_embedder(backend, spec.embedder)
+        self._spec = spec
+        self._checked = False
+        self._calls = 0
+
+    def _scores(self, text: str, completions: list[Any]) -> np.ndarray:
+        feats = np.asarray(self.embedder.embed(text, completions, [self.request])[self.request.key])  # [k, d]
+        if not self._checked:
+            self._spec.check_compatible(self.embedder.spec(self.request, int(feats.shape[-1]), self._spec.dtype))
+            self._checked = True
+        return np.asarray(self.probe.score(feats), dtype=np.float64)  # [k]
+
+    def _draw(self, prompt: Prompt, text: str, start: int) -> list[Any]:
+        seeds = [sample_seed(self.sampling.seed + self._calls, prompt.id, start + j) for j in range(self.config.k)]
+        return list(self.backend.generate(text, self.sampling, seeds))
+
+    def __call__(self, prompt: Prompt | str) -> Selection:
+        if isinstance(prompt, str):
+            prompt = Prompt(id="prompt", text=prompt, messages=({"role": "user", "content": prompt},))
+        self._calls += 1
+        text = self.backend.render(prompt)
+        if self.config.mode == "rejection":
+            return self._rejection(prompt, text)
+        comps = self._draw(prompt, text, 0)
+        q = self._scores(text, comps)
+        p = selection_probs(q, self.config.beta)
+        i = int(self.rng.choice(len(p), p=p))
+        return Selection(prompt.id, comps[i].text, i, _candidates(comps, q, p), draws=len(comps))
+
+    def _rejection(self, prompt: Prompt, text: str) -> Selection:
+        """Sec. 4.2: accept a ~ p0 with probability exp((Q(a) - M) / beta)."""
+        seen: list[Any] = []
+        scores: list[float] = []
+        m = self.config.q_max
+        for r in range(self.config.max_rounds):
+            comps = self._draw(prompt, text, r * self.config.k)
+            q = self._scores(text, comps)
+            bound = m if m is not None else max([*scores, *q.tolist()])
+            for c, qi in zip(comps, q):
+                seen.append(c)
+                scores.append(float(qi))
+                if self.rng.random() < np.exp(min(0.0, (qi - bound) / self.config.beta)):
+                    i = len(seen) - 1
+                    p = np.zeros(len(seen))
+                    p[i] = 1.0
+                    return Selection(prompt.id, c.text, i, _candidates(seen, np.array(scores), p), draws=len(seen))
+        q_all = np.array(scores)
+        p = selection_probs(q_all, 0.0)
+        i = int(np.argmax(q_all))
+        return Selection(prompt.id, seen[i].text, i, _candidates(seen, q_all, p), draws=len(seen))
+
+
+def _candidates(comps: list[Any], q: np.ndarray, p: np.ndarray) -> list[Candidate]:
+    return [Candidate(c.text, float(s), float(pi), c.n_tokens, c.finish_reason) for c, s, pi in zip(comps, q, p)]
