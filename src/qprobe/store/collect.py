@@ -40,6 +40,7 @@ class CollectConfig:
     features: tuple[str, ...] = ("-1:last",)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     limit: int | None = None
+    prompt_ids: tuple[str, ...] | None = None  # only these prompts (after --limit)
     task_options: dict[str, Any] = field(default_factory=dict)
     backend_options: dict[str, Any] = field(default_factory=dict)
     feature_dtype: str = "float32"
@@ -95,9 +96,12 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
     """Run (or resume) a collection and return the finished run."""
     task = TASKS.create(cfg.task, **cfg.task_options)
     task.check_split(cfg.split)
-    prompts = task.prompts(cfg.split)
+    indexed = list(enumerate(task.prompts(cfg.split)))  # the index is the prompt's place in the split
     if cfg.limit is not None:
-        prompts = prompts[: cfg.limit]
+        indexed = indexed[: cfg.limit]
+    if cfg.prompt_ids is not None:
+        wanted = set(cfg.prompt_ids)
+        indexed = [(i, p) for i, p in indexed if p.id in wanted]
     reward = task.reward()
     if reward.executes_code:
         from qprobe import sandbox
@@ -127,7 +131,7 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
         writer = _open_writer(cfg, manifest)
         try:
             with writer:
-                return _collect_into(writer, cfg, prompts, backend, reward, sampling, progress, on_shard)
+                return _collect_into(writer, cfg, indexed, backend, reward, sampling, progress, on_shard)
         except BaseException:
             if is_new and not writer.shards:  # nothing collected: leave nothing half-made behind
                 import shutil
@@ -163,13 +167,13 @@ def _open_writer(cfg: CollectConfig, manifest: dict[str, Any]) -> RunWriter:
 
 
 def _collect_into(
-    writer: RunWriter, cfg: CollectConfig, prompts: list[Prompt], backend: Any, reward: Any,
+    writer: RunWriter, cfg: CollectConfig, prompts: list[tuple[int, Prompt]], backend: Any, reward: Any,
     sampling: SamplingConfig, progress: bool, on_shard: Callable[[Run], None] | None,
 ) -> Run:
     from qprobe.store.progress import CollectProgress
 
     done = writer.pairs()
-    todo = [(i, p, [j for j in range(cfg.n) if (p.id, j) not in done]) for i, p in enumerate(prompts)]
+    todo = [(i, p, [j for j in range(cfg.n) if (p.id, j) not in done]) for i, p in prompts]
     todo = [t for t in todo if t[2]]
     total = len(prompts) * cfg.n
     groups: dict[str, list[FeatureRequest]] = {}

@@ -1,0 +1,144 @@
+"""Evaluate selection methods on a stored run: per-prompt values, then bootstrap CIs over prompts.
+
+Every method is reduced to one number per prompt (its expected reward), so methods compare
+on the same prompts with a paired bootstrap. Probe methods use the exact expected return of
+best-of-k over all k-subsets of the stored samples (`qprobe.metrics.group_expected_return`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qprobe.errors import SpecMismatchError, StoreError
+from qprobe.metrics import bootstrap_ci, group_expected_return, paired_bootstrap_ci, pass_at_k
+from qprobe.store.run import Run
+
+
+@dataclass
+class RunData:
+    """The scored rows of a run: prompt ids, rewards, and the row numbers they came from."""
+
+    run: Run
+    rows: np.ndarray  # [N] row numbers in storage order
+    prompt_ids: np.ndarray  # [N]
+    rewards: np.ndarray  # [N]
+
+    @classmethod
+    def load(cls, run: Run | str) -> RunData:
+        run = run if isinstance(run, Run) else Run.open(run)
+        t = run.table(["prompt_id", "reward"])
+        rewards = np.array([np.nan if r is None else r for r in t.column("reward").to_pylist()], dtype=float)
+        keep = np.nonzero(~np.isnan(rewards))[0]
+        if len(keep) == 0:
+            raise StoreError(f"expected scored samples in run {run.path}, got none; collect with a reward")
+        ids = np.array(t.column("prompt_id").to_pylist(), dtype=object)
+        return cls(run, keep, ids[keep], rewards[keep])
+
+    def features(self, key: str) -> np.ndarray:
+        return self.run.features(key, self.rows)  # [N, d]
+
+    def prompts(self) -> list[str]:
+        return list(dict.fromkeys(self.prompt_ids.tolist()))
+
+
+def feature_key_for(run: Run, spec: Any) -> str:
+    """The run's feature array that matches a probe's spec, or SpecMismatchError naming both."""
+    errors = []
+    for key in run.feature_keys:
+        try:
+            spec.check_compatible(run.feature_spec(key))
+            return key
+        except SpecMismatchError as exc:
+            errors.append(str(exc))
+    found = "; ".join(run.feature_spec(k).describe() for k in run.feature_keys) or "none"
+    raise SpecMismatchError(
+        f"expected features {spec.describe()} in run {run.path}, got {found}; "
+        "collect the run with the probe's --feature, or train a probe on the run's features"
+    )
+
+
+def probe_scores(data: RunData, probe: Any) -> np.ndarray:
+    key = feature_key_for(data.run, probe.feature_spec_)
+    return np.asarray(probe.score(data.features(key)), dtype=np.float64)  # [N]
+
+
+def probe_values(data: RunData, scores: np.ndarray, k: int, beta: float = 0.0) -> dict[str, float]:
+    """Per prompt: the exact expected reward of picking from k random samples by softmax(Q/beta)."""
+    ids, values = group_expected_return(scores, data.rewards, data.prompt_ids, k, beta)
+    return dict(zip(ids, np.asarray(values, dtype=float)))
+
+
+def mean_reward_values(data: RunData) -> dict[str, float]:
+    """pass@1: the expected reward of one random sample, per prompt."""
+    out: dict[str, list[float]] = {}
+    for p, r in zip(data.prompt_ids, data.rewards):
+        out.setdefault(p, []).append(float(r))
+    return {p: float(np.mean(v)) for p, v in out.items()}
+
+
+def pass_at_k_values(data: RunData, k: int) -> dict[str, float]:
+    """The pass@k skyline per prompt (binary rewards: a reward >= 1 counts as a pass)."""
+    out: dict[str, list[float]] = {}
+    for p, r in zip(data.prompt_ids, data.rewards):
+        out.setdefault(p, []).append(float(r))
+    return {p: pass_at_k(len(v), int(np.sum(np.asarray(v) >= 1)), min(k, len(v))) for p, v in out.items()}
+
+
+def oracle_values(data: RunData, k: int) -> dict[str, float]:
+    """Best-of-k with the true reward as the score (the skyline for real-valued rewards)."""
+    return probe_values(data, data.rewards, k, 0.0)
+
+
+@dataclass
+class MethodResult:
+    name: str
+    mean: float
+    low: float
+    high: float
+    n_prompts: int
+    per_prompt: dict[str, float]
+
+    def row(self) -> list[Any]:
+        return [self.name, self.mean, self.low, self.high, self.n_prompts]
+
+
+def summarize(name: str, per_prompt: dict[str, float], prompts: list[str] | None = None,
+              rng: np.random.Generator | None = None) -> MethodResult:
+    """Mean over prompts with a 95% bootstrap interval (prompts: the common set to use)."""
+    keys = prompts if prompts is not None else list(per_prompt)
+    v = np.array([per_prompt[p] for p in keys], dtype=float)
+    if len(v) < 2:
+        m = float(v.mean()) if len(v) else float("nan")
+        return MethodResult(name, m, m, m, len(v), per_prompt)
+    m, lo, hi = bootstrap_ci(v, rng=rng if rng is not None else np.random.default_rng(0))
+    return MethodResult(name, float(m), float(lo), float(hi), len(v), per_prompt)
+
+
+def paired_difference(a: MethodResult, b: MethodResult, rng: np.random.Generator | None = None) -> tuple[float, float, float]:
+    """Mean of a - b over their common prompts, with a paired bootstrap interval."""
+    common = [p for p in a.per_prompt if p in b.per_prompt]
+    x = np.array([a.per_prompt[p] for p in common])
+    y = np.array([b.per_prompt[p] for p in common])
+    if len(common) < 2 or np.all(x - y == (x - y)[0]):
+        d = float(np.mean(x - y)) if len(common) else float("nan")
+        return d, d, d
+    d, lo, hi = paired_bootstrap_ci(x, y, rng=rng if rng is not None else np.random.default_rng(0))
+    return float(d), float(lo), float(hi)
+
+
+def format_table(results: list[MethodResult], baseline: MethodResult | None = None) -> str:
+    """A plain-text table: method, mean [95% CI], and the paired gain over the baseline."""
+    head = f"{'method':<26} {'mean':>7}  {'95% CI':<17} {'prompts':>7}"
+    if baseline is not None:
+        head += f"  {'vs ' + baseline.name:>24}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        line = f"{r.name:<26} {r.mean:7.4f}  [{r.low:.4f}, {r.high:.4f}] {r.n_prompts:7d}"
+        if baseline is not None and r is not baseline:
+            d, lo, hi = paired_difference(r, baseline)
+            line += f"  {d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        lines.append(line)
+    return "\n".join(lines)
