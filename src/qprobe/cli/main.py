@@ -12,9 +12,11 @@ from qprobe.errors import QProbeError
 # name -> "module:attribute" of a click command; one line per capability.
 COMMANDS = {
     "collect": "qprobe.cli.run_cmds:collect",
+    "demo": "qprobe.cli.demo:demo",
     "export": "qprobe.cli.run_cmds:export",
     "inspect": "qprobe.cli.run_cmds:inspect_run",
     "ls": "qprobe.cli.run_cmds:ls",
+    "train": "qprobe.cli.train:train",
 }
 
 
