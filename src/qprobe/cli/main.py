@@ -13,9 +13,11 @@ from qprobe.errors import QProbeError
 COMMANDS = {
     "collect": "qprobe.cli.run_cmds:collect",
     "demo": "qprobe.cli.demo:demo",
+    "eval": "qprobe.cli.eval_cmds:eval_cmd",
     "export": "qprobe.cli.run_cmds:export",
     "inspect": "qprobe.cli.run_cmds:inspect_run",
     "ls": "qprobe.cli.run_cmds:ls",
+    "select": "qprobe.cli.eval_cmds:select_cmd",
     "train": "qprobe.cli.train:train",
 }
 

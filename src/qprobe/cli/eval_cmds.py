@@ -1,0 +1,126 @@
+"""`qprobe eval` and `qprobe select`: measure probes on a stored run, and use them on new prompts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("eval")
+@click.option("--run", "run_path", required=True, type=click.Path(path_type=Path), help="Test run (collected with the probes' features).")
+@click.option("--probe", "probes", multiple=True, type=click.Path(path_type=Path), help="Probe directory (repeatable).")
+@click.option("--greedy-run", type=click.Path(path_type=Path), default=None, help="A run of the same prompts decoded at temperature 0.")
+@click.option("-k", "k", default=4, show_default=True, help="Candidates per selection.")
+@click.option("--beta", default=0.0, show_default=True, help="Selection temperature (0 = argmax).")
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), default=None, help="Only the prompt ids listed in this file (one a line).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
+def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, json_out):
+    """Compare probes on a run: pass@1, greedy, best-of-k by each probe, pass@k.
+
+    Each probe method is the EXACT expected reward of picking by softmax(Q/beta) from a uniformly
+    random k-subset of each prompt's stored samples; intervals are 95% bootstrap over prompts, and
+    gains are paired against pass@1 on the same prompts.
+    """
+    from qprobe.evaluation.evaluate import (
+        RunData, format_table, mean_reward_values, pass_at_k_values, probe_scores, probe_values, summarize,
+    )
+    from qprobe.probes.models import Probe
+
+    data = RunData.load(run_path)
+    prompts = data.prompts()
+    if prompt_file is not None:
+        wanted = {line.strip() for line in prompt_file.read_text().splitlines() if line.strip()}
+        prompts = [p for p in prompts if p in wanted]
+    results = [summarize("pass@1", mean_reward_values(data), prompts)]
+    if greedy_run is not None:
+        g = mean_reward_values(RunData.load(greedy_run))
+        results.append(summarize("greedy", g, [p for p in prompts if p in g]))
+    for path in probes:
+        probe = Probe.from_pretrained(path)
+        values = probe_values(data, probe_scores(data, probe), k, beta)
+        results.append(summarize(f"{Path(path).name} (k={k})", values, prompts))
+    results.append(summarize(f"pass@{k}", pass_at_k_values(data, k), prompts))
+    click.echo(format_table(results, baseline=results[0]))
+    if json_out is not None:
+        from qprobe.store.files import write_json_atomic
+
+        write_json_atomic(json_out, {"run": str(run_path), "k": k, "beta": beta,
+                                     "methods": {r.name: [r.mean, r.low, r.high] for r in results}})
+
+
+@click.command("select")
+@click.option("--probe", "probe_path", required=True, type=click.Path(path_type=Path), help="A trained probe directory.")
+@click.option("--prompt", "prompt_text", default=None, help="One prompt (sent as a user chat message).")
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), default=None, help="JSONL of {\"id\", \"prompt\"} or a text file, one prompt a line.")
+@click.option("-k", "k", default=8, show_default=True, help="Candidates sampled per prompt.")
+@click.option("--beta", default=0.0, show_default=True, help="Selection temperature (0 = argmax).")
+@click.option("--rejection", is_flag=True, help="Rejection-sampling variant (section 4.2) instead of best-of-k.")
+@click.option("--backend", default=None, help="Back-end (default: the one the probe's features came from).")
+@click.option("--model", default=None, help="Model (default: the back-end's default; must match the probe's weights).")
+@click.option("--raw", is_flag=True, help="Send the prompt as plain text to continue, not as a chat message.")
+@click.option("--temperature", default=0.8, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--max-new-tokens", default=300, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print every candidate with its score and probability, as JSON lines.")
+def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, backend, model, raw, temperature, top_p,
+               max_new_tokens, seed, as_json):
+    """Answer prompts with the Q-probe policy: sample k, score each with the probe, pick one."""
+    import numpy as np
+
+    from qprobe.errors import ConfigError
+    from qprobe.generation.base import SamplingConfig
+    from qprobe.policy.select import PolicyConfig, QProbePolicy
+    from qprobe.probes.models import Probe
+    from qprobe.registry import BACKENDS
+    from qprobe.tasks.base import Prompt
+
+    if (prompt_text is None) == (prompt_file is None):
+        raise ConfigError("expected exactly one of --prompt TEXT or --prompts FILE, got " + ("both" if prompt_text else "neither"))
+    prompts = _read_prompts(prompt_text, prompt_file, raw)
+    probe = Probe.from_pretrained(probe_path)
+    if getattr(probe, "feature_spec_", None) is None:
+        raise ConfigError(f"expected a probe with a feature spec in {probe_path}, got none; train it with `qprobe train --run`")
+    name = backend or probe.feature_spec_.backend
+    options = {} if model is None else {"model": model}
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    with BACKENDS.create(name, **options) as be:
+        policy = QProbePolicy(be, probe, PolicyConfig(k=k, beta=beta, mode="rejection" if rejection else "softmax"),
+                              sampling, rng=np.random.default_rng(seed))
+        for p in prompts:
+            sel = policy(p)
+            if as_json:
+                sys.stdout.write(json.dumps(sel.to_dict(with_candidates=True), ensure_ascii=False) + "\n")
+            else:
+                click.echo(f"# {sel.prompt_id}: candidate {sel.index} of {sel.draws}")
+                click.echo(sel.text)
+
+
+def _read_prompts(text: str | None, path: Path | None, raw: bool) -> list:
+    from qprobe.errors import DataError
+    from qprobe.tasks.base import Prompt
+
+    def make(pid: str, t: str) -> Prompt:
+        return Prompt(id=pid, text=t, messages=None if raw else ({"role": "user", "content": t},))
+
+    if text is not None:
+        return [make("prompt", text)]
+    assert path is not None
+    if not path.is_file():
+        raise DataError(f"expected a prompts file, got '{path}' which does not exist")
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+                out.append(make(str(row.get("id", i)), row["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"expected JSON objects with a 'prompt' field in {path}, got line {i + 1}: {line[:60]!r}") from None
+        else:
+            out.append(make(str(i), line))
+    return out
