@@ -1,0 +1,191 @@
+"""The OpenAI-compatible back-end: any server speaking /v1/completions and /v1/chat/completions.
+
+`OpenAIBackend(model, base_url=None, api_key_env="OPENAI_API_KEY", chat=True, n_per_request=None,
+max_retries=5, timeout=120)`. `base_url` defaults to $OPENAI_BASE_URL, then the OpenAI API; the
+key is read from the named environment variable ("EMPTY" when unset: local servers need none).
+
+Rendering: a prompt with `messages` (and `chat=True`) renders to the JSON text
+`{"messages": [...]}`, which is what the run stores (exactly what was sent) and what `generate`
+recognises and sends to the chat endpoint; any other text goes to the completions endpoint.
+
+Sampling: k samples are asked for with `n` (at most `n_per_request` per request, default k);
+several servers ignore `n` (llama-cpp-python's server returns one choice), so further requests
+top up until k choices arrived. Each request carries `seed` = the sample seed of the first
+sample it fills: reproducible on servers that honour seeds, per request. Transient errors
+(429, 5xx, connection, timeout) are retried with exponential backoff; others raise BackendError.
+Per-choice token counts come from `usage` when a request returned one choice, else usage is
+split over the choices in proportion to their text length (an estimate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from qprobe.errors import BackendError, ConfigError, require
+from qprobe.generation.base import Backend, Completion, SamplingConfig
+from qprobe.tasks.base import Prompt
+
+OPENAI_API = "https://api.openai.com/v1"
+
+
+def chat_json(messages: Any) -> str:
+    """The rendered form of a chat prompt: `{"messages": [...]}` (what is sent and stored)."""
+    return json.dumps({"messages": [dict(m) for m in messages]}, ensure_ascii=False)
+
+
+def parse_chat(text: str) -> list[dict[str, str]] | None:
+    """The messages of a text made by `chat_json`, else None (a plain completion prompt)."""
+    if not text.startswith('{"messages"'):
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and set(obj) == {"messages"} and isinstance(obj["messages"], list):
+        return obj["messages"]
+    return None
+
+
+def plain_text(text: str) -> str:
+    """A rendered prompt as plain text for text embedders: chat messages' contents joined by newlines."""
+    messages = parse_chat(text)
+    if messages is None:
+        return text
+    return "\n".join(str(m.get("content", "")) for m in messages)
+
+
+def make_client(base_url: str | None, api_key_env: str, timeout: float) -> Any:
+    openai = require("openai", "openai")
+    url = base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_API
+    key = os.environ.get(api_key_env) or "EMPTY"
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=timeout)
+
+
+def call_with_retries(
+    fn: Callable[[], Any], max_retries: int, sleep: Callable[[float], None] = time.sleep, base: float = 0.5
+) -> Any:
+    """`fn()` with exponential backoff (base * 2^attempt, jittered, capped at 30 s) on transient errors."""
+    openai = require("openai", "openai")
+    transient = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+    for attempt in range(max_retries + 1):
+        try:
+            return fn()
+        except transient as exc:  # APITimeoutError is an APIConnectionError
+            if attempt == max_retries:
+                raise BackendError(
+                    f"expected an answer from the server, got {type(exc).__name__} after "
+                    f"{max_retries + 1} attempts ({exc}); check the server and its base URL"
+                ) from exc
+            sleep(min(30.0, base * 2**attempt) * (0.5 + random.random()))
+        except openai.APIStatusError as exc:
+            raise BackendError(
+                f"expected a successful answer, got HTTP {exc.status_code} ({exc.message}); "
+                "check the model name, the key and the request options"
+            ) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class OpenAIBackend(Backend):
+    """Samples from an OpenAI-compatible server (see the module docstring)."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str = "",
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        chat: bool = True,
+        n_per_request: int | None = None,
+        max_retries: int = 5,
+        timeout: float = 120.0,
+        embedding_model: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not model:
+            raise ConfigError("expected a model name for the openai back-end, got ''; pass --model NAME")
+        if n_per_request is not None and n_per_request < 1:
+            raise ConfigError(f"expected n_per_request >= 1, got {n_per_request}")
+        self.model = model
+        self.client = make_client(base_url, api_key_env, timeout)
+        self.base_url = str(self.client.base_url).rstrip("/")
+        self.chat = bool(chat)
+        self.n_per_request = n_per_request
+        self.max_retries = int(max_retries)
+        self.embedding_model = embedding_model or model
+        self._sleep = sleep
+        self.requests_sent = 0
+
+    def identity(self) -> dict[str, Any]:
+        # An API exposes no weights: the model name stands in for the hash.
+        return {"model": self.model, "sha256": f"api:{self.model}", "base_url": self.base_url}
+
+    def render(self, prompt: Prompt) -> str:
+        if self.chat and prompt.messages:
+            return chat_json(prompt.messages)
+        return prompt.text
+
+    def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
+        messages = parse_chat(text)
+        out: list[Completion] = []
+        while len(out) < len(seeds):
+            want = len(seeds) - len(out)
+            n = min(want, self.n_per_request or want)
+            got = self._request(text, messages, sampling, n, seeds[len(out)])
+            if not got:
+                raise BackendError("expected at least one choice from the server, got none; check the server")
+            for c in got[:want]:
+                seed = seeds[len(out)]
+                out.append(Completion(c.text, c.n_tokens, c.finish_reason, seed, None))
+        return out
+
+    def _request(
+        self, text: str, messages: list[dict[str, str]] | None, sampling: SamplingConfig, n: int, seed: int
+    ) -> list[Completion]:
+        kwargs: dict[str, Any] = dict(
+            model=self.model, n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens, seed=seed,
+        )  # fmt: skip
+        if sampling.stop:
+            kwargs["stop"] = list(sampling.stop)[:4]  # the OpenAI API accepts at most 4
+        if messages is not None:
+            resp = call_with_retries(
+                lambda: self.client.chat.completions.create(messages=messages, **kwargs),
+                self.max_retries, self._sleep,
+            )  # fmt: skip
+            texts = [(ch.message.content or "", ch.finish_reason) for ch in resp.choices]
+        else:
+            resp = call_with_retries(
+                lambda: self.client.completions.create(prompt=text, **kwargs), self.max_retries, self._sleep
+            )
+            texts = [(ch.text or "", ch.finish_reason) for ch in resp.choices]
+        self.requests_sent += 1
+        total = getattr(getattr(resp, "usage", None), "completion_tokens", None)
+        out = []
+        chars = sum(len(t) for t, _ in texts) or 1
+        for t, reason in texts:
+            cut = _cut(t, sampling.stop)
+            finish = "length" if reason == "length" and cut is None else "stop"
+            t = t if cut is None else t[:cut]
+            if total is None:
+                n_tok = 0
+            elif len(texts) == 1:
+                n_tok = int(total)
+            else:
+                n_tok = round(int(total) * len(t) / chars)
+            out.append(Completion(t, n_tok, finish, seed, None))
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _cut(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first stop string starts (servers usually strip it already), or None."""
+    hits = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,191 @@
+"""The OpenAI-compatible back-end: fast tests on a tiny stdlib HTTP server (status codes, top-up),
+and a smoke test against llama-cpp-python's real server on 127.0.0.1 with the default GGUF."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openai")
+
+from qprobe.errors import BackendError, ConfigError  # noqa: E402
+from qprobe.features.spec import FeatureRequest  # noqa: E402
+from qprobe.generation.base import SamplingConfig  # noqa: E402
+from qprobe.generation.openai_api import OpenAIBackend, chat_json, parse_chat, plain_text  # noqa: E402
+from qprobe.generation.server import free_port  # noqa: E402
+from qprobe.tasks.base import Prompt  # noqa: E402
+
+
+def test_chat_json_round_trip() -> None:
+    msgs = ({"role": "user", "content": "hi \u00e9"},)
+    text = chat_json(msgs)
+    assert text == '{"messages": [{"role": "user", "content": "hi \u00e9"}]}'
+    assert parse_chat(text) == [{"role": "user", "content": "hi \u00e9"}]
+    assert parse_chat("def f():") is None
+    assert parse_chat('{"messages": 3, "x": 1}') is None
+    assert plain_text(text) == "hi \u00e9"
+    assert plain_text("def f():") == "def f():"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Fails `fail` times with `status`, then answers one choice per request (ignores n)."""
+
+    script: dict = {}
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        s = self.script
+        s["bodies"].append(body)
+        if s["fail"] > 0:
+            s["fail"] -= 1
+            self._send(s["status"], {"error": {"message": "busy"}})
+            return
+        text = f"seed{body['seed']} STOP tail"
+        if self.path.endswith("/chat/completions"):
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": "length"}
+        self._send(200, {
+            "id": "x", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+        })  # fmt: skip
+
+    def _send(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def stub_server():
+    _Handler.script = {"fail": 0, "status": 503, "bodies": []}
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", _Handler.script
+    srv.shutdown()
+    srv.server_close()
+
+
+def _backend(url: str, **kw: object) -> OpenAIBackend:
+    return OpenAIBackend(model="m", base_url=url, sleep=lambda s: None, **kw)  # type: ignore[arg-type]
+
+
+def test_top_up_when_server_ignores_n(stub_server) -> None:
+    url, script = stub_server
+    b = _backend(url)
+    comps = b.generate("def f():", SamplingConfig(stop=(" STOP",)), [11, 22, 33])
+    # one request per missing choice, each seeded with the first sample it fills
+    assert [body["n"] for body in script["bodies"]] == [3, 2, 1]
+    assert [body["seed"] for body in script["bodies"]] == [11, 22, 33]
+    assert [c.text for c in comps] == ["seed11", "seed22", "seed33"]  # stop cut locally too
+    assert [c.seed for c in comps] == [11, 22, 33]
+    assert comps[0].finish_reason == "stop" and comps[0].n_tokens == 5
+    assert script["bodies"][0]["stop"] == [" STOP"] and "prompt" in script["bodies"][0]
+
+
+def test_chat_prompt_goes_to_chat_endpoint(stub_server) -> None:
+    url, script = stub_server
+    b = _backend(url, n_per_request=1)
+    text = b.render(Prompt(id="p", text="plain", messages=({"role": "user", "content": "hi"},)))
+    assert parse_chat(text) == [{"role": "user", "content": "hi"}]
+    comps = b.generate(text, SamplingConfig(), [5, 6])
+    assert script["bodies"][0]["messages"] == [{"role": "user", "content": "hi"}]
+    assert [c.text for c in comps] == ["seed5 STOP tail", "seed6 STOP tail"]
+    assert (
+        _backend(url, chat=False).render(
+            Prompt(id="p", text="plain", messages=({"role": "u", "content": "x"},))
+        )
+        == "plain"
+    )
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_transient_errors_are_retried(stub_server, status: int) -> None:
+    url, script = stub_server
+    script.update(fail=2, status=status)
+    comps = _backend(url).generate("x", SamplingConfig(), [1])
+    assert len(script["bodies"]) == 3 and comps[0].text.startswith("seed1")
+
+
+def test_other_errors_raise_backend_error_at_once(stub_server) -> None:
+    url, script = stub_server
+    script.update(fail=5, status=404)
+    with pytest.raises(BackendError, match="HTTP 404"):
+        _backend(url).generate("x", SamplingConfig(), [1])
+    assert len(script["bodies"]) == 1
+
+
+def test_connection_errors_retry_then_fail() -> None:
+    delays: list[float] = []
+    b = OpenAIBackend(
+        model="m", base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=3, sleep=delays.append
+    )
+    with pytest.raises(BackendError, match="APIConnectionError after 4 attempts"):
+        b.generate("x", SamplingConfig(), [1])
+    assert len(delays) == 3 and delays[0] < delays[2]  # exponential backoff
+
+
+def test_model_name_required() -> None:
+    with pytest.raises(ConfigError, match="model name"):
+        OpenAIBackend(model="")
+
+
+@pytest.fixture(scope="module")
+def llama_server_info():
+    pytest.importorskip("llama_cpp.server")
+    from qprobe.generation.server import llama_server
+
+    try:
+        from qprobe.generation.models import default_model_path
+
+        path = default_model_path()
+    except Exception as exc:  # noqa: BLE001 - no model parts installed
+        pytest.skip(f"default model unavailable: {exc}")
+    with llama_server(path, embedding=True, n_threads=1) as info:
+        yield info
+
+
+@pytest.mark.smoke
+def test_real_llama_server(llama_server_info, tmp_path) -> None:
+    from qprobe.features import make_embedder
+
+    srv = llama_server_info
+    b = OpenAIBackend(model=srv.model, base_url=srv.base_url)
+    sampling = SamplingConfig(temperature=0.8, max_new_tokens=12, stop=("\n\n",), seed=0)
+    comps = b.generate("def add(a, b):", sampling, [7, 8])
+    assert len(comps) == 2 and b.requests_sent == 2  # llama-cpp-python ignores n: topped up
+    assert all(0 < c.n_tokens <= 12 and "\n\n" not in c.text for c in comps)
+    again = b.generate("def add(a, b):", sampling, [7])
+    assert again[0].text == comps[0].text  # the server honours the seed
+    chat = b.generate(chat_json([{"role": "user", "content": "Say hi."}]), sampling, [1])
+    assert chat[0].text
+    emb = make_embedder(b)  # the back-end's own embedder: the server's /v1/embeddings
+    feats = emb.embed("def add(a, b):", comps, [FeatureRequest(-1, "last"), FeatureRequest(-1, "mean")])
+    assert feats["L-1_last"].shape == (2, 896) and np.isfinite(feats["L-1_mean"]).all()
+    assert not np.allclose(feats["L-1_last"], feats["L-1_mean"])  # per-token vectors pooled here
+    b.close()
+
+
+@pytest.mark.slow
+def test_collect_with_openai_backend(llama_server_info, tmp_path) -> None:
+    from qprobe.store.collect import CollectConfig, collect
+
+    srv = llama_server_info
+    cfg = CollectConfig(
+        task="fake", split="train", out=tmp_path / "run", n=2, backend="openai", model=srv.model,
+        features=("-1:last",), limit=2, sampling=SamplingConfig(max_new_tokens=8),
+        task_options={"size": 4}, backend_options={"base_url": srv.base_url},
+    )  # fmt: skip
+    run = collect(cfg, progress=False)
+    assert len(run) == 4 and run.features("L-1_last").shape == (4, 896)
