@@ -1,0 +1,289 @@
+"""The only place that runs model-written code.
+
+`check(program, tests)` runs a Python program followed by its tests (e.g. asserts) in a child
+process and says whether every test ran to the end. `check_many` does the same for a batch, in
+parallel. Nothing runs unless the user opted in (`--allow-code-execution` on the CLI, or
+`QPROBE_ALLOW_CODE_EXECUTION=1`).
+
+How: a few warm worker processes (`python -I qprobe/_sandbox_worker.py`, started with an empty
+environment) each fork one fresh child per program. Where the kernel allows it the child gets its
+own network (none), pid, mount, IPC and UTS namespaces, a size-capped tmpfs as its working
+directory, a fresh /proc, a read-only view of every other file system, and no privileges;
+always its own session, rlimits (address space, CPU, file size, open files, processes, no core),
+stdin at EOF, captured and capped output, and a wall-clock timeout enforced from outside that
+kills the whole process tree. `isolation_level()` says which of these are in effect here.
+
+A pass needs the harness to report, after the last test statement returned, a random per-job
+nonce on a randomly numbered fd, and the child to exit 0 afterwards; `exit(0)`, `sys.exit`,
+printing "passed", redefining `assert`/`AssertionError`/builtins, patching `sys.modules` or killing
+the harness all give a non-pass. Limitation: a program written to attack this harness on purpose
+(walking the interpreter's frames or heap to find the nonce) could forge a pass; the isolation
+still contains what it can do to the host.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qprobe.errors import CodeExecutionNotAllowed
+
+ENV_VAR = "QPROBE_ALLOW_CODE_EXECUTION"
+STATUSES = ("passed", "failed", "timeout", "error")
+_WORKER = Path(__file__).with_name("_sandbox_worker.py")
+_UID_BASE = 1_700_000  # root only: worker i runs its jobs as this uid + i (no such user exists)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one program run (sizes in MiB / KiB)."""
+
+    memory_mb: int = 2048  # address space
+    disk_mb: int = 64  # the tmpfs working directory
+    file_mb: int = 16  # largest file the program may write
+    output_kb: int = 1024  # stdout+stderr beyond this stops the program (status error)
+    tail_bytes: int = 2048  # how much of the output tail is kept in the result
+    nproc: int = 64
+    nofile: int = 128
+
+
+@dataclass(frozen=True)
+class Result:
+    """The verdict on one (program, tests) pair; `details()` is JSON-serialisable."""
+
+    status: str  # passed | failed | timeout | error
+    error_type: str = ""  # e.g. AssertionError, NameError, TimeoutError, Killed, EarlyExit
+    failing_test: str = ""  # the source line of the statement that failed, when known
+    message: str = ""
+    stderr_tail: str = ""  # the last bytes of stdout+stderr together
+    duration: float = 0.0  # seconds, wall clock
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def details(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        return {**d, **self.extra}
+
+
+# ------------------------------------------------------------------ opt-in
+
+
+def allow() -> None:
+    """Opt in for this process (what `--allow-code-execution` does)."""
+    os.environ[ENV_VAR] = "1"
+
+
+def allowed() -> bool:
+    return os.environ.get(ENV_VAR, "") == "1"
+
+
+def require_opt_in() -> None:
+    """Raise CodeExecutionNotAllowed unless the user opted in to running model-written code."""
+    if not allowed():
+        raise CodeExecutionNotAllowed(
+            "expected an explicit opt-in before running model-written code, got none; this reward "
+            "executes programs written by a language model, which may be wrong or harmful (they run "
+            f"in a sandbox, with {isolation_level()} isolation, but no sandbox is perfect); to accept "
+            f"the risk pass --allow-code-execution on the command line or set {ENV_VAR}=1"
+        )
+
+
+# ------------------------------------------------------------------ workers
+
+
+class _Worker:
+    """One warm worker process; used by one thread at a time."""
+
+    def __init__(self, index: int) -> None:
+        cfg = {**asdict(Limits()), "timeout": 3.0, "uid": _UID_BASE + index, "tmp": tempfile.gettempdir(),
+               "minimal": os.environ.get("QPROBE_SANDBOX_MINIMAL", "") == "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", str(_WORKER), json.dumps(cfg)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={}, close_fds=True,
+            start_new_session=True, cwd="/",
+        )
+        hello = self._recv(60.0)
+        if hello is None:
+            self.close()
+            raise RuntimeError("the sandbox worker did not start")
+        self.level: str = hello["level"]
+        self.features: dict[str, bool] = hello["features"]
+        self.base: str = hello.get("base", "")  # its job folder, removed here (its own view is read-only)
+
+    def _recv(self, timeout: float) -> dict | None:
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        buf = b""
+        need = 4
+        size = None
+        while len(buf) < need:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                return None
+            chunk = os.read(fd, need - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+            if size is None and len(buf) == 4:
+                size = struct.unpack("<I", buf)[0]
+                need, buf = size, b""
+        return json.loads(buf) if size is not None else None
+
+    def run(self, program: str, tests: str, timeout: float, limits: Limits) -> dict | None:
+        data = json.dumps({"program": program, "tests": tests,
+                           "limits": {**asdict(limits), "timeout": timeout}}).encode()
+        try:
+            self.proc.stdin.write(struct.pack("<I", len(data)) + data)  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except OSError:
+            return None
+        return self._recv(timeout + 30.0)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        base = getattr(self, "base", "")
+        if base and Path(base).name.startswith("qprobe-sandbox-"):
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[_Worker] = []
+        self.count = 0
+
+    def acquire(self) -> _Worker:
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+            self.count += 1
+            index = self.count
+        return _Worker(index)
+
+    def release(self, worker: _Worker) -> None:
+        if not worker.alive():
+            worker.close()
+            return
+        with self.lock:
+            self.idle.append(worker)
+
+    def close(self) -> None:
+        with self.lock:
+            workers, self.idle = self.idle, []
+        for w in workers:
+            w.close()
+
+
+_POOL = _Pool()
+atexit.register(_POOL.close)
+_CACHE: OrderedDict[str, Result] = OrderedDict()
+_CACHE_SIZE = 50_000
+_CACHE_LOCK = threading.Lock()
+_LEVEL: str | None = None
+
+
+def isolation_level() -> str:
+    """The isolation in effect, e.g. 'namespaces(net,pid,mount)+tmpfs-cwd+proc+ro-root+setuid+rlimits'.
+
+    Detected once (by starting a worker, which runs no user code).
+    """
+    global _LEVEL
+    if _LEVEL is None:
+        worker = _POOL.acquire()
+        _LEVEL = worker.level
+        _POOL.release(worker)
+    return _LEVEL
+
+
+def _key(program: str, tests: str, timeout: float, limits: Limits) -> str:
+    h = hashlib.sha256()
+    for part in (program, tests, repr(float(timeout)), repr(limits)):
+        h.update(part.encode("utf-8", "surrogatepass") + b"\x00")
+    return h.hexdigest()
+
+
+def _run_one(program: str, tests: str, timeout: float, limits: Limits) -> Result:
+    worker = _POOL.acquire()
+    raw = None
+    try:
+        raw = worker.run(program, tests, timeout, limits)
+    finally:
+        if raw is None:  # the worker died or hung: never reuse it
+            worker.proc.kill()
+            worker.proc.wait()
+        _POOL.release(worker)
+    if raw is None:
+        return Result("error", "SandboxError", message="the sandbox worker died or stopped answering")
+    return Result(**{k: raw.get(k, "") for k in ("status", "error_type", "failing_test", "message", "stderr_tail")},
+                  duration=float(raw.get("duration", 0.0)))
+
+
+def check(program: str, tests: str, timeout: float = 3.0, limits: Limits | None = None) -> Result:
+    """Run `program` then `tests` in the sandbox; passed only if every test statement completed."""
+    return check_many([(program, tests)], timeout=timeout, limits=limits)[0]
+
+
+def check_many(pairs: Sequence[tuple[str, str]], timeout: float = 3.0, workers: int | None = None,
+               limits: Limits | None = None) -> list[Result]:
+    """`check` for many (program, tests) pairs in parallel; identical pairs run once (cached)."""
+    require_opt_in()
+    limits = limits or Limits()
+    if not (isinstance(timeout, (int, float)) and 0 < timeout <= 3600):
+        from qprobe.errors import ConfigError
+
+        raise ConfigError(f"expected a timeout in seconds in (0, 3600], got {timeout!r}")
+    keys = [_key(p, t, timeout, limits) for p, t in pairs]
+    todo: dict[str, tuple[str, str]] = {}
+    with _CACHE_LOCK:
+        for k, (p, t) in zip(keys, pairs, strict=True):
+            if k not in _CACHE:
+                todo.setdefault(k, (p, t))
+    if todo:
+        # Default 2 x cores: a check mostly waits (forks, namespace set-up), it rarely fills a core.
+        n = max(1, min(workers or min(2 * (os.cpu_count() or 1), 32), len(todo)))
+        with ThreadPoolExecutor(n) as ex:
+            results = list(ex.map(lambda pt: _run_one(pt[0], pt[1], timeout, limits), todo.values()))
+        with _CACHE_LOCK:
+            for k, r in zip(todo, results, strict=True):
+                if r.error_type != "SandboxError":
+                    _CACHE[k] = r
+                    _CACHE.move_to_end(k)
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        fresh = dict(zip(todo, results, strict=True))
+    else:
+        fresh = {}
+    with _CACHE_LOCK:
+        return [fresh.get(k) or _CACHE[k] for k in keys]
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
