@@ -31,6 +31,7 @@ LOSS_NAMES.add("pg", "qprobe.probes.losses:pg_loss", "Eq. 4-5: importance-weight
 LOSS_NAMES.add("bt", "qprobe.probes.losses:bt_loss", "Eq. 6-7: Bradley-Terry on preference pairs (L_QP)")
 LOSS_NAMES.add("dpo", "qprobe.probes.losses:dpo_loss", "App. B Eq. 17-21: DPO-style loss over a softmax of the candidates")
 LOSS_NAMES.add("margin_bt", "qprobe.probes.losses:margin_bt_loss", "Q-RM: -log sigmoid(beta (Q_w - Q_l) - gamma)")
+LOSS_NAMES.add("listwise", "qprobe.probes.losses:listwise_loss", "ours: KL from softmax(r/tau) to softmax(Q/beta) within each prompt, weighted by its reward range")
 
 # Feature extractors. Keyed by back-end name: the back-end's own hidden states.
 EMBEDDERS.add("fake", "qprobe.features.fake:FakeEmbedder", "the fake back-end's features")

@@ -1,0 +1,9 @@
+"""Probes: small networks that score a completion's features (Q values), their training and files.
+
+Importing this package does not import torch; training does.
+"""
+
+from qprobe.probes.models import ARCHITECTURES, LinearProbe, MLPProbe, Probe
+from qprobe.probes.train import TrainConfig, evaluate, select_feature
+
+__all__ = ["ARCHITECTURES", "LinearProbe", "MLPProbe", "Probe", "TrainConfig", "evaluate", "select_feature"]

@@ -1,0 +1,138 @@
+"""`qprobe train`: fit a probe on a collected run and save it as a probe directory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from qprobe.cli.options import parse_kv
+
+
+@dataclass
+class TrainingData:
+    """What `Probe.fit` needs, plus the provenance written to the probe's config."""
+
+    features: dict[str, np.ndarray]  # feature key -> [N, d]
+    rewards: np.ndarray  # [N]
+    groups: np.ndarray  # [N] prompt ids
+    specs: dict[str, Any]  # feature key -> FeatureSpec
+    source: dict[str, Any]
+    dropped: int = 0  # unscored rows left out
+
+
+def _feature_keys(run: Any, wanted: tuple[str, ...]) -> list[str]:
+    """Run keys ('L-1_last') or requests ('-1:last'); none given = every key of the run."""
+    from qprobe.errors import StoreError
+    from qprobe.features.spec import FeatureRequest
+
+    keys = []
+    for text in wanted:
+        key = text if text in run.feature_keys else FeatureRequest.parse(text).key
+        if key not in run.feature_keys:
+            raise StoreError(f"expected a feature among {run.feature_keys} in run {run.path}, got '{text}'")
+        keys.append(key)
+    keys = keys or [k for k in run.feature_keys if run.feature_spec(k).pooling != "tokens"]
+    if not keys:
+        raise StoreError(f"expected pooled features (last or mean) in run {run.path}, got {run.feature_keys}")
+    return keys
+
+
+def load_run_data(path: Path, wanted: tuple[str, ...]) -> TrainingData:
+    """Scored samples of a run, grouped by prompt. (Preference data, e.g. a future --pairs FILE,
+    would add a loader beside this one returning `fit(pairs=...)` inputs; the rest is unchanged.)"""
+    from qprobe.errors import DataError
+    from qprobe.store import Run
+
+    run = Run.open(path)
+    keys = _feature_keys(run, wanted)
+    table = run.table(["prompt_id", "reward"])
+    rewards = table.column("reward").to_numpy(zero_copy_only=False).astype(np.float64)
+    scored = np.nonzero(np.isfinite(rewards))[0]
+    if scored.size == 0:
+        raise DataError(f"expected scored samples in run {path}, got none (every reward is null); re-run collect")
+    groups = np.asarray(table.column("prompt_id").to_pylist(), dtype=object)[scored].astype(str)
+    return TrainingData(
+        features={k: run.features(k, rows=scored) for k in keys},
+        rewards=rewards[scored], groups=groups, specs={k: run.feature_spec(k) for k in keys},
+        source={"run": str(Path(path).resolve()), "task": run.manifest.get("task")},
+        dropped=int(len(rewards) - scored.size),
+    )
+
+
+def _row(name: str, m: dict[str, float], k: int) -> str:
+    return (f"  {name:<22} expected return@{k} {m['expected_return']:.4f}   pass@1 {m['pass@1']:.4f}   "
+            f"pass@{k} {m['pass@k']:.4f}")
+
+
+@click.command()
+@click.option("--run", "run_path", required=True, type=click.Path(path_type=Path), help="Run directory written by `qprobe collect`.")
+@click.option("--loss", default="pg", show_default=True, help="Loss (see `qprobe ls`): mse, ce, pg, listwise, bt, dpo, margin_bt.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Probe directory to write (config.json, model.safetensors, README.md).")
+@click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
+              help="fast: standardised features, L-BFGS, L2 chosen on held-out prompts; paper: the authors' AdamW recipe.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the splits and the initialisation (same seed, same probe).")
+@click.option("--feature", "features", multiple=True, help="Feature key (L-1_last) or LAYER:POOLING; repeat to let held-out prompts pick the best. Default: every pooled feature of the run.")
+@click.option("--model", "arch", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="Probe architecture.")
+@click.option("--depth", default=2, show_default=True, help="MLP hidden layers.")
+@click.option("--width", default=256, show_default=True, help="MLP hidden units.")
+@click.option("--k", default=4, show_default=True, help="Candidates per prompt for the expected-return metric (clipped to the samples a prompt has).")
+@click.option("--beta", default=0.0, show_default=True, help="Selection temperature of the metric (0 = argmax).")
+@click.option("--holdout", default=0.2, show_default=True, help="Fraction of prompts held out for validation (0 = train on all).")
+@click.option("--loss-option", multiple=True, metavar="KEY=VALUE", help="Loss option, e.g. beta=0.5 or baseline=mean.")
+@click.option("--standardize/--no-standardize", default=None, help="Standardise features (default: fast yes, paper no).")
+def train(run_path, loss, out, recipe, seed, features, arch, depth, width, k, beta, holdout, loss_option, standardize):
+    """Train a probe on a run's scored samples and save it.
+
+    Prompts are split, never samples: --holdout prompts are kept out for the validation numbers
+    printed at the end (expected return of best-of-k selection by the probe, against picking at
+    random (pass@1) and an oracle (pass@k)). With several --feature keys, part of the training
+    prompts picks the best one first.
+    """
+    from qprobe.probes import ARCHITECTURES, TrainConfig, evaluate, select_feature
+    from qprobe.probes.data import split_prompts
+    from qprobe.probes.train import resolve_loss
+
+    options = parse_kv(loss_option, "--loss-option")
+    resolve_loss(loss, options)  # fail before reading the run
+    cfg = TrainConfig(recipe=recipe, k=k, beta=beta)
+    arch_options = {"depth": depth, "width": width} if arch == "mlp" else {}
+
+    def make_probe():
+        return ARCHITECTURES[arch](loss=loss, loss_options=options, train=cfg, standardize=standardize,
+                                   seed=seed, **arch_options)
+
+    data = load_run_data(run_path, tuple(features))
+    codes = np.unique(data.groups, return_inverse=True)[1]
+    keep, held = split_prompts(codes, holdout, np.random.default_rng(seed))
+    n_prompts = int(codes.max()) + 1
+    click.echo(f"run {run_path}: {codes.size} scored samples ({data.dropped} unscored left out), {n_prompts} "
+               f"prompts: {n_prompts - np.unique(codes[held]).size} train, {np.unique(codes[held]).size} held out")
+    key = next(iter(data.features))
+    if len(data.features) > 1:
+        key, table = select_feature({kk: v[keep] for kk, v in data.features.items()}, data.rewards[keep],
+                                    codes[keep], make_probe, k=k, beta=beta, seed=seed)
+        for kk, value in table.items():
+            click.echo(f"  feature {kk:<16} selection expected return@{k} {value:.4f}{'  <- chosen' if kk == key else ''}")
+    x = data.features[key]
+    start = time.perf_counter()
+    probe = make_probe().fit(x[keep], data.rewards[keep], codes[keep], spec=data.specs[key],
+                             source={**data.source, "feature": key, "holdout": holdout, "seed": seed})
+    seconds = time.perf_counter() - start
+    hist = probe.history_
+    detail = f", L2 {hist['l2']:g} chosen on held-out training prompts" if "l2" in hist else ""
+    click.echo(f"trained {arch} probe, loss {loss}, recipe {recipe}, feature {key} ({x.shape[1]} dims) in "
+               f"{seconds:.2f} s{detail}; final training loss {hist['train_loss']:.4f}")
+    results = {"train": evaluate(probe, x[keep], data.rewards[keep], codes[keep], k, beta)}
+    click.echo(_row(f"train ({int(results['train']['prompts'])} prompts)", results["train"], k))
+    if held.size:
+        results["held_out"] = evaluate(probe, x[held], data.rewards[held], codes[held], k, beta)
+        click.echo(_row(f"held out ({int(results['held_out']['prompts'])} prompts)", results["held_out"], k))
+    probe.source_["validation"] = {f"{part} {name}": value for part, m in results.items()
+                                   for name, value in m.items() if name in ("expected_return", "pass@1", "pass@k")}
+    probe.save_pretrained(out)
+    click.echo(f"saved {out}")

@@ -1,0 +1,175 @@
+"""Training examples and the index batches fed to losses (numpy only).
+
+Every training set is one shape: features [N, d], rewards [N] and a prompt id per row. Preference
+pairs become two rows (reward 1 for the chosen, 0 for the rejected) sharing a group id, so any loss
+trains on them, and the validation metric (expected return at k=2) is then pairwise accuracy with
+ties counted one half.
+
+A batch holds row indices only: `index` [B] (pointwise), [G, k] with `mask` (grouped) or [P, 2]
+(pairwise: chosen, rejected).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from qprobe.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Examples:
+    features: np.ndarray  # [N, d] float32
+    rewards: np.ndarray  # [N] float64
+    groups: np.ndarray  # [N] int64 codes 0..P-1, one per prompt
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.groups.max()) + 1 if self.groups.size else 0
+
+    def take(self, rows: np.ndarray) -> Examples:
+        """A subset of rows, group codes renumbered 0..P'-1."""
+        _, codes = np.unique(self.groups[rows], return_inverse=True)
+        return Examples(self.features[rows], self.rewards[rows], codes.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: np.ndarray  # [B] | [G, k] | [P, 2] row indices
+    mask: np.ndarray | None = None  # [G, k] for grouped batches
+
+
+def make_examples(features, rewards=None, groups=None, pairs=None) -> Examples:
+    """Validate and normalise the inputs of `Probe.fit` into `Examples`."""
+    if pairs is not None:
+        if features is not None or rewards is not None:
+            raise ConfigError("expected either features/rewards/groups or pairs=(chosen, rejected), got both")
+        try:
+            chosen, rejected = (np.asarray(p, dtype=np.float32) for p in pairs)
+        except (TypeError, ValueError):
+            raise ConfigError("expected pairs=(chosen_features [P, d], rejected_features [P, d])") from None
+        if chosen.ndim != 2 or chosen.shape != rejected.shape or chosen.shape[0] == 0:
+            raise ConfigError(
+                f"expected chosen and rejected features of the same shape [P, d], got {chosen.shape} "
+                f"and {rejected.shape}"
+            )
+        p = chosen.shape[0]
+        feats = np.concatenate([chosen, rejected])  # [2P, d]
+        r = np.concatenate([np.ones(p), np.zeros(p)])  # [2P]
+        g = np.concatenate([np.arange(p), np.arange(p)])  # [2P]
+        return Examples(feats, r, g.astype(np.int64))
+    if features is None or rewards is None:
+        raise ConfigError("expected features [N, d] and rewards [N] (or pairs=...), got None")
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ConfigError(f"expected features as a 2-D array [N, d] with N >= 1, got shape {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.shape != (x.shape[0],):
+        raise ConfigError(f"expected rewards of shape ({x.shape[0]},), got {r.shape}")
+    if not np.isfinite(r).all():
+        raise DataError("expected finite rewards, got NaN or inf; drop unscored samples (reward null) first")
+    if not np.isfinite(x).all():
+        raise DataError("expected finite features, got NaN or inf; the feature array is corrupt")
+    if groups is None:
+        codes = np.zeros(x.shape[0], dtype=np.int64)  # one prompt
+    else:
+        g = np.asarray(groups)
+        if g.shape != (x.shape[0],):
+            raise ConfigError(f"expected groups (a prompt id per row) of shape ({x.shape[0]},), got {g.shape}")
+        _, codes = np.unique(g, return_inverse=True)
+    return Examples(x, r, codes.astype(np.int64))
+
+
+def split_prompts(groups: np.ndarray, frac: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of (kept, held-out) prompts: round(frac * prompts) prompts are held out, at least one and
+    never all when frac > 0. No prompt has rows on both sides."""
+    if not 0.0 <= frac < 1.0:
+        raise ConfigError(f"expected a held-out fraction in [0, 1), got {frac!r}")
+    codes = np.unique(groups)
+    n_hold = min(max(int(round(frac * codes.size)), 1 if frac > 0 else 0), codes.size - 1)
+    if frac > 0 and n_hold < 1:
+        raise ConfigError(f"expected at least 2 prompts to hold some out, got {codes.size}; pass --holdout 0")
+    held = rng.permutation(codes)[:n_hold]
+    is_held = np.isin(groups, held)
+    return np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
+
+
+def _sorted_by_group(groups: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ordered by (group, key); their position within the group; each group's row count."""
+    order = np.lexsort((key, groups))  # [N]
+    counts = np.bincount(groups)  # [P]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [P]
+    pos = np.arange(order.size) - starts[groups[order]]  # [N]
+    return order, pos, counts
+
+
+def _pack(order: np.ndarray, chunk_id: np.ndarray, slot: np.ndarray, width: int) -> Batch:
+    """Rows order[i] go to row chunk_id[i], column slot[i] of a padded [G, width] index."""
+    g = int(chunk_id.max()) + 1
+    index = np.zeros((g, width), dtype=np.int64)
+    mask = np.zeros((g, width), dtype=bool)
+    index[chunk_id, slot] = order
+    mask[chunk_id, slot] = True
+    return Batch(index, mask)
+
+
+def full_groups(ex: Examples) -> Batch:
+    """Every prompt's samples as one group, in row order: [P, max n] with a mask."""
+    order, pos, counts = _sorted_by_group(ex.groups, np.arange(ex.groups.size))
+    return _pack(order, ex.groups[order], pos, int(counts.max()))
+
+
+def random_groups(ex: Examples, size: int, rng: np.random.Generator) -> Batch:
+    """The paper's regrouping: each prompt's samples shuffled and cut into groups of `size`;
+    leftovers dropped; a prompt with fewer than `size` samples makes one smaller group. Groups in
+    random order."""
+    order, pos, counts = _sorted_by_group(ex.groups, rng.random(ex.groups.size))
+    g = ex.groups[order]
+    full = np.maximum(counts // size, 1)  # [P] groups per prompt
+    keep = pos // size < full[g]
+    first = np.concatenate([[0], np.cumsum(full)[:-1]])  # [P] first chunk id of each prompt
+    chunk = first[g] + pos // size
+    batch = _pack(order[keep], chunk[keep], (pos % size)[keep], size)
+    perm = rng.permutation(batch.index.shape[0])
+    return Batch(batch.index[perm], batch.mask[perm])
+
+
+def within_prompt_pairs(ex: Examples) -> Batch:
+    """All (chosen, rejected) row pairs of one prompt with a higher reward for the chosen: [P, 2]."""
+    full = full_groups(ex)
+    r = np.where(full.mask, ex.rewards[full.index], np.nan)  # [G, k]
+    better = r[:, :, None] > r[:, None, :]  # [G, k, k]; NaN compares False
+    gi, a, b = np.nonzero(better)
+    if gi.size == 0:
+        raise DataError(
+            "expected some prompt with samples of different rewards to form pairs, got none; "
+            "a pairwise loss needs them (use mse/ce, or more samples per prompt)"
+        )
+    return Batch(np.stack([full.index[gi, a], full.index[gi, b]], axis=1))  # [P, 2]
+
+
+def full_batch(kind: str, ex: Examples) -> Batch:
+    """The whole training set as one batch of the loss's kind."""
+    if kind == "pointwise":
+        return Batch(np.arange(ex.groups.size))
+    if kind == "grouped":
+        return full_groups(ex)
+    return within_prompt_pairs(ex)
+
+
+def epoch_batches(kind: str, ex: Examples, rng: np.random.Generator, *, batch_size: int,
+                  group_size: int, groups_per_batch: int, pairs: Batch | None = None) -> Iterator[Batch]:
+    """One epoch of minibatches (the paper's recipe): rows in batches of `batch_size`, pairs in
+    batches of `batch_size`, groups regrouped every epoch, `groups_per_batch` groups a batch."""
+    if kind == "grouped":
+        groups = random_groups(ex, group_size, rng)
+        for s in range(0, groups.index.shape[0], groups_per_batch):
+            yield Batch(groups.index[s : s + groups_per_batch], groups.mask[s : s + groups_per_batch])
+        return
+    index = np.arange(ex.groups.size) if kind == "pointwise" else (pairs or within_prompt_pairs(ex)).index
+    perm = rng.permutation(index.shape[0])
+    for s in range(0, perm.size, batch_size):
+        yield Batch(index[perm[s : s + batch_size]])

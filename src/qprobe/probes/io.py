@@ -1,0 +1,210 @@
+"""Probe directories: config.json + model.safetensors + README.md (the Hugging Face Hub mixin layout).
+
+Format version 1. config.json holds the architecture and its hyper-parameters, the loss and its
+options, the training config, whether features are standardised, the feature spec the probe
+expects and where it was trained; model.safetensors holds the weights ("layers.{i}.weight",
+"layers.{i}.bias") and the standardisation statistics ("standardize.mean", "standardize.scale").
+No pickle. Writes go to a temporary directory beside the target, which is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qprobe.errors import ConfigError, DataError, require
+from qprobe.features.spec import FeatureSpec
+
+FORMAT_VERSION = 1
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qprobe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def probe_config(probe: Any) -> dict[str, Any]:
+    from qprobe.probes.train import TrainConfig
+
+    probe._check_fitted()
+    train = probe.train if probe.train is not None else TrainConfig()
+    spec = probe.feature_spec_
+    return _jsonable({
+        "format_version": FORMAT_VERSION,
+        "qprobe_version": _version(),
+        "architecture": probe.architecture,
+        "hyper_parameters": probe.hyper_parameters(),
+        "n_features_in": probe.n_features_in_,
+        "standardize": probe.standardized_,
+        "loss": probe.loss,
+        "loss_options": probe.loss_options,
+        "recipe": train.recipe,
+        "train": train.to_dict(),
+        "seed": probe.seed,
+        "feature_spec": None if spec is None else spec.to_dict(),
+        "source": probe.source_,
+        "history": {k: v for k, v in probe.history_.items() if k != "epoch_loss"},
+    })
+
+
+def model_card(config: dict[str, Any]) -> str:
+    spec = config.get("feature_spec")
+    feats = FeatureSpec.from_dict(spec).describe() if spec else "unspecified features"
+    source = config.get("source") or {}
+    lines = [
+        "---", "library_name: qprobe", "tags:", "- q-probe", "- reward-model", "---", "",
+        f"# Q-probe ({config['architecture']}, loss `{config['loss']}`)", "",
+        "A probe that scores a language model's completions from its hidden states; sample k "
+        "completions and keep the best by softmax(Q/beta) (Li et al. 2024, arXiv:2402.14688).", "",
+        f"- features: {feats}",
+        f"- architecture: {config['architecture']} {config['hyper_parameters'] or ''}".rstrip(),
+        f"- loss: {config['loss']} {config['loss_options'] or ''}".rstrip(),
+        f"- recipe: {config['recipe']}; standardised features: {config['standardize']}; seed {config['seed']}",
+    ]
+    if source.get("run"):
+        lines.append(f"- trained on run: `{source['run']}` (feature `{source.get('feature', '?')}`)")
+    for name, value in (source.get("validation") or {}).items():
+        lines.append(f"- validation {name}: {value:.4f}" if isinstance(value, float) else f"- validation {name}: {value}")
+    lines += ["", "```python", "from qprobe.probes import Probe", "probe = Probe.from_pretrained(PATH)",
+              "q = probe.score(features)  # [N, d] -> [N]", "```", ""]
+    return "\n".join(lines)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_probe(probe: Any, path: str | os.PathLike[str]) -> None:
+    """Write the probe directory atomically: a complete new directory replaces any old one."""
+    from safetensors.numpy import save
+
+    config = probe_config(probe)
+    tensors = dict(probe.params_)
+    if probe.mean_ is not None:
+        tensors["standardize.mean"], tensors["standardize.scale"] = probe.mean_, probe.scale_
+    path = Path(path)
+    if path.exists() and not (path / CONFIG_NAME).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"expected a new directory or an existing probe for --out, got '{path}' which holds other files")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    old = None
+    try:
+        _write(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "np"}))
+        _write(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+        _write(tmp / CARD_NAME, model_card(config).encode())
+        if path.exists():
+            old = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    from qprobe.store.files import fsync_dir
+
+    fsync_dir(path.parent)
+
+
+def _resolve(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        return p
+    hub = require("huggingface_hub", "hub")  # a Hub repo id, e.g. user/mbpp-pg-probe
+    try:
+        return Path(hub.snapshot_download(repo_id=str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
+    except Exception as exc:  # network, auth, missing repo: one clear line
+        raise DataError(f"expected a probe directory or a reachable Hub repo, got '{path}' ({exc})") from None
+
+
+def load_probe(path: str | os.PathLike[str]) -> Any:
+    """Rebuild a probe from its directory (or a Hub repo id); corrupt files raise DataError."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from qprobe.probes.models import ARCHITECTURES
+    from qprobe.probes.train import TrainConfig
+
+    root = _resolve(path)
+    cpath, wpath = root / CONFIG_NAME, root / WEIGHTS_NAME
+    if not (cpath.is_file() and wpath.is_file()):
+        raise DataError(
+            f"expected a probe directory with {CONFIG_NAME} and {WEIGHTS_NAME}, got '{path}'; "
+            "pass the --out directory of `qprobe train`"
+        )
+    try:
+        config = json.loads(cpath.read_text())
+        if config.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"expected probe format version {FORMAT_VERSION}, got {config.get('format_version')!r} in "
+                f"{cpath}; upgrade qprobe or retrain the probe"
+            )
+        arch = config["architecture"]
+        if arch not in ARCHITECTURES:
+            raise DataError(f"expected an architecture in {sorted(ARCHITECTURES)}, got {arch!r} in {cpath}")
+        probe = ARCHITECTURES[arch](
+            loss=config["loss"], loss_options=config["loss_options"], train=TrainConfig.from_dict(config["train"]),
+            standardize=config["standardize"], seed=config["seed"], **config["hyper_parameters"],
+        )
+        spec = FeatureSpec.from_dict(config["feature_spec"]) if config["feature_spec"] else None
+        d, standardized = int(config["n_features_in"]), bool(config["standardize"])
+        tensors = load_file(str(wpath))
+    except DataError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError, ConfigError) as exc:
+        raise DataError(f"expected a valid probe in '{path}', got a corrupt or incompatible file ({exc}); retrain or re-download it") from None
+    expected = {}
+    for i, (out, fan_in) in enumerate(probe.layer_shapes(d)):
+        expected[f"layers.{i}.weight"], expected[f"layers.{i}.bias"] = (out, fan_in), (out,)
+    if standardized:
+        expected["standardize.mean"] = expected["standardize.scale"] = (d,)
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        raise DataError(f"expected tensors {expected} in {wpath}, got {got}; the probe files do not match its config")
+    params = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    probe._set_learned(params, tensors.get("standardize.mean"), tensors.get("standardize.scale"),
+                       config.get("history") or {})
+    probe.feature_spec_ = spec
+    probe.source_ = config.get("source") or {}
+    return probe
+
+
+def push_probe(probe: Any, repo_id: str, *, private: bool = False, token: str | None = None,
+               commit_message: str = "Upload Q-probe") -> str:
+    """Save to a temporary directory and upload it as a Hub model repo; returns the repo URL."""
+    hub = require("huggingface_hub", "hub")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_probe(probe, Path(tmp) / "probe")
+        api = hub.HfApi(token=token)
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(Path(tmp) / "probe"), repo_id=repo_id, commit_message=commit_message)
+    return str(url)

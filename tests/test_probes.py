@@ -1,0 +1,227 @@
+"""Probes: estimator contract, batching by prompt, both recipes, save/load, spec checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from qprobe.errors import ConfigError, DataError, NotFittedError, SpecMismatchError  # noqa: E402
+from qprobe.features.spec import FeatureSpec  # noqa: E402
+from qprobe.probes import LinearProbe, MLPProbe, Probe, TrainConfig, evaluate, select_feature  # noqa: E402
+from qprobe.probes.data import (  # noqa: E402
+    full_groups,
+    make_examples,
+    random_groups,
+    split_prompts,
+    within_prompt_pairs,
+)
+
+SPEC = FeatureSpec("fake", "fake-model", "ab" * 32, -1, "last", 12)
+
+
+def toy(n_prompts: int = 40, n: int = 8, d: int = 12, seed: int = 0):
+    """Per-prompt offsets (difficulty) plus one within-prompt direction that predicts the reward."""
+    rng = np.random.default_rng(seed)
+    offset = rng.normal(0, 3, (n_prompts, 1, d))
+    x = offset + rng.normal(0, 1, (n_prompts, n, d))  # [P, n, d]
+    logit = offset[:, :, 0] * 0.5 + 2.0 * x[:, :, 1] - 2.0 * offset[:, :, 1]
+    r = (rng.random((n_prompts, n)) < 1 / (1 + np.exp(-logit))).astype(float)
+    return x.reshape(-1, d).astype(np.float32), r.reshape(-1), np.repeat(np.arange(n_prompts), n)
+
+
+FAST = TrainConfig(l2_grid=(1.0, 0.1, 0.01), max_iter=30)
+
+
+# ------------------------------------------------------------------------------- batching
+def test_split_is_by_prompt() -> None:
+    groups = np.repeat(np.arange(10), 3)
+    keep, held = split_prompts(groups, 0.3, np.random.default_rng(0))
+    assert set(groups[keep]).isdisjoint(groups[held])
+    assert len(set(groups[held])) == 3 and keep.size + held.size == 30
+    with pytest.raises(ConfigError):
+        split_prompts(groups, 1.0, np.random.default_rng(0))
+    assert split_prompts(groups, 0.0, np.random.default_rng(0))[1].size == 0
+
+
+def test_random_groups_hold_one_prompt_each_and_are_regrouped() -> None:
+    x, r, g = np.zeros((23 + 4, 1)), np.zeros(27), np.array([0] * 23 + [1] * 4)
+    ex = make_examples(x, r, g)
+    b1 = random_groups(ex, 10, np.random.default_rng(0))
+    # prompt 0: 23 samples -> 2 groups of 10 (3 left over); prompt 1: 4 samples -> one group of 4
+    assert sorted(b1.mask.sum(1).tolist()) == [4, 10, 10]
+    for row, m in zip(b1.index, b1.mask, strict=True):
+        assert len(set(g[row[m]])) == 1 and len(set(row[m])) == m.sum()
+    b2 = random_groups(ex, 10, np.random.default_rng(1))
+    assert not np.array_equal(b1.index, b2.index)  # regrouped with new randomness
+
+
+def test_full_groups_and_within_prompt_pairs() -> None:
+    ex = make_examples(np.zeros((5, 1)), [1.0, 0.0, 0.0, 1.0, 0.5], ["a", "a", "b", "b", "b"])
+    full = full_groups(ex)
+    assert full.index.tolist() == [[0, 1, 0], [2, 3, 4]] and full.mask.tolist() == [[True, True, False], [True] * 3]
+    pairs = within_prompt_pairs(ex).index
+    assert sorted(map(tuple, pairs.tolist())) == [(0, 1), (3, 2), (3, 4), (4, 2)]
+    with pytest.raises(DataError, match="different rewards"):
+        within_prompt_pairs(make_examples(np.zeros((2, 1)), [1.0, 1.0], ["a", "a"]))
+
+
+def test_pairs_become_two_row_groups() -> None:
+    ex = make_examples(None, pairs=(np.ones((3, 2)), np.zeros((3, 2))))
+    assert ex.features.shape == (6, 2) and ex.rewards.tolist() == [1, 1, 1, 0, 0, 0]
+    assert ex.groups.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+# ---------------------------------------------------------------------- estimator contract
+def test_estimator_contract() -> None:
+    probe = LinearProbe(loss="pg", seed=3)
+    assert not [k for k in vars(probe) if k.endswith("_")]
+    with pytest.raises(NotFittedError, match="fit"):
+        probe.score(np.zeros((2, 12)))
+    x, r, g = toy()
+    assert probe.fit(x, r, g) is probe
+    learned = {k for k in vars(probe) if k.endswith("_")}
+    assert {"params_", "mean_", "scale_", "history_", "n_features_in_"} <= learned
+    q = probe.score(x)
+    assert q.shape == (len(x),) and q.dtype == np.float32
+    with pytest.raises(SpecMismatchError, match=r"\[N, 12\]"):
+        probe.score(np.zeros((2, 5)))
+    assert "LinearProbe(loss='pg'" in repr(probe)
+
+
+@pytest.mark.parametrize("make", [lambda: LinearProbe(loss="pg", train=FAST),
+                                  lambda: MLPProbe(loss="ce", depth=1, width=16, train=FAST)])
+def test_same_seed_same_probe(make) -> None:
+    x, r, g = toy()
+    a, b = make().fit(x, r, g), make().fit(x, r, g)
+    for key in a.params_:
+        assert np.array_equal(a.params_[key], b.params_[key])
+
+
+def test_mlp_seed_changes_the_init() -> None:
+    x, r, g = toy()
+    cfg = TrainConfig(l2_grid=(1.0,), max_iter=2)
+    a = MLPProbe(loss="mse", depth=1, width=8, train=cfg, seed=0).fit(x, r, g)
+    b = MLPProbe(loss="mse", depth=1, width=8, train=cfg, seed=1).fit(x, r, g)
+    assert not np.array_equal(a.params_["layers.0.weight"], b.params_["layers.0.weight"])
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce", "pg", "listwise", "bt", "dpo", "margin_bt"])
+def test_every_loss_learns_to_rerank_with_the_fast_recipe(loss: str) -> None:
+    x, r, g = toy(seed=1)
+    xt, rt, gt = toy(seed=2)
+    probe = LinearProbe(loss=loss, train=FAST).fit(x, r, g)
+    m = evaluate(probe, xt, rt, gt, k=4)
+    assert m["expected_return"] > m["pass@1"] + 0.05, m
+    assert probe.history_["l2"] in FAST.l2_grid and probe.standardized_
+
+
+def test_paper_recipe_uses_raw_features_and_adamw() -> None:
+    x, r, g = toy()
+    cfg = TrainConfig(recipe="paper", epochs=3, lr=1e-2)
+    probe = LinearProbe(loss="pg", train=cfg).fit(x, r, g)
+    assert not probe.standardized_ and len(probe.history_["epoch_loss"]) == 3
+    mlp = MLPProbe(loss="bt", depth=1, width=4, train=cfg).fit(x, r, g)
+    assert np.isfinite(mlp.score(x)).all()
+
+
+def test_fit_on_preference_pairs() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=6)
+    a, b = rng.normal(size=(200, 6)), rng.normal(size=(200, 6))
+    chosen = np.where((a @ w > b @ w)[:, None], a, b)
+    rejected = np.where((a @ w > b @ w)[:, None], b, a)
+    probe = LinearProbe(loss="bt", train=FAST).fit(pairs=(chosen, rejected))
+    assert (probe.score(chosen) > probe.score(rejected)).mean() > 0.9
+
+
+def test_bad_fit_inputs() -> None:
+    x, r, g = toy()
+    with pytest.raises(ConfigError, match="rewards of shape"):
+        LinearProbe().fit(x, r[:-1], g)
+    with pytest.raises(DataError, match="unscored"):
+        LinearProbe().fit(x, np.where(np.arange(len(r)) == 0, np.nan, r), g)
+    with pytest.raises(ConfigError, match="options of loss 'pg'"):
+        LinearProbe(loss="pg", loss_options={"gamma": 1.0}).fit(x, r, g)
+    with pytest.raises(ConfigError, match="recipe"):
+        TrainConfig(recipe="slow")
+    with pytest.raises(SpecMismatchError, match="dim 12"):
+        LinearProbe().fit(x[:, :5], r, g, spec=SPEC)
+
+
+def test_select_feature_prefers_the_informative_key() -> None:
+    x, r, g = toy(n_prompts=60)
+    noise = np.random.default_rng(5).normal(size=x.shape).astype(np.float32)
+    best, table = select_feature({"noise": noise, "signal": x}, r, g, lambda: LinearProbe(train=FAST), seed=0)
+    assert best == "signal" and table["signal"] > table["noise"]
+
+
+# ------------------------------------------------------------------------------- save/load
+@pytest.mark.parametrize("make", [lambda: LinearProbe(loss="pg", train=FAST),
+                                  lambda: MLPProbe(loss="listwise", depth=2, width=8, train=FAST,
+                                                   loss_options={"tau": 0.5})])
+def test_save_load_round_trip_is_exact(tmp_path: Path, make) -> None:
+    x, r, g = toy()
+    probe = make().fit(x, r, g, spec=SPEC, source={"run": "runs/x", "feature": "L-1_last"})
+    probe.save_pretrained(tmp_path / "p")
+    probe.save_pretrained(tmp_path / "p")  # overwriting an existing probe is fine
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    loaded = Probe.from_pretrained(tmp_path / "p", spec=SPEC)
+    assert type(loaded) is type(probe) and loaded.get_params().keys() == probe.get_params().keys()
+    assert loaded.loss_options == probe.loss_options and loaded.train == probe.train
+    assert np.array_equal(loaded.score(x), probe.score(x))
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["feature_spec"] == SPEC.to_dict() and config["source"]["run"] == "runs/x"
+    assert config["format_version"] == 1 and config["standardize"] is True
+    assert "runs/x" in (tmp_path / "p" / "README.md").read_text()
+
+
+def test_spec_mismatch_is_refused_naming_both(tmp_path: Path) -> None:
+    x, r, g = toy()
+    LinearProbe(train=FAST).fit(x, r, g, spec=SPEC).save_pretrained(tmp_path / "p")
+    other = FeatureSpec("fake", "fake-model", "ab" * 32, -2, "last", 12)
+    with pytest.raises(SpecMismatchError, match="layer -1.*layer -2"):
+        Probe.from_pretrained(tmp_path / "p", spec=other)
+    probe = Probe.from_pretrained(tmp_path / "p")
+    with pytest.raises(SpecMismatchError):
+        probe.score(x, spec=FeatureSpec("fake", "other", "cd" * 32, -1, "last", 12))
+    with pytest.raises(ConfigError, match="MLPProbe"):
+        MLPProbe.from_pretrained(tmp_path / "p")
+
+
+def test_corrupt_files_raise_one_clear_error(tmp_path: Path) -> None:
+    x, r, g = toy()
+    LinearProbe(train=FAST).fit(x, r, g).save_pretrained(tmp_path / "p")
+    with pytest.raises(DataError, match="config.json and model.safetensors"):
+        Probe.from_pretrained(tmp_path / "missing")
+    (tmp_path / "p" / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(DataError, match="corrupt"):
+        Probe.from_pretrained(tmp_path / "p")
+    LinearProbe(train=FAST).fit(x, r, g).save_pretrained(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    (tmp_path / "p" / "config.json").write_text(json.dumps({**cfg, "n_features_in": 7}))
+    with pytest.raises(DataError, match="do not match"):
+        Probe.from_pretrained(tmp_path / "p")
+    (tmp_path / "p" / "config.json").write_text("{not json")
+    with pytest.raises(DataError, match="corrupt"):
+        Probe.from_pretrained(tmp_path / "p")
+    (tmp_path / "p" / "config.json").write_text(json.dumps({**cfg, "format_version": 99}))
+    with pytest.raises(DataError, match="version"):
+        Probe.from_pretrained(tmp_path / "p")
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="other files"):
+        LinearProbe(train=FAST).fit(x, r, g).save_pretrained(tmp_path / "q")
+
+
+def test_importing_probes_does_not_import_torch() -> None:
+    code = "import sys, qprobe.probes, qprobe.probes.io; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

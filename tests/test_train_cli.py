@@ -1,0 +1,70 @@
+"""`qprobe train` on a fake run: numbers printed, probe saved and loadable, errors are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+
+from qprobe.cli.main import cli, main  # noqa: E402
+from qprobe.probes import Probe  # noqa: E402
+from qprobe.store import Run  # noqa: E402
+from qprobe.store.collect import CollectConfig, collect  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "fake"
+    collect(CollectConfig(task="fake", split="train", out=out, n=8, backend="fake",
+                          features=("-1:last", "-2:mean"), task_options={"size": 40}), progress=False)
+    return out
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def test_train_pg_prints_validation_and_saves(fake_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "probe"
+    res = invoke(["train", "--run", str(fake_run), "--loss", "pg", "--out", str(out), "--feature", "-1:last",
+                  "--holdout", "0.25", "--k", "4"])
+    assert res.exit_code == 0, res.output
+    assert "held out (10 prompts)" in res.output and "expected return@4" in res.output and "pass@4" in res.output
+    probe = Probe.from_pretrained(out, spec=Run.open(fake_run).feature_spec("L-1_last"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["source"]["feature"] == "L-1_last" and config["source"]["run"] == str(fake_run.resolve())
+    assert "held_out expected_return" in config["source"]["validation"]
+    assert probe.n_features_in_ == 16
+
+
+def test_train_picks_a_feature_and_is_deterministic(fake_run: Path, tmp_path: Path) -> None:
+    args = ["train", "--run", str(fake_run), "--loss", "listwise", "--seed", "3"]
+    a = invoke(args + ["--out", str(tmp_path / "a")])
+    b = invoke(args + ["--out", str(tmp_path / "b")])
+    assert a.exit_code == b.exit_code == 0 and "<- chosen" in a.output
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_train_paper_recipe_mlp_and_pairwise(fake_run: Path, tmp_path: Path) -> None:
+    res = invoke(["train", "--run", str(fake_run), "--loss", "bt", "--recipe", "paper", "--model", "mlp",
+                  "--depth", "1", "--width", "8", "--feature", "L-1_last", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["recipe"] == "paper" and config["architecture"] == "mlp" and config["standardize"] is False
+
+
+def test_errors_are_one_line(fake_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for args, expected in [
+        (["--loss", "pgg"], "did you mean 'pg'"),
+        (["--loss", "pg", "--loss-option", "tau=1"], "options of loss 'pg'"),
+        (["--feature", "5:last"], "expected a feature among"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--run", str(fake_run), "--out", str(tmp_path / "x"), *args])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1
