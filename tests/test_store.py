@@ -102,3 +102,15 @@ def test_token_features_round_trip(tmp_path: Path) -> None:
     assert [len(s) for s in states] == [max(n, 1) for n in t]
     with pytest.raises(StoreError, match="token_features"):
         run.features("L-1_tokens")
+
+
+def test_embed_adds_features_to_an_existing_run(tmp_path: Path) -> None:
+    from qprobe.store.embed import add_features
+
+    collect(fake_cfg(tmp_path / "r", features=("-1:last",)), progress=False)
+    run = add_features(str(tmp_path / "r"), ["5:mean", "-1:last"], progress=False)
+    assert sorted(run.feature_keys) == ["L-1_last", "L5_mean"]
+    direct = collect(fake_cfg(tmp_path / "d", features=("5:mean",)), progress=False)
+    np.testing.assert_array_equal(run.features("L5_mean", run.sorted_order()),
+                                  direct.features("L5_mean", direct.sorted_order()))
+    assert run.feature_spec("L5_mean").layer == 5

@@ -13,6 +13,7 @@ from qprobe.errors import QProbeError
 COMMANDS = {
     "collect": "qprobe.cli.run_cmds:collect",
     "demo": "qprobe.cli.demo:demo",
+    "embed": "qprobe.cli.run_cmds:embed",
     "eval": "qprobe.cli.eval_cmds:eval_cmd",
     "export": "qprobe.cli.run_cmds:export",
     "inspect": "qprobe.cli.run_cmds:inspect_run",

@@ -70,6 +70,27 @@ def collect(task, split, n, backend, model, features, layer, pooling, limit, out
 
 @click.command()
 @click.argument("run", type=click.Path(path_type=Path))
+@click.option("--feature", "features", multiple=True, required=True,
+              help="Features to add, LAYER:POOLING (e.g. 12:mean) or embed=NAME:POOLING (e.g. embed=minilm:mean); repeatable.")
+@click.option("--model", default=None, help="Path of the weights the run was collected with (default: the manifest's).")
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Back-end option, e.g. n_ctx=4096.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def embed(run, features, model, feature_dtype, backend_option, progress):
+    """Add feature arrays to an existing run without regenerating its samples.
+
+    Each stored prompt+completion is embedded again with the run's own model (another layer or
+    pooling) or an external embedder (the paper's API setting). Resumable shard by shard.
+    """
+    from qprobe.store.embed import add_features
+
+    r = add_features(str(run), list(features), model=model, dtype=feature_dtype, progress=progress,
+                     backend_options=parse_kv(backend_option, "--backend-option"))
+    click.echo(f"{r.path}: features {', '.join(r.feature_keys)}")
+
+
+@click.command()
+@click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output JSONL file (default: stdout).")
 def export(run, out):
     """Write a run's sample rows as JSONL (no features), in prompt and sample order."""
