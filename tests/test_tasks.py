@@ -44,7 +44,7 @@ def test_mbpp_folder_chat_and_setup_code():
     task = TASKS.create("mbpp", data=str(DATA / "mbpp"), prompt_format="chat")
     p = {q.meta["task_id"]: q for q in task.prompts("train")}[611]
     assert p.messages[0]["role"] == "user" and "```python" in p.messages[0]["content"]
-    assert p.reward_prefix == "" and task.stop == ()
+    assert p.reward_prefix == "" and task.stop == ("\n```\n",)  # stop once the code block closes
     with_setup = [q.meta["task_id"] for s in task.splits for q in task.prompts(s)
                   if q.meta["tests"].startswith("root = Node(1)")]
     assert sorted(with_setup) == [367, 927]  # test_setup_code goes before the asserts

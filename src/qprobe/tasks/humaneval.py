@@ -11,6 +11,7 @@ from qprobe.tasks.base import Prompt, Reward, Task
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop sequences
 CHAT_TEMPLATE = "Complete the following Python function. Answer with the whole function in a ```python code block.\n\n{prompt}"
 FORMATS = ("completion", "chat")
+CHAT_STOP = ("\n```\n",)  # a chat answer is done once its code block closes
 
 
 class HumanEvalTask(Task):
@@ -24,7 +25,7 @@ class HumanEvalTask(Task):
         if prompt_format not in FORMATS:
             raise ConfigError(f"expected prompt_format in {list(FORMATS)}, got '{prompt_format}'")
         self.data, self.prompt_format, self.timeout = data, prompt_format, float(timeout)
-        self.stop = STOP if prompt_format == "completion" else ()
+        self.stop = STOP if prompt_format == "completion" else CHAT_STOP
 
     def path(self) -> str:
         if self.data:

@@ -22,6 +22,10 @@ def docstring_prompt(text: str, first_test: str) -> str:
     return f'"""\n{text}\n{first_test}\n"""\n'
 
 
+# A chat answer is done once its code block closes; the explanation after it is not needed.
+CHAT_STOP = ("\n```\n",)
+
+
 class MBPPTask(Task):
     """MBPP. Options: data (a path to mbpp.jsonl or a folder holding it, or a Hugging Face dataset
     name such as 'google-research-datasets/mbpp'), prompt_format ('docstring' | 'chat'), timeout."""
@@ -36,7 +40,7 @@ class MBPPTask(Task):
         if prompt_format not in FORMATS:
             raise ConfigError(f"expected prompt_format in {list(FORMATS)}, got '{prompt_format}'")
         self.data, self.prompt_format, self.timeout = str(data), prompt_format, float(timeout)
-        self.stop = DOCSTRING_STOP if prompt_format == "docstring" else ()
+        self.stop = DOCSTRING_STOP if prompt_format == "docstring" else CHAT_STOP
         self._rows: dict[int, dict[str, Any]] | None = None
 
     def rows(self) -> dict[int, dict[str, Any]]:
