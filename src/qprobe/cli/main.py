@@ -18,6 +18,7 @@ COMMANDS = {
     "export": "qprobe.cli.run_cmds:export",
     "inspect": "qprobe.cli.run_cmds:inspect_run",
     "ls": "qprobe.cli.run_cmds:ls",
+    "pairs": "qprobe.cli.pairs_cmds:pairs",
     "select": "qprobe.cli.eval_cmds:select_cmd",
     "train": "qprobe.cli.train:train",
 }

@@ -70,7 +70,9 @@ def _row(name: str, m: dict[str, float], k: int) -> str:
 
 
 @click.command()
-@click.option("--run", "run_path", required=True, type=click.Path(path_type=Path), help="Run directory written by `qprobe collect`.")
+@click.option("--run", "run_path", default=None, type=click.Path(path_type=Path), help="Run directory written by `qprobe collect`.")
+@click.option("--pairs", "pairs_path", default=None, type=click.Path(path_type=Path),
+              help="Instead of --run: a pairs run (`qprobe pairs embed`); defaults become --loss bt and --k 2, so the printed metric is pairwise accuracy (ties 1/2).")
 @click.option("--loss", default="pg", show_default=True, help="Loss (see `qprobe ls`): mse, ce, pg, listwise, bt, dpo, margin_bt.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Probe directory to write (config.json, model.safetensors, README.md).")
 @click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
@@ -85,7 +87,9 @@ def _row(name: str, m: dict[str, float], k: int) -> str:
 @click.option("--holdout", default=0.2, show_default=True, help="Fraction of prompts held out for validation (0 = train on all).")
 @click.option("--loss-option", multiple=True, metavar="KEY=VALUE", help="Loss option, e.g. beta=0.5 or baseline=mean.")
 @click.option("--standardize/--no-standardize", default=None, help="Standardise features (default: fast yes, paper no).")
-def train(run_path, loss, out, recipe, seed, features, arch, depth, width, k, beta, holdout, loss_option, standardize):
+@click.pass_context
+def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, depth, width, k, beta, holdout, loss_option,
+          standardize):
     """Train a probe on a run's scored samples and save it.
 
     Prompts are split, never samples: --holdout prompts are kept out for the validation numbers
@@ -97,6 +101,19 @@ def train(run_path, loss, out, recipe, seed, features, arch, depth, width, k, be
     from qprobe.probes.data import split_prompts
     from qprobe.probes.train import resolve_loss
 
+    if (run_path is None) == (pairs_path is None):
+        from qprobe.errors import ConfigError
+
+        raise ConfigError("expected exactly one of --run RUN or --pairs PAIRS_RUN, got "
+                          f"{'both' if run_path is not None else 'neither'}")
+    if pairs_path is not None:
+        from qprobe.store.pairs import read_pairs
+
+        read_pairs(pairs_path)  # a clear error when it is not a pairs run
+        run_path = pairs_path
+        default = click.core.ParameterSource.DEFAULT
+        loss = "bt" if ctx.get_parameter_source("loss") == default else loss
+        k = 2 if ctx.get_parameter_source("k") == default else k
     options = parse_kv(loss_option, "--loss-option")
     resolve_loss(loss, options)  # fail before reading the run
     cfg = TrainConfig(recipe=recipe, k=k, beta=beta)

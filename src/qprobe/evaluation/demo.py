@@ -41,7 +41,7 @@ class DemoConfig:
     k: int = 4
     beta: float = 0.0
     train_frac: float = 0.5
-    limit: int | None = None
+    limit: int | None = 36
     seeds: int = 5
     greedy: bool = True
     temperature: float = 0.8
@@ -51,6 +51,8 @@ class DemoConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.limit == 0:
+            object.__setattr__(self, "limit", None)  # 0 = every problem
         if not 1 <= self.k <= self.n:
             raise ConfigError(f"expected 1 <= k <= n, got k={self.k}, n={self.n}; pass -k no larger than --n")
         if not 0 < self.train_frac < 1:

@@ -120,7 +120,7 @@ def _tail(path: str, n: int = 600) -> str:
 
 def _serve() -> None:
     """`python -m qprobe.generation.server ...`: llama_cpp.server with qprobe's safe CPU defaults."""
-    from qprobe.generation.llamacpp import disable_extra_buffers
+    from qprobe.generation.llamacpp_lib import disable_extra_buffers
 
     disable_extra_buffers()
     from llama_cpp.server.__main__ import main

@@ -332,4 +332,4 @@ class PairsTask(Task):
         return _NoReward()
 
     def manifest(self) -> dict[str, Any]:
-        return {"task": self.name, "data": self.data, "format": self.format, "split": self.split, "offset": self.offset}
+        return {"task": self.name, "data": self.data, "format": self.format, "data_split": self.split, "offset": self.offset}
