@@ -201,9 +201,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, cache: str
         return path
     if path.exists():
         raise BackendError(f"expected a GGUF file, got the directory '{path}'; pass the .gguf file inside it")
-    raise ConfigError(
-        f"expected 'default', one of {sorted(MODELS)} or a path to a .gguf file, got '{name}'"
-    )
+    raise ConfigError(f"expected 'default', one of {sorted(MODELS)} or a path to a .gguf file, got '{name}'")
 
 
 def model_name(path: str | os.PathLike[str]) -> str:

@@ -1,0 +1,418 @@
+"""The llama.cpp back-end (llama-cpp-python's low-level API): batched sampling on a CPU.
+
+The k samples of a prompt share one prompt evaluation: the prompt is decoded once into
+sequence 0 of a unified KV cache, copied (by reference) to sequences 1..k-1, and then all
+sequences decode together, one `llama_batch` per step, each with its own sampler chain
+(temperature -> top_p -> dist(seed), or greedy at temperature 0). The context is created
+with `embeddings=True, pooling NONE`, so every decode also returns the last layer's state
+(after the final norm) of each token it feeds: `LlamaCppEmbedder` reuses those states
+instead of evaluating prompt+completion again.
+
+Determinism: one `generate(text, sampling, seeds)` call is reproducible (same seeds, same
+texts, across restarts), because the batch composition at every step is itself a function
+of (text, seeds). The same seed inside a *different* set of seeds decodes in a different
+batch, and llama.cpp's CPU kernels may then round differently (see benchmarks/results/
+generation.md for how often that changes a text).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from qprobe.errors import BackendError, ConfigError
+from qprobe.generation.base import Backend, Completion, SamplingConfig
+from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load
+from qprobe.generation.models import file_sha256, model_name, resolve_model
+from qprobe.tasks.base import Prompt
+
+CAPTURED_PROMPTS = 4  # prompts whose generation-time states are kept for the embedder
+
+
+class LlamaCppBackend(Backend):
+    """Samples from a GGUF model; `model`: None/'default', a known name, or a .gguf path.
+
+    `n_ctx` is the KV budget shared by all sequences of a prompt (prompt once + k completions);
+    seeds are split into groups of at most `n_seq_max` sequences that fit in it.
+    """
+
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        n_ctx: int = 8192,
+        n_threads: int | None = None,
+        batch_size: int = 512,
+        n_seq_max: int = 16,
+        chat: bool = True,
+        extra_buffers: bool | None = None,
+        cache_dir: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if n_ctx < 64 or not 1 <= n_seq_max <= min(batch_size, 256):
+            raise ConfigError(
+                f"expected n_ctx >= 64 and 1 <= n_seq_max <= min(batch_size, 256), got n_ctx={n_ctx}, "
+                f"n_seq_max={n_seq_max}, batch_size={batch_size}"
+            )
+        lib = load()
+        import llama_cpp._logger as llog
+
+        llog.set_verbose(verbose)
+        self.path = resolve_model(model, cache_dir)
+        self.chat = bool(chat)
+        self.n_seq_max = int(n_seq_max)
+        self.batch_size = int(batch_size)
+        self.n_threads = int(n_threads or default_threads())
+        # Set by LlamaCppEmbedder: keep the states of the tokens fed while generating, for the
+        # last few prompts: {text: {"prompt": [d], (seed, token_ids): [t, d]}}.
+        self.capture_states = False
+        self.captured: OrderedDict[str, dict[Any, np.ndarray]] = OrderedDict()
+        self._sha256: str | None = None
+        self._lib = lib
+
+        mparams = lib.llama_model_default_params()
+        mparams.use_extra_bufts = extra_buffers_default() if extra_buffers is None else bool(extra_buffers)
+        self._model = lib.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise BackendError(f"expected a loadable GGUF model, got '{self.path}'; is the file complete?")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = int(n_ctx)
+        cparams.n_batch = cparams.n_ubatch = self.batch_size
+        cparams.n_seq_max = self.n_seq_max
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.kv_unified = True  # the prompt's KV cells are shared by all sequences
+        cparams.embeddings = True  # states of fed tokens, together with the logits
+        cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            raise BackendError(
+                f"expected a llama.cpp context of {n_ctx} tokens, could not create one; lower n_ctx"
+            )
+        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        self.n_layers = int(lib.llama_model_n_layer(self._model))
+        self.dim = int(lib.llama_model_n_embd(self._model))
+        self._batch = lib.llama_batch_init(self.batch_size, 0, 1)
+        self._formatter: Any = None
+
+    # ----------------------------------------------------------------- model facts
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "model": model_name(self.path),
+            "sha256": self.sha256,
+            "path": str(self.path),
+            "n_layers": self.n_layers,
+            "dim": self.dim,
+            "chat": self.chat,
+            "llama_cpp_python": getattr(self._lib, "__version__", "?"),
+        }
+
+    # ----------------------------------------------------------------- text <-> tokens
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self._lib.llama_token * cap)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (self._lib.llama_token * cap)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """Tokens of a rendered prompt; BOS is added unless the text already starts with it."""
+        bos = self._token_text(self._lib.llama_vocab_bos(self._vocab))
+        return self.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int] | tuple[int, ...]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        text = self._lib.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    # ----------------------------------------------------------------- prompts
+    def render(self, prompt: Prompt) -> str:
+        """The GGUF's own chat template (generation prompt added) for chat prompts, else the text."""
+        if not (self.chat and prompt.messages):
+            return prompt.text
+        if self._formatter is None:
+            template = self._lib.llama_model_chat_template(self._model, None)
+            if not template:
+                raise BackendError(
+                    f"expected a chat template in '{self.path.name}', found none; "
+                    "use chat=False (completion prompts) or a GGUF with a template"
+                )
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            self._formatter = Jinja2ChatFormatter(
+                template=template.decode("utf-8"),
+                eos_token=self._token_text(self._lib.llama_vocab_eos(self._vocab)),
+                bos_token=self._token_text(self._lib.llama_vocab_bos(self._vocab)),
+                add_generation_prompt=True,
+            )
+        return str(self._formatter(messages=[dict(m) for m in prompt.messages]).prompt)
+
+    # ----------------------------------------------------------------- low-level decoding
+    def _memory(self) -> Any:
+        return self._lib.llama_get_memory(self._ctx)
+
+    def decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, pos, seq, output) rows; at most batch_size rows."""
+        lib, b = self._lib, self._batch
+        if len(items) > self.batch_size:
+            raise BackendError(f"expected at most batch_size={self.batch_size} rows, got {len(items)}")
+        for i, (tok, pos, seq, out) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = out
+        b.n_tokens = len(items)
+        rc = lib.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise BackendError(
+                f"expected llama_decode to succeed, got code {rc} (1 = KV cache full); "
+                "raise n_ctx or lower n_seq_max / max_new_tokens"
+            )
+
+    def set_embeddings(self, on: bool) -> None:
+        """Whether decodes also return states (pooling NONE makes every fed token an output)."""
+        self._lib.llama_set_embeddings(self._ctx, bool(on))
+
+    def state(self, i: int) -> np.ndarray:
+        """The last-layer state (after the final norm) of batch row `i` of the last decode."""
+        ptr = self._lib.llama_get_embeddings_ith(self._ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.dim,)).copy()  # [d]
+
+    def evaluate_prompt(self, tokens: list[int], n_seq: int, want_state: bool = False) -> np.ndarray | None:
+        """Clear the cache, decode `tokens` into seq 0 and share them with seqs 1..n_seq-1.
+
+        Only the last token is an output (row 0 of the last decode: its logits, and its state
+        [d] when `want_state`); the others are decoded with embeddings off, so the LM head
+        does not run on them."""
+        if not tokens:
+            raise BackendError("expected a non-empty prompt, got 0 tokens; render the prompt first")
+        mem = self._memory()
+        self._lib.llama_memory_clear(mem, True)
+        n = len(tokens)
+        self.set_embeddings(False)
+        for start in range(0, n - 1, self.batch_size):
+            stop = min(n - 1, start + self.batch_size)
+            self.decode([(tokens[p], p, 0, False) for p in range(start, stop)])
+        self.set_embeddings(want_state)
+        self.decode([(tokens[-1], n - 1, 0, True)])
+        for s in range(1, n_seq):
+            self._lib.llama_memory_seq_cp(mem, 0, s, -1, -1)
+        return self.state(0) if want_state else None
+
+    def _sampler(self, sampling: SamplingConfig, seed: int) -> Any:
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if sampling.temperature == 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        # Temperature before top_p, as transformers, vLLM and OpenAI do.
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(float(sampling.temperature)))
+        if sampling.top_p < 1:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(float(sampling.top_p), 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    # ----------------------------------------------------------------- generation
+    def group_size(self, n_prompt: int, max_new_tokens: int) -> int:
+        room = self.n_ctx - n_prompt
+        if room < max_new_tokens + 1:
+            raise BackendError(
+                f"expected prompt + max_new_tokens <= n_ctx, got {n_prompt} + {max_new_tokens} > {self.n_ctx}; "
+                "raise n_ctx or lower max_new_tokens"
+            )
+        return max(1, min(self.n_seq_max, room // (max_new_tokens + 1)))
+
+    def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
+        tokens = self.prompt_tokens(text)
+        g = self.group_size(len(tokens), sampling.max_new_tokens)
+        self.captured.pop(text, None)
+        out: list[Completion] = []
+        for start in range(0, len(seeds), g):
+            out.extend(self._generate_group(text, tokens, sampling, list(seeds[start : start + g])))
+        return out
+
+    def _generate_group(
+        self, text: str, tokens: list[int], sampling: SamplingConfig, seeds: list[int]
+    ) -> list[Completion]:
+        n_prompt, k = len(tokens), len(seeds)
+        capture = self.capture_states
+        last_state = self.evaluate_prompt(tokens, k, want_state=capture)
+        if capture:
+            self._captured(text)["prompt"] = last_state
+        self.set_embeddings(capture)  # states of the fed completion tokens, for the embedder
+        samplers = [self._sampler(sampling, s) for s in seeds]
+        gen: list[list[int]] = [[] for _ in range(k)]
+        raw: list[bytearray] = [bytearray() for _ in range(k)]
+        states: list[list[np.ndarray]] = [[] for _ in range(k)]
+        finish: list[str | None] = [None] * k
+        cut: list[int | None] = [None] * k  # character index of a stop sequence
+        rows = [0] * k  # output row of each sequence's logits in the last decode
+        try:
+            active = list(range(k))
+            while active:
+                feed: list[tuple[int, int, int, bool]] = []
+                fed: list[int] = []
+                for s in active:
+                    tok = int(self._lib.llama_sampler_sample(samplers[s], self._ctx, rows[s]))
+                    if self.is_eog(tok):
+                        finish[s] = "stop"
+                        continue
+                    gen[s].append(tok)
+                    raw[s] += self.piece(tok)
+                    if sampling.stop and (at := _find_stop(raw[s], sampling.stop)) is not None:
+                        finish[s], cut[s] = "stop", at
+                        continue
+                    if len(gen[s]) >= sampling.max_new_tokens:
+                        finish[s] = "length"
+                        if not capture:
+                            continue  # its state is only needed for features
+                    feed.append((tok, n_prompt + len(gen[s]) - 1, s, True))
+                    fed.append(s)
+                if feed:
+                    self.decode(feed)  # one llama_batch: k <= n_seq_max <= batch_size
+                    for j, s in enumerate(fed):
+                        rows[s] = j
+                        if capture:
+                            states[s].append(self.state(j))
+                active = [s for s in fed if finish[s] is None]
+        finally:
+            for smp in samplers:
+                self._lib.llama_sampler_free(smp)
+        kept = [self._kept(gen[s], raw[s], cut[s]) for s in range(k)]
+        if capture:
+            self._feed_tails(n_prompt, gen, kept, states)
+        out = []
+        for s in range(k):
+            body, ids = kept[s]
+            if capture and len(states[s]) == len(ids):
+                self._captured(text)[(seeds[s], ids)] = (
+                    np.stack(states[s]) if ids else np.zeros((0, self.dim), np.float32)
+                )  # [t, d]
+            out.append(
+                Completion(
+                    text=body,
+                    n_tokens=len(ids),
+                    finish_reason=finish[s] or "length",
+                    seed=seeds[s],
+                    token_ids=ids,
+                )
+            )
+        return out
+
+    def _kept(self, gen: list[int], raw: bytearray, cut: int | None) -> tuple[str, tuple[int, ...]]:
+        """The completion's text (stop sequence removed) and its tokens."""
+        body = raw.decode("utf-8", errors="replace")
+        if cut is None:
+            return body, tuple(gen)
+        body = body[:cut]
+        ids = _prefix_tokens(gen, body, self.piece)
+        if ids is None:  # the stop sequence began inside a token: re-tokenise the kept text
+            ids = self.tokenize(body, add_special=False, parse_special=True)
+        return body, tuple(ids)
+
+    def _feed_tails(
+        self,
+        n_prompt: int,
+        gen: list[list[int]],
+        kept: list[tuple[str, tuple[int, ...]]],
+        states: list[list[np.ndarray]],
+    ) -> None:
+        """States for kept tokens that were never fed (a stop sequence cut inside a token and the
+        kept text re-tokenised differently): drop the sequence's cells from the first differing
+        position and decode the kept tail there, all such sequences in one batch."""
+        rows: list[tuple[int, int, int, bool]] = []
+        mem = self._memory()
+        for s, (_, ids) in enumerate(kept):
+            m = 0
+            while m < min(len(ids), len(gen[s]), len(states[s])) and ids[m] == gen[s][m]:
+                m += 1
+            del states[s][m:]
+            if m < len(ids):
+                self._lib.llama_memory_seq_rm(mem, s, n_prompt + m, -1)
+                rows.extend((tok, n_prompt + m + j, s, True) for j, tok in enumerate(ids[m:]))
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                self.decode(chunk)
+                for j, (_, _, s, _) in enumerate(chunk):
+                    states[s].append(self.state(j))
+        except BackendError:  # no room in the KV cache: the embedder evaluates these itself
+            for s in {r[2] for r in rows}:
+                states[s].clear()
+
+    def _captured(self, text: str) -> dict[Any, np.ndarray]:
+        if text not in self.captured:
+            self.captured[text] = {}
+            while len(self.captured) > CAPTURED_PROMPTS:
+                self.captured.popitem(last=False)
+        return self.captured[text]
+
+    def close(self) -> None:
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if getattr(self, "_batch", None) is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _find_stop(raw: bytes, stops: tuple[str, ...]) -> int | None:
+    """Character index of the earliest stop sequence in the decoded text, or None."""
+    text = raw.decode("utf-8", errors="replace")  # as the kept text is decoded
+    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def _prefix_tokens(tokens: list[int], kept: str, piece: Any) -> list[int] | None:
+    """The shortest prefix of `tokens` that decodes to exactly `kept`, or None."""
+    target = kept.encode("utf-8")
+    acc = b""
+    for i, t in enumerate(tokens):
+        if acc == target:
+            return tokens[:i]
+        acc += piece(t)
+        if len(acc) > len(target):
+            return None
+    return list(tokens) if acc == target else None
