@@ -25,7 +25,13 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, json_out):
     gains are paired against pass@1 on the same prompts.
     """
     from qprobe.evaluation.evaluate import (
-        RunData, format_table, mean_reward_values, pass_at_k_values, probe_scores, probe_values, summarize,
+        RunData,
+        format_table,
+        mean_reward_values,
+        pass_at_k_values,
+        probe_scores,
+        probe_values,
+        summarize,
     )
     from qprobe.probes.models import Probe
 
@@ -76,7 +82,6 @@ def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, backend
     from qprobe.policy.select import PolicyConfig, QProbePolicy
     from qprobe.probes.models import Probe
     from qprobe.registry import BACKENDS
-    from qprobe.tasks.base import Prompt
 
     if (prompt_text is None) == (prompt_file is None):
         raise ConfigError("expected exactly one of --prompt TEXT or --prompts FILE, got " + ("both" if prompt_text else "neither"))

@@ -18,8 +18,14 @@ import numpy as np
 
 from qprobe.errors import ConfigError
 from qprobe.evaluation.evaluate import (
-    MethodResult, RunData, feature_key_for, format_table, mean_reward_values, pass_at_k_values,
-    probe_values, summarize,
+    MethodResult,
+    RunData,
+    feature_key_for,
+    format_table,
+    mean_reward_values,
+    pass_at_k_values,
+    probe_values,
+    summarize,
 )
 from qprobe.features.spec import FeatureRequest
 from qprobe.generation.base import SamplingConfig
@@ -167,22 +173,15 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, progress: bool
 
 def plot_curves(ks: list[int], curves: dict[str, list[float]], path: Path, title: str) -> bool:
     """Return against k, one line per method; False when matplotlib is missing."""
-    try:
-        import matplotlib
+    from qprobe.evaluation.plots import new_axes, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    axes = new_axes()
+    if axes is None:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = axes
     for name, ys in curves.items():
         ax.plot(ks, ys, marker="o", ms=3, label=name, linestyle="--" if name in ("pass@k", "pass@1") else "-")
     ax.set_xlabel("k (candidates)")
     ax.set_ylabel("expected reward")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, title, path)
     return True

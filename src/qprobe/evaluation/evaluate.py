@@ -68,13 +68,13 @@ def probe_scores(data: RunData, probe: Any) -> np.ndarray:
 def probe_values(data: RunData, scores: np.ndarray, k: int, beta: float = 0.0) -> dict[str, float]:
     """Per prompt: the exact expected reward of picking from k random samples by softmax(Q/beta)."""
     ids, values = group_expected_return(scores, data.rewards, data.prompt_ids, k, beta)
-    return dict(zip(ids, np.asarray(values, dtype=float)))
+    return dict(zip(ids, np.asarray(values, dtype=float), strict=False))
 
 
 def mean_reward_values(data: RunData) -> dict[str, float]:
     """pass@1: the expected reward of one random sample, per prompt."""
     out: dict[str, list[float]] = {}
-    for p, r in zip(data.prompt_ids, data.rewards):
+    for p, r in zip(data.prompt_ids, data.rewards, strict=False):
         out.setdefault(p, []).append(float(r))
     return {p: float(np.mean(v)) for p, v in out.items()}
 
@@ -82,7 +82,7 @@ def mean_reward_values(data: RunData) -> dict[str, float]:
 def pass_at_k_values(data: RunData, k: int) -> dict[str, float]:
     """The pass@k skyline per prompt (binary rewards: a reward >= 1 counts as a pass)."""
     out: dict[str, list[float]] = {}
-    for p, r in zip(data.prompt_ids, data.rewards):
+    for p, r in zip(data.prompt_ids, data.rewards, strict=False):
         out.setdefault(p, []).append(float(r))
     return {p: pass_at_k(len(v), int(np.sum(np.asarray(v) >= 1)), min(k, len(v))) for p, v in out.items()}
 

@@ -145,14 +145,12 @@ def learning_curve(train: FeaturePairs, test: FeaturePairs, fractions: list[floa
 def plot_learning_curve(result: dict[str, Any], path: str | Path, title: str = "") -> bool:
     """Accuracy against the fraction of training pairs, one line per probe (min-max band over
     seeds); False when matplotlib is missing."""
-    try:
-        import matplotlib
+    from qprobe.evaluation.plots import new_axes, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    axes = new_axes()
+    if axes is None:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = axes
     x = result["fractions"]
     for name, ys in result["curves"].items():
         seeds = np.array(result["per_seed"][name])  # [F, seeds]
@@ -161,10 +159,5 @@ def plot_learning_curve(result: dict[str, Any], path: str | Path, title: str = "
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(f"fraction of training pairs used (of {max(result['n_train'])})")
     ax.set_ylabel(f"test pairwise accuracy ({result['n_test']} pairs)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, title, path)
     return True

@@ -41,7 +41,7 @@ class Embedder(ABC):
             embedder=request.embedder,
         )
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a no-op by default, on purpose)
         """Release the model."""
 
 

@@ -76,7 +76,7 @@ class Backend(ABC):
     def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
         """len(seeds) completions of the rendered prompt `text`, one per seed."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a no-op by default, on purpose)
         """Release the model."""
 
     def __enter__(self) -> Backend:

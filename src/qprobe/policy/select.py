@@ -127,7 +127,7 @@ class QProbePolicy:
             comps = self._draw(prompt, text, r * self.config.k)
             q = self._scores(text, comps)
             bound = m if m is not None else max([*scores, *q.tolist()])
-            for c, qi in zip(comps, q):
+            for c, qi in zip(comps, q, strict=False):
                 seen.append(c)
                 scores.append(float(qi))
                 if self.rng.random() < np.exp(min(0.0, (qi - bound) / self.config.beta)):
@@ -142,4 +142,4 @@ class QProbePolicy:
 
 
 def _candidates(comps: list[Any], q: np.ndarray, p: np.ndarray) -> list[Candidate]:
-    return [Candidate(c.text, float(s), float(pi), c.n_tokens, c.finish_reason) for c, s, pi in zip(comps, q, p)]
+    return [Candidate(c.text, float(s), float(pi), c.n_tokens, c.finish_reason) for c, s, pi in zip(comps, q, p, strict=False)]

@@ -231,7 +231,7 @@ def _flush(writer: RunWriter, pending: list[_Pending], on_shard: Callable[[Run],
         results = p.rewards.result()
         if len(results) != len(p.completions):
             raise StoreError(f"expected {len(p.completions)} rewards for prompt {p.prompt.id}, got {len(results)}")
-        for j, c, r in zip(p.indices, p.completions, results):
+        for j, c, r in zip(p.indices, p.completions, results, strict=False):
             rows["prompt_id"].append(p.prompt.id)
             rows["prompt_index"].append(p.prompt_index)
             rows["sample_index"].append(j)

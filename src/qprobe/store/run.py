@@ -113,7 +113,7 @@ class Run:
     def pairs(self) -> set[tuple[str, int]]:
         """The (prompt id, sample index) pairs already stored."""
         t = self.table(["prompt_id", "sample_index"])
-        return set(zip(t.column("prompt_id").to_pylist(), t.column("sample_index").to_pylist()))
+        return set(zip(t.column("prompt_id").to_pylist(), t.column("sample_index").to_pylist(), strict=False))
 
     def sorted_order(self) -> np.ndarray:
         """Row indices that put the rows in (prompt index, sample index) order."""
@@ -166,9 +166,9 @@ class Run:
 
     def token_features(self, key: str) -> Iterator[np.ndarray]:
         """Per-row token states [t, d] (pooling 'tokens'), in storage order."""
-        for s, arr in zip(self.shards, self.feature_shards(key)):
+        for s, arr in zip(self.shards, self.feature_shards(key), strict=False):
             offsets = np.load(self.path / "features" / key / f"{s.name}.offsets.npy")
-            for a, b in zip(offsets[:-1], offsets[1:]):
+            for a, b in zip(offsets[:-1], offsets[1:], strict=False):
                 yield arr[a:b]
 
 

@@ -22,7 +22,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     statuses = Counter(json.loads(d).get("status", "?") for d in t.column("details").to_pylist() if d)
     scored = rewards[~np.isnan(rewards)]
     by_prompt: dict[str, list[float]] = {}
-    for p, r in zip(prompts, rewards):
+    for p, r in zip(prompts, rewards, strict=False):
         if not np.isnan(r):
             by_prompt.setdefault(p, []).append(r)
     mixed = sum(1 for v in by_prompt.values() if min(v) != max(v))

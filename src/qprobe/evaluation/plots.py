@@ -1,0 +1,30 @@
+"""Figures: matplotlib is optional (the `plot` extra); without it no figure is drawn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def new_axes() -> tuple[Any, Any] | None:
+    """(figure, axes) on the non-interactive Agg back-end, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt.subplots(figsize=(6, 4))
+
+
+def save(fig: Any, ax: Any, title: str, path: str | Path) -> None:
+    """Title, grid and legend, then write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
