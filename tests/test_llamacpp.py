@@ -285,21 +285,45 @@ def test_features_match_llama_cpp_embed(backend) -> None:
 
 
 @pytest.mark.slow
-def test_other_layers_come_from_transformers(backend) -> None:
+def test_intermediate_layers_are_captured_while_generating(backend) -> None:
+    from qprobe.features.llamacpp import LlamaCppEmbedder
+    from qprobe.features.spec import FeatureRequest
+
+    emb = LlamaCppEmbedder(backend)
+    reqs = [FeatureRequest(12, "mean"), FeatureRequest(-7, "last"), FeatureRequest(-1, "last")]
+    emb.embed(CODE, backend.generate(CODE, SamplingConfig(max_new_tokens=4), [9]), reqs)  # installs the capture
+    assert backend.capture_layers == (12, 18)
+    comps = backend.generate(CODE, SamplingConfig(max_new_tokens=12, stop=("\n\n",)), [1, 2, 3])
+    before = dict(emb.stats)
+    captured = emb.embed(CODE, comps, reqs)
+    assert emb.stats["captured"] - before["captured"] == 3  # no second evaluation
+    backend.captured.clear()  # the re-evaluation path: prompt once + the completions' tokens
+    fresh = emb.embed(CODE, comps, reqs)
+    for key in ("L12_mean", "L-7_last", "L-1_last"):
+        a, b = captured[key], fresh[key]
+        assert a.shape == (3, 896)
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cos.min() > 0.999, key
+    assert not np.allclose(captured["L12_mean"], captured["L-1_last"], atol=1e-2)
+
+
+@pytest.mark.slow
+def test_other_layers_can_come_from_transformers(backend) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     from qprobe.features.llamacpp import LlamaCppEmbedder
     from qprobe.features.spec import FeatureRequest
 
-    emb = LlamaCppEmbedder(backend, hf_options={"dtype": "float32"})
+    emb = LlamaCppEmbedder(backend, layers_from="transformers", hf_options={"dtype": "float32"})
     comps = backend.generate(CODE, SamplingConfig(max_new_tokens=12), [1, 2])
     feats = emb.embed(CODE, comps, [FeatureRequest(12, "mean"), FeatureRequest(-1, "last")])
     assert feats["L12_mean"].shape == (2, 896) and feats["L12_mean"].dtype == np.float32
+    native = LlamaCppEmbedder(backend).embed(CODE, comps, [FeatureRequest(12, "mean")])["L12_mean"]
     hf_last = emb.transformers().embed(CODE, comps, [FeatureRequest(-1, "last")])["L-1_last"]
-    cos = (
-        (hf_last * feats["L-1_last"]).sum(-1)
-        / np.linalg.norm(hf_last, axis=-1)
-        / np.linalg.norm(feats["L-1_last"], axis=-1)
-    )
-    assert cos.min() > 0.99  # same weights (dequantised), same tokens
+
+    def cos(a, b):
+        return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+    assert cos(hf_last, feats["L-1_last"]).min() > 0.99  # same weights (dequantised), same tokens
+    assert cos(native, feats["L12_mean"]).min() > 0.99  # llama.cpp's capture agrees with transformers
     assert emb.transformers().identity()["sha256"] == backend.identity()["sha256"]

@@ -36,7 +36,7 @@ LOSS_NAMES.add("listwise", "qprobe.probes.losses:listwise_loss", "ours: KL from 
 
 # Feature extractors. Keyed by back-end name: the back-end's own hidden states.
 EMBEDDERS.add("fake", "qprobe.features.fake:FakeEmbedder", "the fake back-end's features")
-EMBEDDERS.add("llamacpp", "qprobe.features.llamacpp:LlamaCppEmbedder", "llama.cpp: last layer from llama.cpp, other layers from the same GGUF through transformers")
+EMBEDDERS.add("llamacpp", "qprobe.features.llamacpp:LlamaCppEmbedder", "llama.cpp: every layer read inside llama.cpp while generating (layers_from=transformers: the same GGUF through transformers)")
 EMBEDDERS.add("transformers", "qprobe.features.hf:TransformersEmbedder", "transformers: any layer by a forward hook, last/mean/token pooling")
 EMBEDDERS.add("vllm", "qprobe.features.hf:TransformersEmbedder", "vLLM samples, features by a second transformers pass on the same weights")
 EMBEDDERS.add("openai", "qprobe.features.external:OpenAIEmbedder", "the server's /v1/embeddings endpoint")

@@ -1,19 +1,22 @@
-"""Features for the llama.cpp back-end: last layer from llama.cpp, other layers via transformers.
+"""Features for the llama.cpp back-end, read inside llama.cpp for the tokens exactly as generated.
 
-Layer numbering follows transformers' `hidden_states` (as `qprobe.features.hf` does): -1, or
-n_layers (24 for the default model), is the output of the last block *after the final norm*,
-which is what llama.cpp's embeddings return. Those come from llama.cpp itself, for the tokens
-exactly as generated (prompt tokens + `Completion.token_ids`):
+Layer numbering follows transformers' `hidden_states` (as `qprobe.features.hf` does): 0 is the
+token embeddings, L the output of block L, and -1 (or n_layers, 24 for the default model) the
+last block's output *after the final norm*, which is what llama.cpp's embeddings return. Every
+layer comes from llama.cpp itself (the last from its embeddings, the others from its eval
+callback: `LlamaCppBackend.capture`), for prompt tokens + `Completion.token_ids`:
 
-- fast path: the back-end keeps the state of every token it fed while generating (its context
-  has `embeddings=True`, pooling NONE), so features of fresh completions cost nothing extra;
-- otherwise (completions from elsewhere, a resumed run) the prompt is evaluated once and only
-  the completions' tokens are decoded on top of it, several sequences per `llama_batch`.
+- fast path: the back-end keeps the states of every token it fed while generating, so features
+  of fresh completions cost nothing extra (the first prompt after a new set of layers is asked
+  for goes through the next path, since the capture starts with the next decode);
+- otherwise (completions from elsewhere, a resumed run, `qprobe embed`) the prompt is evaluated
+  once and only the completions' tokens are decoded on top of it, several sequences per batch.
 
 Pooling 'last' is the state at the last completion token, 'mean' the mean over completion
 tokens, 'tokens' every completion token's state [t, d]; an empty completion uses the state at
-the last prompt token. Any other layer is delegated to `TransformersEmbedder` on the same GGUF
-file (dequantised once per machine); its features carry the same weights hash.
+the last prompt token. `layers_from="transformers"` takes the layers other than the last from
+`TransformersEmbedder` on the same GGUF file instead (dequantised once per machine), as runs
+made before the capture did; both carry the same weights hash.
 """
 
 from __future__ import annotations
@@ -27,24 +30,30 @@ from qprobe.features.base import Embedder, pool
 from qprobe.features.spec import FeatureRequest
 from qprobe.generation.base import Completion
 from qprobe.generation.llamacpp import LlamaCppBackend
+from qprobe.generation.llamacpp_capture import resolve_layer
 
 FALLBACK_CHUNK = 128  # rows per llama_decode when re-evaluating completions (each row is an output)
-
+LAYER_SOURCES = ("llamacpp", "transformers")
 
 class LlamaCppEmbedder(Embedder):
-    """Hidden states of a `LlamaCppBackend`'s model; `hf_options` go to the transformers embedder."""
+    """Hidden states of a `LlamaCppBackend`'s model; `hf_options` go to the transformers embedder
+    (used only with `layers_from="transformers"`)."""
 
     name = "llamacpp"
 
     def __init__(
         self,
         backend: LlamaCppBackend | None = None,
+        layers_from: str = "llamacpp",
         hf_options: dict[str, Any] | None = None,
         **backend_options: Any,
     ) -> None:
+        if layers_from not in LAYER_SOURCES:
+            raise ConfigError(f"expected layers_from in {list(LAYER_SOURCES)}, got '{layers_from}'")
         self._owns = backend is None
         self.backend = backend if backend is not None else LlamaCppBackend(**backend_options)
         self.backend.capture_states = True
+        self.layers_from = layers_from
         self.hf_options = dict(hf_options or {})
         self._hf: Any = None
         self.stats = {"captured": 0, "evaluated": 0}
@@ -58,28 +67,29 @@ class LlamaCppEmbedder(Embedder):
             "n_layers": ident["n_layers"],
         }
 
+    def index(self, layer: int) -> int:
+        """The layer as a hidden_states index 0..n_layers (a one-line error when out of range)."""
+        return resolve_layer(layer, self.backend.n_layers)
+
     def is_native(self, layer: int) -> bool:
-        """Whether llama.cpp itself gives this layer (the last, after the final norm)."""
-        n = self.backend.n_layers
-        if not -(n + 1) <= layer <= n:
-            raise ConfigError(
-                f"expected a layer in [-{n + 1}, {n}] for this {n}-block model (0 = embeddings, "
-                f"-1 or {n} = last block after the final norm), got {layer}"
-            )
-        return layer in (-1, n)
+        """Whether llama.cpp itself gives this layer (all of them, unless layers_from='transformers')."""
+        idx = self.index(layer)
+        return self.layers_from == "llamacpp" or idx == self.backend.n_layers
 
     def embed(
         self, text: str, completions: list[Completion], requests: list[FeatureRequest]
     ) -> dict[str, Any]:
         native = [r for r in requests if self.is_native(r.layer)]
         other = [r for r in requests if not self.is_native(r.layer)]
-        # Capturing at generation time only pays off when the last layer is asked for.
+        # Capturing at generation time only pays off when llama.cpp's layers are asked for.
         self.backend.capture_states = bool(native)
         feats: dict[str, Any] = {}
         if native:
-            states = self.token_states(text, completions)  # k arrays [t_i, d]
+            layers = sorted({self.index(r.layer) for r in native})
+            self.backend.capture(layers)  # a no-op unless the set of layers changed
+            states = self.token_states(text, completions, layers)  # k dicts {layer: [t_i, d]}
             for req in native:
-                rows = [pool(s, req.pooling) for s in states]
+                rows = [pool(s[self.index(req.layer)], req.pooling) for s in states]
                 feats[req.key] = (
                     rows if req.pooling == "tokens" else np.stack(rows).astype(np.float32)
                 )  # [k, d]
@@ -101,27 +111,40 @@ class LlamaCppEmbedder(Embedder):
             return tuple(c.token_ids)
         return tuple(self.backend.tokenize(c.text, add_special=False, parse_special=True))
 
-    def token_states(self, text: str, completions: list[Completion]) -> list[np.ndarray]:
-        """Last-layer states of each completion's tokens, k arrays [t_i, d] float32
-        (an empty completion: [1, d], the last prompt token)."""
+    def token_states(
+        self, text: str, completions: list[Completion], layers: list[int] | None = None
+    ) -> list[dict[int, np.ndarray]]:
+        """States of each completion's tokens, k dicts {layer: [t_i, d] float32} for hidden_states
+        indices `layers` (default: the last); an empty completion: [1, d], the last prompt token."""
         b = self.backend
+        layers = [b.n_layers] if layers is None else list(layers)
         kept = b.captured.get(text, {})
         ids = [self.completion_ids(c) for c in completions]
-        out: list[np.ndarray | None] = [kept.get((c.seed, t)) for c, t in zip(completions, ids, strict=True)]
-        prompt_state = kept.get("prompt")
+        out: list[dict[int, np.ndarray] | None] = []
+        for c, t in zip(completions, ids, strict=True):
+            got = kept.get((c.seed, t))
+            out.append(got if got is not None and all(L in got for L in layers) else None)
+        prompt_states = kept.get("prompt")
+        if prompt_states is not None and not all(L in prompt_states for L in layers):
+            prompt_states = None
         todo = [i for i, s in enumerate(out) if s is None]
         self.stats["captured"] += len(completions) - len(todo)
         self.stats["evaluated"] += len(todo)
-        if todo or (prompt_state is None and any(len(t) == 0 for t in ids)):
-            fresh, prompt_state = self._evaluate(text, [ids[i] for i in todo])
+        if todo or (prompt_states is None and any(len(t) == 0 for t in ids)):
+            fresh, prompt_states = self._evaluate(text, [ids[i] for i in todo])
             for i, s in zip(todo, fresh, strict=True):
                 out[i] = s
         return [
-            s.astype(np.float32, copy=False) if s is not None and len(s) else _row(prompt_state)  # [t, d]
-            for s in out
+            {
+                L: s[L].astype(np.float32, copy=False) if len(s[L]) else _row(prompt_states, L)  # [t, d]
+                for L in layers
+            }
+            for s in out  # type: ignore[union-attr]
         ]
 
-    def _evaluate(self, text: str, comps: list[tuple[int, ...]]) -> tuple[list[np.ndarray], np.ndarray]:
+    def _evaluate(
+        self, text: str, comps: list[tuple[int, ...]]
+    ) -> tuple[list[dict[int, np.ndarray]], dict[int, np.ndarray]]:
         """Evaluate the prompt once, then the completions' tokens on top of it (KV reuse)."""
         b = self.backend
         prompt = b.prompt_tokens(text)
@@ -140,24 +163,29 @@ class LlamaCppEmbedder(Embedder):
                 used = 0
             groups[-1].append(i)
             used += len(t)
-        states: list[np.ndarray] = [np.zeros((0, b.dim), np.float32) for _ in comps]
-        last: np.ndarray | None = None
+        layers = (b.n_layers, *b.capture_layers)
+        states: list[dict[int, np.ndarray]] = [{} for _ in comps]
+        last: dict[int, np.ndarray] = {}
+        if b._layer_capture is not None:
+            b._layer_capture.enabled = True
         for group in groups:
-            last = b.evaluate_prompt(prompt, max(1, len(group)), want_state=True)
+            last = b.evaluate_prompt(prompt, max(1, len(group)), want_state=True) or {}
             b.set_embeddings(True)
             rows = [
                 (tok, len(prompt) + j, s, True) for s, i in enumerate(group) for j, tok in enumerate(comps[i])
             ]
             where = [(i, j) for i in group for j in range(len(comps[i]))]
-            buf = {i: np.empty((len(comps[i]), b.dim), np.float32) for i in group}  # [t_i, d]
+            buf = {i: {L: np.empty((len(comps[i]), b.dim), np.float32) for L in layers} for i in group}
             chunk = min(FALLBACK_CHUNK, b.batch_size)
             for start in range(0, len(rows), chunk):
                 b.decode(rows[start : start + chunk])
+                got = b.states(len(rows[start : start + chunk]))  # {layer: [m, d]}
                 for r, (i, j) in enumerate(where[start : start + chunk]):
-                    buf[i][j] = b.state(r)
+                    for L in layers:
+                        buf[i][L][j] = got[L][r]
             for i in group:
                 states[i] = buf[i]
-        return states, last  # type: ignore[return-value]
+        return states, last
 
     def close(self) -> None:
         if self._hf is not None:
@@ -167,7 +195,7 @@ class LlamaCppEmbedder(Embedder):
             self.backend.close()
 
 
-def _row(state: np.ndarray | None) -> np.ndarray:
-    if state is None:  # pragma: no cover - token_states evaluates the prompt when needed
+def _row(states: dict[int, np.ndarray] | None, layer: int) -> np.ndarray:
+    if states is None:  # pragma: no cover - token_states evaluates the prompt when needed
         raise ConfigError("expected the last prompt token's state, got none")
-    return state[None, :].astype(np.float32)  # [1, d]
+    return states[layer][None, :].astype(np.float32)  # [1, d]

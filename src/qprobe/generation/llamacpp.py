@@ -5,8 +5,9 @@ sequence 0 of a unified KV cache, copied (by reference) to sequences 1..k-1, and
 sequences decode together, one `llama_batch` per step, each with its own sampler chain
 (temperature -> top_p -> dist(seed), or greedy at temperature 0). The context is created
 with `embeddings=True, pooling NONE`, so every decode also returns the last layer's state
-(after the final norm) of each token it feeds: `LlamaCppEmbedder` reuses those states
-instead of evaluating prompt+completion again.
+(after the final norm) of each token it feeds; `capture(layers)` adds any other layers, read
+by llama.cpp's eval callback during the same decodes (`llamacpp_capture.LayerCapture`).
+`LlamaCppEmbedder` reuses those states instead of evaluating prompt+completion again.
 
 Determinism: one `generate(text, sampling, seeds)` call is reproducible (same seeds, same
 texts, across restarts), because the batch composition at every step is itself a function
@@ -20,12 +21,14 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from qprobe.errors import BackendError, ConfigError
 from qprobe.generation.base import Backend, Completion, SamplingConfig
+from qprobe.generation.llamacpp_capture import LayerCapture, resolve_layer
 from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load
 from qprobe.generation.models import file_sha256, model_name, resolve_model
 from qprobe.tasks.base import Prompt
@@ -69,9 +72,13 @@ class LlamaCppBackend(Backend):
         self.batch_size = int(batch_size)
         self.n_threads = int(n_threads or default_threads())
         # Set by LlamaCppEmbedder: keep the states of the tokens fed while generating, for the
-        # last few prompts: {text: {"prompt": [d], (seed, token_ids): [t, d]}}.
+        # last few prompts: {text: {"prompt": {layer: [d]}, (seed, token_ids): {layer: [t, d]}}},
+        # layers as hidden_states indices 0..n_layers (n_layers: the last, after the final norm).
         self.capture_states = False
-        self.captured: OrderedDict[str, dict[Any, np.ndarray]] = OrderedDict()
+        self.captured: OrderedDict[str, dict[Any, dict[int, np.ndarray]]] = OrderedDict()
+        self.capture_layers: tuple[int, ...] = ()  # intermediate layers read by the eval callback
+        self._layer_capture: LayerCapture | None = None
+        self._layer_rows: dict[int, np.ndarray] = {}  # captured rows of the last decode
         self._sha256: str | None = None
         self._lib = lib
 
@@ -81,25 +88,48 @@ class LlamaCppBackend(Backend):
         if not self._model:
             raise BackendError(f"expected a loadable GGUF model, got '{self.path}'; is the file complete?")
         self._vocab = lib.llama_model_get_vocab(self._model)
+        self.n_layers = int(lib.llama_model_n_layer(self._model))
+        self.dim = int(lib.llama_model_n_embd(self._model))
+        self._n_ctx_asked = int(n_ctx)
+        self._ctx = self._new_context()
+        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        self._batch = lib.llama_batch_init(self.batch_size, 0, 1)
+        self._formatter: Any = None
+
+    def _new_context(self) -> Any:
+        lib = self._lib
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = int(n_ctx)
+        cparams.n_ctx = self._n_ctx_asked
         cparams.n_batch = cparams.n_ubatch = self.batch_size
         cparams.n_seq_max = self.n_seq_max
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.kv_unified = True  # the prompt's KV cells are shared by all sequences
         cparams.embeddings = True  # states of fed tokens, together with the logits
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
-        self._ctx = lib.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
+        self._layer_capture = None
+        if self.capture_layers:
+            self._layer_capture = LayerCapture(list(self.capture_layers), self.n_layers)
+            self._layer_capture.install(cparams)  # kept alive by self, as long as the context
+        ctx = lib.llama_init_from_model(self._model, cparams)
+        if not ctx:
             lib.llama_model_free(self._model)
+            self._model = None
             raise BackendError(
-                f"expected a llama.cpp context of {n_ctx} tokens, could not create one; lower n_ctx"
+                f"expected a llama.cpp context of {self._n_ctx_asked} tokens, could not create one; lower n_ctx"
             )
-        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
-        self.n_layers = int(lib.llama_model_n_layer(self._model))
-        self.dim = int(lib.llama_model_n_embd(self._model))
-        self._batch = lib.llama_batch_init(self.batch_size, 0, 1)
-        self._formatter: Any = None
+        return ctx
+
+    def capture(self, layers: Iterable[int]) -> None:
+        """Read these layers (hidden_states numbering; the last comes with every decode anyway)
+        inside llama.cpp from now on; a new set re-creates the context (the weights stay)."""
+        wanted = tuple(sorted({resolve_layer(int(L), self.n_layers) for L in layers} - {self.n_layers}))
+        if wanted == self.capture_layers:
+            return
+        self.capture_layers = wanted
+        self.captured.clear()
+        self._lib.llama_free(self._ctx)
+        self._ctx = None
+        self._ctx = self._new_context()
 
     # ----------------------------------------------------------------- model facts
     @property
@@ -193,6 +223,7 @@ class LlamaCppBackend(Backend):
             b.logits[i] = out
         b.n_tokens = len(items)
         rc = lib.llama_decode(self._ctx, b)
+        self._layer_rows = self._layer_capture.take() if self._layer_capture is not None else {}
         if rc != 0:
             raise BackendError(
                 f"expected llama_decode to succeed, got code {rc} (1 = KV cache full); "
@@ -208,12 +239,24 @@ class LlamaCppBackend(Backend):
         ptr = self._lib.llama_get_embeddings_ith(self._ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.dim,)).copy()  # [d]
 
-    def evaluate_prompt(self, tokens: list[int], n_seq: int, want_state: bool = False) -> np.ndarray | None:
+    def states(self, n_rows: int) -> dict[int, np.ndarray]:
+        """{layer: [n_rows, d]} of the last decode, every row an output: the last layer (index
+        n_layers) and the captured ones (`capture`)."""
+        out = {self.n_layers: np.stack([self.state(i) for i in range(n_rows)])}  # [n, d]
+        for layer, rows in self._layer_rows.items():
+            if len(rows) != n_rows:
+                raise BackendError(f"expected {n_rows} captured rows of layer {layer}, got {len(rows)}")
+            out[layer] = rows
+        return out
+
+    def evaluate_prompt(
+        self, tokens: list[int], n_seq: int, want_state: bool = False
+    ) -> dict[int, np.ndarray] | None:
         """Clear the cache, decode `tokens` into seq 0 and share them with seqs 1..n_seq-1.
 
-        Only the last token is an output (row 0 of the last decode: its logits, and its state
-        [d] when `want_state`); the others are decoded with embeddings off, so the LM head
-        does not run on them."""
+        Only the last token is an output (row 0 of the last decode: its logits, and its states
+        {layer: [d]} when `want_state`); the others are decoded with embeddings off, so the LM
+        head does not run on them."""
         if not tokens:
             raise BackendError("expected a non-empty prompt, got 0 tokens; render the prompt first")
         mem = self._memory()
@@ -227,7 +270,7 @@ class LlamaCppBackend(Backend):
         self.decode([(tokens[-1], n - 1, 0, True)])
         for s in range(1, n_seq):
             self._lib.llama_memory_seq_cp(mem, 0, s, -1, -1)
-        return self.state(0) if want_state else None
+        return {layer: rows[0] for layer, rows in self.states(1).items()} if want_state else None
 
     def _sampler(self, sampling: SamplingConfig, seed: int) -> Any:
         lib = self._lib
@@ -266,14 +309,17 @@ class LlamaCppBackend(Backend):
     ) -> list[Completion]:
         n_prompt, k = len(tokens), len(seeds)
         capture = self.capture_states
-        last_state = self.evaluate_prompt(tokens, k, want_state=capture)
+        if self._layer_capture is not None:
+            self._layer_capture.enabled = capture
+        prompt_states = self.evaluate_prompt(tokens, k, want_state=capture)
         if capture:
-            self._captured(text)["prompt"] = last_state
+            self._captured(text)["prompt"] = prompt_states  # type: ignore[assignment]
         self.set_embeddings(capture)  # states of the fed completion tokens, for the embedder
         samplers = [self._sampler(sampling, s) for s in seeds]
         gen: list[list[int]] = [[] for _ in range(k)]
         raw: list[bytearray] = [bytearray() for _ in range(k)]
-        states: list[list[np.ndarray]] = [[] for _ in range(k)]
+        layers = (self.n_layers, *self.capture_layers)
+        states: list[dict[int, list[np.ndarray]]] = [{L: [] for L in layers} for _ in range(k)]
         finish: list[str | None] = [None] * k
         cut: list[int | None] = [None] * k  # character index of a stop sequence
         rows = [0] * k  # output row of each sequence's logits in the last decode
@@ -300,10 +346,11 @@ class LlamaCppBackend(Backend):
                     fed.append(s)
                 if feed:
                     self.decode(feed)  # one llama_batch: k <= n_seq_max <= batch_size
+                    fed_states = self.states(len(fed)) if capture else {}
                     for j, s in enumerate(fed):
                         rows[s] = j
-                        if capture:
-                            states[s].append(self.state(j))
+                        for layer, arr in fed_states.items():
+                            states[s][layer].append(arr[j])
                 active = [s for s in fed if finish[s] is None]
         finally:
             for smp in samplers:
@@ -314,10 +361,11 @@ class LlamaCppBackend(Backend):
         out = []
         for s in range(k):
             body, ids = kept[s]
-            if capture and len(states[s]) == len(ids):
-                self._captured(text)[(seeds[s], ids)] = (
-                    np.stack(states[s]) if ids else np.zeros((0, self.dim), np.float32)
-                )  # [t, d]
+            if capture and len(states[s][self.n_layers]) == len(ids):
+                self._captured(text)[(seeds[s], ids)] = {
+                    layer: np.stack(rows) if ids else np.zeros((0, self.dim), np.float32)  # [t, d]
+                    for layer, rows in states[s].items()
+                }
             out.append(
                 Completion(
                     text=body,
@@ -345,7 +393,7 @@ class LlamaCppBackend(Backend):
         n_prompt: int,
         gen: list[list[int]],
         kept: list[tuple[str, tuple[int, ...]]],
-        states: list[list[np.ndarray]],
+        states: list[dict[int, list[np.ndarray]]],
     ) -> None:
         """States for kept tokens that were never fed (a stop sequence cut inside a token and the
         kept text re-tokenised differently): drop the sequence's cells from the first differing
@@ -354,9 +402,10 @@ class LlamaCppBackend(Backend):
         mem = self._memory()
         for s, (_, ids) in enumerate(kept):
             m = 0
-            while m < min(len(ids), len(gen[s]), len(states[s])) and ids[m] == gen[s][m]:
+            while m < min(len(ids), len(gen[s]), len(states[s][self.n_layers])) and ids[m] == gen[s][m]:
                 m += 1
-            del states[s][m:]
+            for rows_of_layer in states[s].values():
+                del rows_of_layer[m:]
             if m < len(ids):
                 self._lib.llama_memory_seq_rm(mem, s, n_prompt + m, -1)
                 rows.extend((tok, n_prompt + m + j, s, True) for j, tok in enumerate(ids[m:]))
@@ -364,13 +413,16 @@ class LlamaCppBackend(Backend):
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
                 self.decode(chunk)
+                chunk_states = self.states(len(chunk))
                 for j, (_, _, s, _) in enumerate(chunk):
-                    states[s].append(self.state(j))
+                    for layer, arr in chunk_states.items():
+                        states[s][layer].append(arr[j])
         except BackendError:  # no room in the KV cache: the embedder evaluates these itself
             for s in {r[2] for r in rows}:
-                states[s].clear()
+                for rows_of_layer in states[s].values():
+                    rows_of_layer.clear()
 
-    def _captured(self, text: str) -> dict[Any, np.ndarray]:
+    def _captured(self, text: str) -> dict[Any, dict[int, np.ndarray]]:
         if text not in self.captured:
             self.captured[text] = {}
             while len(self.captured) > CAPTURED_PROMPTS:

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Collection for the Table 1 / Figures 2-4 reproduction (benchmarks/repro/README.md).
+# Every stage is `qprobe collect` into its own run: re-running this script resumes where it
+# stopped (a stage that is complete takes a second). Stages go from cheap-and-useful to the full
+# paper sizes, so a partial collection is still a usable one.
+#   QPROBE=.venv/bin/qprobe bash benchmarks/repro/collect.sh [RUNS_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+QPROBE=${QPROBE:-qprobe}
+RUNS=${1:-runs/repro}
+DATA=${QPROBE_MBPP:-../shared/data/mbpp/mbpp.jsonl}
+N=${N:-16}
+common=(--n "$N" --temperature 0.8 --top-p 0.95 --max-new-tokens 300
+        --feature -1:last --feature -1:mean --feature-dtype float16
+        --allow-code-execution --shard-samples 64)
+mbpp() {  # split limit
+  "$QPROBE" collect --task mbpp --split "$1" --limit "$2" --task-option "data=$DATA" \
+    --task-option prompt_format=chat --out "$RUNS/mbpp-$1" "${common[@]}" "${@:3}"
+}
+he() {  # limit
+  "$QPROBE" collect --task humaneval --split test --limit "$1" --task-option prompt_format=chat \
+    --out "$RUNS/humaneval" "${common[@]}" "${@:2}"
+}
+greedy() {  # task-args... ; one temperature-0 sample per prompt
+  "$QPROBE" collect "$@" --n 1 --temperature 0 --top-p 1 --max-new-tokens 300 \
+    --feature -1:last --feature-dtype float16 --allow-code-execution --shard-samples 64
+}
+for stage in ${STAGES:-1 2 3 4 5 6 7 8 9 10 11}; do
+  case $stage in
+    1) mbpp train 64 --no-progress ;;
+    2) mbpp test 64 --no-progress ;;
+    3) greedy --task mbpp --split test --limit 64 --task-option "data=$DATA" --task-option prompt_format=chat \
+         --out "$RUNS/mbpp-test-greedy" --no-progress ;;
+    4) he 64 --no-progress ;;
+    5) greedy --task humaneval --split test --limit 64 --task-option prompt_format=chat \
+         --out "$RUNS/humaneval-greedy" --no-progress ;;
+    6) mbpp train 128 --no-progress ;;
+    7) mbpp test 128 --no-progress ;;
+    8) he 164 --no-progress ;;
+    9) greedy --task humaneval --split test --task-option prompt_format=chat --out "$RUNS/humaneval-greedy" --no-progress ;;
+    10) mbpp train 464 --no-progress ;;
+    11) mbpp test 500 --no-progress
+        greedy --task mbpp --split test --limit 500 --task-option "data=$DATA" --task-option prompt_format=chat \
+          --out "$RUNS/mbpp-test-greedy" --no-progress ;;
+  esac
+  echo "stage $stage done $(date -u +%FT%TZ)"
+done
