@@ -2,9 +2,13 @@
 
 Compares llama-cpp-python's high-level `create_completion` (one sequence at a time) with
 `LlamaCppBackend.generate` (k samples share one prompt evaluation and decode in one batch),
-then times feature extraction per sample and checks reproducibility.
+then times feature extraction per sample and checks reproducibility. `--collect-prompts P`
+also runs the whole `collect` (generation + features + sandboxed rewards, into a fresh run) on
+P MBPP test prompts and times plain `generate` on the very same prompts, seeds and sampling
+settings, to give collect's share of generation throughput (target >= 0.9).
 
     python benchmarks/bench_generation.py --prompts 4 --max-new-tokens 128 --k 8 16
+    python benchmarks/bench_generation.py --only-collect --collect-prompts 6 --k 16
 
 Writes benchmarks/results/generation.json (a list: each run appends one record).
 """
@@ -159,6 +163,54 @@ def bench_features(backend, texts: list[str], k: int, args: argparse.Namespace) 
     return out
 
 
+def bench_collect(backend, args: argparse.Namespace) -> dict:
+    """`collect` vs plain batched generation of the same samples (same prompts, seeds, settings)."""
+    import os
+    import tempfile
+
+    from qprobe.catalog import TASKS
+    from qprobe.generation.base import SamplingConfig, sample_seed
+    from qprobe.store.collect import CollectConfig, collect
+
+    os.environ.setdefault("QPROBE_ALLOW_CODE_EXECUTION", "1")  # rewards run in the sandbox
+    n, features = max(args.k), ("-1:last", "-1:mean", f"{args.collect_layer}:mean")
+    task_options = {"data": str(MBPP.parent / "mbpp.jsonl"), "prompt_format": "chat"}
+    task = TASKS.create("mbpp", **task_options)
+    prompts = list(task.prompts("test"))[: args.collect_prompts]
+    sc = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        stop=tuple(task.stop))
+    backend.capture_states = False
+    t0 = time.perf_counter()
+    gen_tokens = 0
+    for p in prompts:
+        seeds = [sample_seed(sc.seed, p.id, j) for j in range(n)]
+        gen_tokens += sum(c.n_tokens for c in backend.generate(backend.render(p), sc, seeds))
+    gen_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = CollectConfig(task="mbpp", split="test", out=os.path.join(tmp, "run"), n=n, backend="llamacpp", limit=args.collect_prompts,
+                            sampling=sc, features=features, task_options=task_options,
+                            backend_options={"n_threads": backend.n_threads, "n_seq_max": backend.n_seq_max})
+        t1 = time.perf_counter()
+        run = collect(cfg, progress=False)
+        collect_s = time.perf_counter() - t1
+        col_tokens = int(sum(run.table(columns=["n_tokens"]).column("n_tokens").to_pylist()))
+        reward = float(sum(r or 0 for r in run.table(columns=["reward"]).column("reward").to_pylist()) / len(run))
+    return {
+        "prompts": len(prompts),
+        "samples_per_prompt": n,
+        "features": list(features),
+        "generate_tokens": gen_tokens,
+        "generate_s": round(gen_s, 1),
+        "generate_tok_per_s": round(gen_tokens / gen_s, 1),
+        "collect_tokens": col_tokens,
+        "collect_s_incl_model_load": round(collect_s, 1),
+        "collect_tok_per_s": round(col_tokens / collect_s, 1),
+        "collect_over_generate": round((col_tokens / collect_s) / (gen_tokens / gen_s), 3),
+        "same_tokens": gen_tokens == col_tokens,
+        "mean_reward": round(reward, 3),
+    }
+
+
 def bench_determinism(backend, text: str, args: argparse.Namespace) -> dict:
     from qprobe.generation.base import SamplingConfig
 
@@ -188,6 +240,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--hf-layer", type=int, default=None, help="also time a transformers layer (e.g. 18)")
     ap.add_argument("--skip-determinism", action="store_true")
+    ap.add_argument("--collect-prompts", type=int, default=0, help="also time collect on this many MBPP prompts")
+    ap.add_argument("--collect-layer", type=int, default=12, help="intermediate layer collect also stores")
+    ap.add_argument("--only-collect", action="store_true", help="skip the other measurements")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generation.json"))
     args = ap.parse_args()
 
@@ -199,6 +254,16 @@ def main() -> None:
     args.threads = backend.n_threads
     prompts = mbpp_prompts(args.prompts)
     texts = [backend.render(p) for p in prompts]
+    coll = bench_collect(backend, args) if args.collect_prompts else None
+    if coll:
+        print("collect vs generate:", json.dumps(coll))
+    if args.only_collect:
+        _append(Path(args.out), {"command": "python benchmarks/bench_generation.py --only-collect --collect-prompts "
+                                 f"{args.collect_prompts} --k {max(args.k)} --max-new-tokens {args.max_new_tokens}",
+                                 "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "machine": f"{platform.machine()}, {backend.n_threads} threads", "collect": coll})
+        backend.close()
+        return
     rows = bench_interleaved(backend, texts, args)
     base = rows[0]["tok_per_s"]
     print(f"{'mode':40s} {'k':>3s} {'seqs':>5s} {'tokens':>7s} {'sec':>8s} {'tok/s':>7s} {'x single':>8s}")
@@ -218,7 +283,7 @@ def main() -> None:
         + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()
-            if k not in ("out", "skip_determinism") and v is not None
+            if k not in ("out", "skip_determinism", "only_collect") and v is not None
         ),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, {backend.n_threads} threads",
@@ -227,10 +292,15 @@ def main() -> None:
         "rows": rows,
         "features": feats,
         "determinism": det,
+        "collect": coll,
         "max_new_tokens": args.max_new_tokens,
         "prompts": [p.id for p in prompts],
     }
-    out = Path(args.out)
+    _append(Path(args.out), record)
+    backend.close()
+
+
+def _append(out: Path, record: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(out.read_text()) if out.exists() else []
     history.append(record)
@@ -238,7 +308,6 @@ def main() -> None:
     tmp.write_text(json.dumps(history, indent=1) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
-    backend.close()
 
 
 if __name__ == "__main__":

@@ -9,28 +9,44 @@ cd "$(dirname "$0")/../.."
 QPROBE=${QPROBE:-qprobe}
 RUNS=${1:-runs/repro}
 DATA=${QPROBE_MBPP:-../shared/data/mbpp/mbpp.jsonl}
+GSM8K=${QPROBE_GSM8K:-../shared/data/gsm8k}
 N=${N:-16}
-common=(--n "$N" --temperature 0.8 --top-p 0.95 --max-new-tokens 300
-        --feature -1:last --feature -1:mean --feature-dtype float16
+common=(--n "$N" --temperature 0.8 --top-p 0.95 --max-new-tokens 300 --feature-dtype float16
         --allow-code-execution --shard-samples 64)
+# Layers read inside llama.cpp while generating (hidden_states numbering; -1 = after the final norm).
+# mbpp-train was started with the first two only: the others were added with `qprobe embed`.
+layers=(--feature -1:last --feature -1:mean --feature 12:mean --feature 18:mean --feature 18:last --feature 21:last)
 mbpp() {  # split limit
-  "$QPROBE" collect --task mbpp --split "$1" --limit "$2" --task-option "data=$DATA" \
+  if [ "$1" = train ]; then feats=(--feature -1:last --feature -1:mean); else feats=("${layers[@]}"); fi
+  "$QPROBE" collect "${feats[@]}" --task mbpp --split "$1" --limit "$2" --task-option "data=$DATA" \
     --task-option prompt_format=chat --out "$RUNS/mbpp-$1" "${common[@]}" "${@:3}"
 }
 he() {  # limit
   "$QPROBE" collect --task humaneval --split test --limit "$1" --task-option prompt_format=chat \
-    --out "$RUNS/humaneval" "${common[@]}" "${@:2}"
+    --out "$RUNS/humaneval" "${common[@]}" "${layers[@]}" "${@:2}"
+}
+gsm8k() {  # split limit ; the preference issue's best-of-k on the model's own GSM8K samples
+  "$QPROBE" collect --task gsm8k --split "$1" --limit "$2" --task-option "data=$GSM8K" \
+    --task-option prompt_format=chat --out "$RUNS/gsm8k-$1" --n 8 --temperature 0.8 --top-p 0.95 \
+    --max-new-tokens 320 --feature -1:last --feature -1:mean --feature-dtype float16 --shard-samples 64 "${@:3}"
 }
 greedy() {  # task-args... ; one temperature-0 sample per prompt
   "$QPROBE" collect "$@" --n 1 --temperature 0 --top-p 1 --max-new-tokens 300 \
-    --feature -1:last --feature-dtype float16 --allow-code-execution --shard-samples 64
+    "${layers[@]}" --feature-dtype float16 --allow-code-execution --shard-samples 64
 }
-for stage in ${STAGES:-1 2 3 4 5 6 7 8 9 10 11}; do
+embed() {  # run features... ; adds features to a stored run (resumable)
+  "$QPROBE" embed "$1" "${@:2}" --feature-dtype float16 --no-progress
+}
+for stage in ${STAGES:-1 2 e 3 g 4 5 6 7 8 9 10 11}; do
   case $stage in
     1) mbpp train 64 --no-progress ;;
     2) mbpp test 64 --no-progress ;;
+    e) embed "$RUNS/mbpp-train" --feature 12:mean --feature 18:mean --feature 18:last --feature 21:last
+       for r in mbpp-train mbpp-test; do embed "$RUNS/$r" --feature embed=minilm:mean; done ;;
     3) greedy --task mbpp --split test --limit 64 --task-option "data=$DATA" --task-option prompt_format=chat \
          --out "$RUNS/mbpp-test-greedy" --no-progress ;;
+    g) gsm8k train 32 --no-progress
+       gsm8k test 32 --no-progress ;;
     4) he 64 --no-progress ;;
     5) greedy --task humaneval --split test --limit 64 --task-option prompt_format=chat \
          --out "$RUNS/humaneval-greedy" --no-progress ;;
