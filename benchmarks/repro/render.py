@@ -1,0 +1,302 @@
+"""Outputs of report.py: results/mbpp.json, report.json, REPORT.md and fig*.png, with the claims
+paragraph written from the numbers (so it stays true when the report is rerun on more data)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qprobe.store.files import write_json_atomic
+
+SPLITS = {"mbpp_test": "MBPP-test", "humaneval": "HumanEval"}
+# Table 1 of the paper (Code-LLaMA-7B, k=48, beta=0.1, 464 MBPP-train problems): MBPP-test, HumanEval
+PAPER = {"pass@1": (0.29, 0.24), "greedy": (0.38, 0.30), "mse (fast)": (0.38, 0.29), "ce (fast)": (0.40, 0.32),
+         "pg (fast)": (0.46, 0.34), "mse (paper)": (0.38, 0.29), "ce (paper)": (0.40, 0.32),
+         "pg (paper)": (0.46, 0.34), "pass@k": (0.76, 0.77), "5-shot pass@1": (0.42, 0.33),
+         "5-shot + pg": (0.52, 0.39)}
+COLLECT = "QPROBE=.venv/bin/qprobe bash benchmarks/repro/collect.sh runs/repro"
+
+
+# -------------------------------------------------------------------------------- verdicts
+def verdict(ci: list[float] | None) -> str:
+    if ci is None:
+        return "not measured"
+    if ci[1] > 0:
+        return "holds"
+    if ci[2] < 0:
+        return "does not hold (reversed, CI < 0)"
+    return "inconclusive (CI includes 0)"
+
+
+def fmt_ci(ci: list[float] | None, sign: bool = False) -> str:
+    if ci is None:
+        return "n/a"
+    f = "{:+.3f}" if sign else "{:.3f}"
+    return f"{f.format(ci[0])} [{f.format(ci[1])}, {f.format(ci[2])}]"
+
+
+def cell(row: dict[str, Any] | None) -> str:
+    return "n/a" if row is None else fmt_ci([row["mean"], *row["ci"]])
+
+
+def combine(parts: list[str]) -> str:
+    if any(p.startswith("does not") for p in parts):
+        return "does not hold"
+    if parts and all(p == "holds" for p in parts):
+        return "holds"
+    return "inconclusive"
+
+
+def claims(r: dict[str, Any]) -> list[str]:
+    """One sentence per claim of the paper, each with its verdict and the numbers behind it."""
+    out, comp, splits = [], r["table1"]["comparisons"], list(r["test_prompts"])
+    sizes = f"{r['train_prompts']} MBPP-train problems, " + ", ".join(
+        f"{r['test_prompts'][s]} {SPLITS[s]} problems" for s in splits) + f", n={r['n']} samples each"
+    out.append(f"Data actually used: {sizes} (the paper: 464 train problems, 500/164 test problems, 200 "
+               f"samples, k=48). Verdicts use 95% paired bootstrap CIs over test problems at k={r['k']}, "
+               f"beta={r['beta']}, fast recipe, {r['seeds']} seeds.")
+    for s in splits:
+        parts = [verdict(comp["pg-ce"][s]), verdict(comp["ce-mse"][s])]
+        out.append(f"**L_PG > L_CE > L_Q** ({SPLITS[s]}): {combine(parts)} — pg-ce {fmt_ci(comp['pg-ce'][s], True)} "
+                   f"({parts[0]}), ce-mse {fmt_ci(comp['ce-mse'][s], True)} ({parts[1]}); pg-mse "
+                   f"{fmt_ci(comp['pg-mse'][s], True)}.")
+    f3 = r["figure3"]
+    for s in splits:
+        g, d = f3["gain_k"]["pg"][s], [f3["gain_k_diff"][f"pg-{b}"][s] for b in ("mse", "ce")]
+        if g is None:
+            continue
+        pg_up, slope = verdict(g), combine([verdict(x) for x in d])
+        if pg_up == "holds" and slope == "holds":
+            v = "holds"
+        elif pg_up.startswith("does not") or slope == "does not hold":
+            v = "does not hold"
+        elif pg_up == "holds":
+            v = "partly: L_PG improves with k, but its advantage over L_Q/L_CE in that improvement is inconclusive"
+        else:
+            v = "inconclusive"
+        others = ", ".join(f"{b} {fmt_ci(f3['gain_k'][b][s], True)}" for b in ("mse", "ce"))
+        out.append(f"**L_PG keeps improving with k while L_Q/L_CE do not** ({SPLITS[s]}, k={f3['k_lo']} -> "
+                   f"{f3['k_hi']}): {v} — pg {fmt_ci(g, True)}, {others}; pg's gain minus mse's "
+                   f"{fmt_ci(d[0], True)}, minus ce's {fmt_ci(d[1], True)}.")
+    f2 = r["figure2"]
+    total, sizes_l = f2["sizes"][-1], f2["sizes"]
+    at = max([x for x in sizes_l if x <= 50] or [sizes_l[0]])
+    full = (f2["curves"]["pg"][str(total)].get("mbpp_test") or {})
+    part = (f2["curves"]["pg"][str(at)].get("mbpp_test") or {})
+    if total <= 50 or not full:
+        out.append(f"**Most of the gain with ~50 training prompts**: cannot be tested — only {total} training "
+                   "problems collected.")
+    else:
+        frac = part["gain"][0] / full["gain"][0] if full["gain"][0] > 0 else float("nan")
+        if verdict(full["gain"]) != "holds":
+            v = "inconclusive (the gain with all training problems is not significant)"
+        else:
+            v = "holds" if frac >= 0.5 else "does not hold"
+        out.append(f"**Most of the gain with ~50 training prompts** (MBPP-test, pg): {v} — gain over pass@1 "
+                   f"with {at} problems {fmt_ci(part['gain'], True)}, with {total} {fmt_ci(full['gain'], True)} "
+                   f"(fraction {frac:.2f}; {f2['seeds']} seeds, each its own random subset).")
+    shot = [k for k in comp if k.startswith("5shot+pg-5shot")]
+    if not shot:
+        out.append("**Few-shot and Q-probe add up**: not collected (no mbpp-test-5shot / humaneval-5shot runs).")
+    for name in shot:
+        s = next(iter(comp[name]))
+        out.append(f"**Few-shot and Q-probe add up** ({SPLITS[s]}): {verdict(comp[name][s])} — 5-shot + pg minus "
+                   f"5-shot {fmt_ci(comp[name][s], True)}.")
+    f4 = r["figure4"]
+    for s in ["mbpp_train", *splits]:
+        if s not in f4.get("pg", {}):
+            continue
+        p = {loss: f4[loss][s]["pearson"] for loss in ("mse", "ce", "pg")}
+        track = all(p[loss][1] > 0 for loss in ("mse", "ce"))
+        less = all(p["pg"][0] < p[loss][0] for loss in ("mse", "ce"))
+        v = "holds" if track and less else ("partly (they track it, pg as much)" if track else "does not hold")
+        name = SPLITS.get(s, "MBPP-train")
+        out.append(f"**L_Q/L_CE probes track problem difficulty, L_PG less** ({name} problems): {v} — Pearson r "
+                   + ", ".join(f"{loss} {fmt_ci(p[loss])}" for loss in p) + " (Fisher CIs; pg-vs-others is a "
+                   "comparison of point estimates).")
+    for s in splits:
+        g = comp["greedy-pass@1"][s]
+        if g is not None:
+            out.append(f"Greedy beats pass@1 ({SPLITS[s]}): {verdict(g)} — {fmt_ci(g, True)}.")
+    return out
+
+
+# ------------------------------------------------------------------------------- markdown
+def method_table(rows: dict[str, Any], splits: list[str], paper: bool = True, extra: dict[str, str] | None = None) -> list[str]:
+    head = "| method |" + "".join(f" {SPLITS[s]} | gain vs pass@1 | gap closed |" for s in splits)
+    head += (" paper MBPP / HE |" if paper else "") + ("".join(f" {h} |" for h in extra) if extra else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, row in rows.items():
+        line = f"| {name} |"
+        for s in splits:
+            x = row.get(s)
+            gap = "n/a" if x is None or x["gap_closed"] is None else f"{x['gap_closed'][0]:.2f} [{x['gap_closed'][1]:.2f}, {x['gap_closed'][2]:.2f}]"
+            line += f" {cell(x)} | {fmt_ci(x['gain'], True) if x else 'n/a'} | {gap} |"
+        if paper:
+            key = "pass@k" if name.startswith("pass@") and name != "pass@1" else name.split(" [")[0]
+            line += f" {' / '.join(str(v) for v in PAPER[key])} |" if key in PAPER else " |"
+        lines.append(line)
+    return lines
+
+
+def markdown(r: dict[str, Any], results: Path) -> str:
+    splits, t1, k = list(r["test_prompts"]), r["table1"], r["k"]
+    argv = " ".join(shlex.quote(a) for a in r["argv"])
+    md = [f"# Q-probe reproduction: Table 1 and Figures 2-4 on {r['model']}", "",
+          f"Model {r['model']}, temperature 0.8, top_p 0.95, n={r['n']} samples per problem, chat prompts. Probes "
+          f"trained on {r['train_prompts']} MBPP-train problems (only those with all {r['n']} samples scored), "
+          f"feature **{'+'.join(r['feature'])}** (chosen by CV on MBPP-train, see the layer sweep), "
+          f"headline k={k}, beta={r['beta']}, {r['seeds']} probe seeds (paper recipe: "
+          f"{t1['paper_seeds']}). Test problems: " + ", ".join(f"{SPLITS[s]} {n}" for s, n in r["test_prompts"].items())
+          + ". Expected return is exact over all k-subsets of the n samples (qprobe.metrics); intervals are 95% "
+          "bootstrap over test problems; gains are paired against pass@1 on the same problems; gap closed = "
+          "(method - pass@1) / (pass@k - pass@1) at the same k (interval: the gain's, over the fixed gap).", "",
+          "Commands:", "", "```", COLLECT, f"python benchmarks/repro/report.py {argv}", "```", ""]
+    md += [f"Note: {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
+    md += ["## Claims of the paper on our model", ""] + [f"- {c}" for c in claims(r)] + [""]
+    for kk, rows in t1["rows"].items():
+        md += [f"## Table 1 at k={kk}" + (" (headline)" if int(kk) == k else " (all samples)"), ""]
+        md += method_table(rows, splits) + [""]
+    md += ["The paper's numbers are Code-LLaMA-7B with k=48 of 200 samples (its pass@k column is pass@48); "
+           "ours are a 0.5B model with k of 16. Greedy rows use only problems present in the greedy run.", ""]
+    f2 = r["figure2"]
+    md += ["## Figure 2: test return vs number of training problems", "",
+           f"Fast recipe, MBPP-test expected return (the figure plots the paired gain over pass@1), k={k}, "
+           f"beta={r['beta']}, {f2['seeds']} seeds (each a random subset).", "",
+           "| loss |" + "".join(f" {s} |" for s in f2["sizes"]), "|---|" + "---|" * len(f2["sizes"])]
+    for loss, c in f2["curves"].items():
+        md.append(f"| {loss} |" + "".join(f" {cell(c[str(s)].get('mbpp_test'))} |" for s in f2["sizes"]))
+    md += ["", "![fig2](fig2_train_size.png)", ""]
+    f3 = r["figure3"]
+    md += [f"## Figure 3: return vs k (beta={r['beta']})", ""]
+    for s in splits:
+        show = sorted({1, f3["k_lo"], k, f3["k_hi"]})
+        md += [f"{SPLITS[s]}:", "", "| method |" + "".join(f" k={x} |" for x in show), "|---|" + "---|" * len(show)]
+        for name, ys in f3["curves"][s].items():
+            if ys is not None:
+                md.append(f"| {name} |" + "".join(f" {ys[x - 1]:.3f} |" for x in show))
+        md += ["", f"![fig3](fig3_{s}.png)", ""]
+    f4 = r["figure4"]
+    md += ["## Figure 4: per-problem probe value vs base success rate", "",
+           "| loss | split | Pearson r [95% CI] | Spearman rho (p) |", "|---|---|---|---|"]
+    for loss, per in f4.items():
+        for s, v in per.items():
+            md.append(f"| {loss} | {s} | {fmt_ci(v['pearson'])} | {v['spearman']:.3f} ({v['spearman_p']:.2g}) |")
+    md += ["", "![fig4](fig4_difficulty.png)", "", f"## beta sweep (k={k}; beta enters at evaluation only)", "",
+           "| method |" + "".join(f" beta={b} {SPLITS[s]} |" for b in ("0.0", "0.01", "0.1", "1.0") for s in splits),
+           "|---|" + "---|" * (4 * len(splits))]
+    for name, per in r["beta_sweep"].items():
+        md.append(f"| {name} |" + "".join(f" {cell(per[b].get(s))} |" for b in per for s in splits))
+    fs = r["feature_sweep"]
+    md += ["", f"## Layer / pooling sweep (fast recipe, {fs['seeds']} seeds, k={k})", "",
+           "CV = mean held-out expected return over folds of MBPP-train prompts (the selection criterion); "
+           f"chosen per loss: {fs['chosen_per_loss']}; headline: {'+'.join(fs['headline'])}.", "",
+           "| feature | loss | CV (train) |" + "".join(f" {SPLITS[s]} | gain |" for s in splits),
+           "|---|---|---|" + "---|---|" * len(splits)]
+    for key, per in fs["keys"].items():
+        for loss in ("mse", "ce", "pg"):
+            md.append(f"| {key} | {loss} | {per[loss]['cv']:.4f} |" + "".join(
+                f" {cell(per[loss]['test'].get(s))} | {fmt_ci(per[loss]['test'][s]['gain'], True) if per[loss]['test'].get(s) else 'n/a'} |"
+                for s in splits))
+    pp = r["push_past"]
+    md += ["", "## Pushing past the paper", "",
+           f"Goal: close at least half of the pass@1 -> pass@{k} gap. The final method is chosen by {pp['criterion']}"
+           " — on training data only, never on the test numbers below. For scale, the same CV folds give "
+           + ", ".join(f"{n} {v:.4f}" for n, v in pp["cv_baselines"].items()) + ".", ""]
+    md += method_table({f"{n} (CV {v['cv']:.4f})": v["test"] for n, v in pp["rows"].items()}, splits, paper=False)
+    best = pp["rows"][pp["best"]]["test"].get("mbpp_test")
+    reached = best is not None and best["gap_closed"] is not None and best["gap_closed"][0] >= 0.5
+    md += ["", f"Chosen by CV: **{pp['best']}** — MBPP-test gap closed "
+           + (f"{best['gap_closed'][0]:.2f}" if best and best["gap_closed"] else "n/a")
+           + (": the goal is reached." if reached else ": the goal (0.5) is not reached."), ""]
+    tm = r["timings"]
+    md += ["## Runtime", "", ", ".join(f"{n} {v:.0f} s" for n, v in tm.items() if n != "probes_fitted")
+           + f"; {tm['probes_fitted']} probe trainings cached (1 torch thread).", "",
+           f"Raw numbers: report.json; Table 1 summary: {results}.", ""]
+    return "\n".join(md)
+
+
+# -------------------------------------------------------------------------------- figures
+def draw_figures(r: dict[str, Any], out: Path) -> list[Path]:
+    from qprobe.evaluation.plots import new_axes, save
+
+    made: list[Path] = []
+    axes = new_axes()
+    if axes is None:
+        return made
+    fig, ax = axes
+    f2 = r["figure2"]
+    for loss, c in f2["curves"].items():
+        rows = [c[str(s)].get("mbpp_test") for s in f2["sizes"]]
+        if all(x is not None for x in rows):  # the paired gain: its CI is not swamped by problem variance
+            y = np.array([x["gain"][0] for x in rows])
+            lo, hi = np.array([x["gain"][1] for x in rows]), np.array([x["gain"][2] for x in rows])
+            ax.errorbar(f2["sizes"], y, yerr=[y - lo, hi - y], marker="o", ms=3, capsize=2, label=loss)
+    ax.axhline(0.0, ls="--", color="gray", label="pass@1")
+    ax.set_xscale("log")
+    ax.set_xticks(f2["sizes"], [str(s) for s in f2["sizes"]])
+    ax.minorticks_off()
+    ax.set_xlabel("training problems (MBPP-train, random subset per seed)")
+    ax.set_ylabel(f"MBPP-test gain over pass@1 (k={r['k']})")
+    save(fig, ax, "Fig. 2: gain over pass@1 vs training set size (paired 95% CI)", out / "fig2_train_size.png")
+    made.append(out / "fig2_train_size.png")
+    for s, curves in r["figure3"]["curves"].items():
+        fig, ax = new_axes()
+        for name, ys in curves.items():
+            if ys is not None:
+                ax.plot(r["figure3"]["k"], ys, marker="o", ms=3, label=name,
+                        linestyle="--" if name.startswith("pass@") or "paper" in name else "-")
+        ax.set_xlabel("k (candidates)")
+        ax.set_ylabel("expected return")
+        save(fig, ax, f"Fig. 3: {SPLITS[s]} return vs k (beta={r['beta']})", out / f"fig3_{s}.png")
+        made.append(out / f"fig3_{s}.png")
+    fig, ax = new_axes()
+    split = "mbpp_test" if "mbpp_test" in r["figure4"].get("pg", {}) else "mbpp_train"
+    for loss, per in r["figure4"].items():
+        v = per.get(split)
+        if v:
+            q = np.array(v["q"])
+            q = (q - q.mean()) / (q.std() or 1.0)  # centred and normalised, as the paper's Fig. 4
+            ax.scatter(v["r"], q, s=10, alpha=0.7, label=f"{loss} (r={v['pearson'][0]:.2f})")
+    ax.set_xlabel("base model success rate of the problem")
+    ax.set_ylabel("mean probe value (standardised)")
+    save(fig, ax, f"Fig. 4: probe value vs difficulty ({split} problems)", out / "fig4_difficulty.png")
+    made.append(out / "fig4_difficulty.png")
+    return made
+
+
+def summary(r: dict[str, Any]) -> dict[str, Any]:
+    """results/mbpp.json: Table 1 at the headline k, {method: {split: [mean, low, high]}}."""
+    rows = r["table1"]["rows"][str(r["k"])]
+    names = {"pass@1": "pass@1", "greedy": "greedy", "mse (fast)": "mse", "ce (fast)": "ce", "pg (fast)": "pg",
+             "mse (paper)": "mse (paper recipe)", "ce (paper)": "ce (paper recipe)", "pg (paper)": "pg (paper recipe)",
+             f"pass@{r['k']}": "pass@k"}
+    for name in rows:
+        if name.startswith("5-shot"):
+            names[name] = name
+    methods = {new: {s: None if rows[old].get(s) is None else [rows[old][s]["mean"], *rows[old][s]["ci"]]
+                     for s in r["test_prompts"]} for old, new in names.items() if old in rows}
+    pp = r["push_past"]
+    best = pp["rows"][pp["best"]]["test"]
+    methods[f"best by MBPP-train CV: {pp['best']}"] = {s: None if best.get(s) is None else [best[s]["mean"], *best[s]["ci"]]
+                                                       for s in r["test_prompts"]}
+    return {"model": r["model"], "n": r["n"], "k": r["k"], "beta": r["beta"], "methods": methods}
+
+
+def write_outputs(r: dict[str, Any], out: Path, results: Path, figures: bool = True, say: Any = print) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    made = draw_figures(r, out) if figures else []
+    write_json_atomic(out / "report.json", r)
+    write_json_atomic(results, summary(r))
+    text = markdown(r, results)
+    tmp = out / "REPORT.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "REPORT.md")
+    say(text.split("## Figure 2")[0])
+    say(f"wrote {out / 'report.json'}, {out / 'REPORT.md'}, {results}" + "".join(f", {p}" for p in made))
+    json.dumps(r)  # fail loudly here rather than on the next reader

@@ -1,0 +1,105 @@
+"""benchmarks/repro/report.py end to end on tiny fake runs laid out like runs/repro."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from qprobe.generation.base import SamplingConfig  # noqa: E402
+from qprobe.store import Run  # noqa: E402
+from qprobe.store.collect import CollectConfig, collect  # noqa: E402
+
+REPRO = Path(__file__).resolve().parents[1] / "benchmarks" / "repro"
+
+
+def load_report():
+    sys.path.insert(0, str(REPRO))
+    spec = importlib.util.spec_from_file_location("repro_report", REPRO / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repro")
+    feats = ("-1:last", "-2:mean")
+    common = dict(task="fake", backend="fake", features=feats, shard_samples=32)
+    collect(CollectConfig(split="train", out=root / "mbpp-train", n=8, task_options={"size": 12}, **common),
+            progress=False)
+    collect(CollectConfig(split="test", out=root / "mbpp-test", n=8, task_options={"size": 10}, **common),
+            progress=False)
+    collect(CollectConfig(split="test", out=root / "mbpp-test-greedy", n=1, task_options={"size": 6},
+                          sampling=SamplingConfig(temperature=0.0), **common), progress=False)
+    return root  # no humaneval runs: that part must be skipped with a note
+
+
+def per_prompt_rewards(path: Path) -> dict[str, list[float]]:
+    t = Run.open(path).table(["prompt_id", "reward"])
+    out: dict[str, list[float]] = {}
+    for p, r in zip(t.column("prompt_id").to_pylist(), t.column("reward").to_pylist(), strict=True):
+        out.setdefault(p, []).append(r)
+    return out
+
+
+def test_report_end_to_end(runs: Path, tmp_path: Path) -> None:
+    report = load_report()
+    lines: list[str] = []
+    out, results = tmp_path / "out", tmp_path / "results" / "mbpp.json"
+    r = report.main(["--runs", str(runs), "--out", str(out), "--results", str(results), "--k", "4",
+                     "--seeds", "2", "--sweep-seeds", "1", "--cv-folds", "2", "--cv-seeds", "1"], say=lines.append)
+    text = "\n".join(lines)
+    assert "humaneval not collected" in text and "mbpp-test-5shot not collected" in text
+
+    summary = json.loads(results.read_text())
+    assert (summary["n"], summary["k"], summary["beta"]) == (8, 4, 0.1)
+    methods = summary["methods"]
+    assert {"pass@1", "greedy", "mse", "ce", "pg", "pass@k"} <= set(methods)
+    assert any(name.startswith("best by MBPP-train CV: ") for name in methods)
+    for name, per in methods.items():
+        assert set(per) == {"mbpp_test"}, name
+        mean, low, high = per["mbpp_test"]
+        assert low <= mean + 1e-12 and mean <= high + 1e-12, name
+
+    # exact values from the stored rewards
+    rewards = per_prompt_rewards(runs / "mbpp-test")
+    p1 = np.mean([np.mean(v) for v in rewards.values()])
+    pk = np.mean([1 - math.comb(8 - int(sum(v)), 4) / math.comb(8, 4) for v in rewards.values()])
+    assert methods["pass@1"]["mbpp_test"][0] == pytest.approx(p1, abs=1e-12)
+    assert methods["pass@k"]["mbpp_test"][0] == pytest.approx(pk, abs=1e-12)
+    greedy = per_prompt_rewards(runs / "mbpp-test-greedy")
+    assert methods["greedy"]["mbpp_test"][0] == pytest.approx(np.mean([v[0] for v in greedy.values()]), abs=1e-12)
+    row = r["table1"]["rows"]["4"]["greedy"]["mbpp_test"]
+    assert row["n_prompts"] == 6 and row["gain"][0] == pytest.approx(
+        np.mean([greedy[p][0] - np.mean(rewards[p]) for p in greedy]), abs=1e-12)
+    assert r["table1"]["rows"]["4"]["pass@4"]["mbpp_test"]["gap_closed"][0] == pytest.approx(1.0)
+    k16 = r["table1"]["rows"]["8"]["pass@8"]["mbpp_test"]["mean"]
+    assert k16 == pytest.approx(np.mean([float(max(v)) for v in rewards.values()]))
+    # probes beat a random pick on the learnable fake task
+    assert methods["mse"]["mbpp_test"][0] > p1
+
+    # the figures' data and the sweeps
+    assert r["figure2"]["sizes"] == [5, 10, 12]
+    assert r["figure3"]["k"] == list(range(1, 9))
+    curves = r["figure3"]["curves"]["mbpp_test"]
+    assert curves["pass@k"][0] == pytest.approx(p1) and curves["pass@k"][-1] == pytest.approx(k16)
+    assert set(r["figure4"]["mse"]) == {"mbpp_train", "mbpp_test"}
+    assert set(r["feature_sweep"]["keys"]) == {"L-1_last", "L-2_mean"}
+    assert set(r["beta_sweep"]["pg (fast)"]) == {"0.0", "0.01", "0.1", "1.0"}
+    assert r["push_past"]["best"] in r["push_past"]["rows"]
+    train = per_prompt_rewards(runs / "mbpp-train")
+    assert r["push_past"]["cv_baselines"]["pass@1"] == pytest.approx(np.mean([np.mean(v) for v in train.values()]))
+    assert "pg, concat" in " ".join(r["push_past"]["rows"])
+    md = (out / "REPORT.md").read_text()
+    assert "## Table 1 at k=4 (headline)" in md and "L_PG > L_CE > L_Q" in md and "not collected" in md
+    assert json.loads((out / "report.json").read_text())["k"] == 4
+    assert sorted(p.name for p in out.glob("fig*.png")) == ["fig2_train_size.png", "fig3_mbpp_test.png",
+                                                            "fig4_difficulty.png"]
