@@ -14,11 +14,11 @@ N=${N:-16}
 common=(--n "$N" --temperature 0.8 --top-p 0.95 --max-new-tokens 300 --feature-dtype float16
         --allow-code-execution --shard-samples 64)
 # Layers read inside llama.cpp while generating (hidden_states numbering; -1 = after the final norm).
-# mbpp-train was started with the first two only: the others were added with `qprobe embed`.
+# The first 64 prompts of mbpp-train were collected with -1:last and -1:mean only, the other layers and
+# MiniLM added by stage e (`qprobe embed`); a resume must name every feature the run holds.
 layers=(--feature -1:last --feature -1:mean --feature 12:mean --feature 18:mean --feature 18:last --feature 21:last)
 mbpp() {  # split limit
-  if [ "$1" = train ]; then feats=(--feature -1:last --feature -1:mean); else feats=("${layers[@]}"); fi
-  "$QPROBE" collect "${feats[@]}" --task mbpp --split "$1" --limit "$2" --task-option "data=$DATA" \
+  "$QPROBE" collect "${layers[@]}" --feature embed=minilm:mean --task mbpp --split "$1" --limit "$2" --task-option "data=$DATA" \
     --task-option prompt_format=chat --out "$RUNS/mbpp-$1" "${common[@]}" "${@:3}"
 }
 he() {  # limit
