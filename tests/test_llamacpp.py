@@ -18,7 +18,8 @@ import pytest
 from qprobe.errors import ConfigError, DataError, MissingDependencyError
 from qprobe.generation import models
 from qprobe.generation.base import SamplingConfig
-from qprobe.generation.llamacpp import _find_stop, _prefix_tokens
+from qprobe.generation.llamacpp_text import find_stop as _find_stop
+from qprobe.generation.llamacpp_text import prefix_tokens as _prefix_tokens
 from qprobe.tasks.base import Prompt
 
 # ---------------------------------------------------------------- model files (no llama.cpp)

@@ -18,7 +18,6 @@ generation.md for how often that changes a text).
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -30,13 +29,13 @@ from qprobe.errors import BackendError, ConfigError
 from qprobe.generation.base import Backend, Completion, SamplingConfig
 from qprobe.generation.llamacpp_capture import LayerCapture, resolve_layer
 from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load
+from qprobe.generation.llamacpp_text import LlamaText, find_stop
 from qprobe.generation.models import file_sha256, model_name, resolve_model
-from qprobe.tasks.base import Prompt
 
 CAPTURED_PROMPTS = 4  # prompts whose generation-time states are kept for the embedder
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(LlamaText, Backend):
     """Samples from a GGUF model; `model`: None/'default', a known name, or a .gguf path.
 
     `n_ctx` is the KV budget shared by all sequences of a prompt (prompt once + k completions);
@@ -148,65 +147,6 @@ class LlamaCppBackend(Backend):
             "chat": self.chat,
             "llama_cpp_python": getattr(self._lib, "__version__", "?"),
         }
-
-    # ----------------------------------------------------------------- text <-> tokens
-    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        cap = len(data) + 16
-        buf = (self._lib.llama_token * cap)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
-            buf = (self._lib.llama_token * cap)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
-        return list(buf[:n])
-
-    def prompt_tokens(self, text: str) -> list[int]:
-        """Tokens of a rendered prompt; BOS is added unless the text already starts with it."""
-        bos = self._token_text(self._lib.llama_vocab_bos(self._vocab))
-        return self.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
-
-    def piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        return buf.raw[:n]
-
-    def detokenize(self, tokens: list[int] | tuple[int, ...]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        text = self._lib.llama_vocab_get_text(self._vocab, token)
-        return text.decode("utf-8", errors="replace") if text else ""
-
-    def is_eog(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
-
-    # ----------------------------------------------------------------- prompts
-    def render(self, prompt: Prompt) -> str:
-        """The GGUF's own chat template (generation prompt added) for chat prompts, else the text."""
-        if not (self.chat and prompt.messages):
-            return prompt.text
-        if self._formatter is None:
-            template = self._lib.llama_model_chat_template(self._model, None)
-            if not template:
-                raise BackendError(
-                    f"expected a chat template in '{self.path.name}', found none; "
-                    "use chat=False (completion prompts) or a GGUF with a template"
-                )
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-            self._formatter = Jinja2ChatFormatter(
-                template=template.decode("utf-8"),
-                eos_token=self._token_text(self._lib.llama_vocab_eos(self._vocab)),
-                bos_token=self._token_text(self._lib.llama_vocab_bos(self._vocab)),
-                add_generation_prompt=True,
-            )
-        return str(self._formatter(messages=[dict(m) for m in prompt.messages]).prompt)
 
     # ----------------------------------------------------------------- low-level decoding
     def _memory(self) -> Any:
@@ -335,7 +275,7 @@ class LlamaCppBackend(Backend):
                         continue
                     gen[s].append(tok)
                     raw[s] += self.piece(tok)
-                    if sampling.stop and (at := _find_stop(raw[s], sampling.stop)) is not None:
+                    if sampling.stop and (at := find_stop(raw[s], sampling.stop)) is not None:
                         finish[s], cut[s] = "stop", at
                         continue
                     if len(gen[s]) >= sampling.max_new_tokens:
@@ -376,17 +316,6 @@ class LlamaCppBackend(Backend):
                 )
             )
         return out
-
-    def _kept(self, gen: list[int], raw: bytearray, cut: int | None) -> tuple[str, tuple[int, ...]]:
-        """The completion's text (stop sequence removed) and its tokens."""
-        body = raw.decode("utf-8", errors="replace")
-        if cut is None:
-            return body, tuple(gen)
-        body = body[:cut]
-        ids = _prefix_tokens(gen, body, self.piece)
-        if ids is None:  # the stop sequence began inside a token: re-tokenise the kept text
-            ids = self.tokenize(body, add_special=False, parse_special=True)
-        return body, tuple(ids)
 
     def _feed_tails(
         self,
@@ -448,23 +377,3 @@ class LlamaCppBackend(Backend):
             self.close()
         except Exception:
             pass
-
-
-def _find_stop(raw: bytes, stops: tuple[str, ...]) -> int | None:
-    """Character index of the earliest stop sequence in the decoded text, or None."""
-    text = raw.decode("utf-8", errors="replace")  # as the kept text is decoded
-    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
-
-
-def _prefix_tokens(tokens: list[int], kept: str, piece: Any) -> list[int] | None:
-    """The shortest prefix of `tokens` that decodes to exactly `kept`, or None."""
-    target = kept.encode("utf-8")
-    acc = b""
-    for i, t in enumerate(tokens):
-        if acc == target:
-            return tokens[:i]
-        acc += piece(t)
-        if len(acc) > len(target):
-            return None
-    return list(tokens) if acc == target else None
