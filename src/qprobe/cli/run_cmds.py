@@ -31,13 +31,16 @@ from qprobe.cli.options import parse_kv
 @click.option("--seed", default=0, show_default=True, help="Run seed; each sample's seed derives from it.")
 @click.option("--task-option", multiple=True, metavar="KEY=VALUE", help="Task option, e.g. data=path/to/mbpp.jsonl or prompt_format=chat.")
 @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Back-end option, e.g. n_ctx=4096.")
+@click.option("--shots-from", type=click.Path(path_type=Path), default=None, help="A collected run (e.g. the training split): put --shots of its successful completions in front of every prompt (the paper's few-shot on successes).")
+@click.option("--shots", default=5, show_default=True, help="How many solved examples --shots-from puts in context.")
+@click.option("--shots-seed", default=0, show_default=True, help="Seed of the random choice of solved examples.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--shard-samples", default=64, show_default=True, help="Commit a shard every this many samples.")
 @click.option("--allow-code-execution", is_flag=True, help="Allow running model-written code in the sandbox (needed for code tasks).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def collect(task, split, n, backend, model, features, layer, pooling, limit, out, resume, temperature, top_p,
-            max_new_tokens, stop, seed, task_option, backend_option, feature_dtype, shard_samples,
-            allow_code_execution, progress):
+            max_new_tokens, stop, seed, task_option, backend_option, shots_from, shots, shots_seed, feature_dtype,
+            shard_samples, allow_code_execution, progress):
     """Sample N completions per prompt, embed and reward them, and store them in a run.
 
     Crash-safe and resumable: rows are committed in shards, and re-running the same command
@@ -62,6 +65,7 @@ def collect(task, split, n, backend, model, features, layer, pooling, limit, out
                                 stop=tuple(stop), seed=seed),
         limit=limit, task_options=parse_kv(task_option, "--task-option"),
         backend_options=parse_kv(backend_option, "--backend-option"),
+        shots_from=str(shots_from) if shots_from is not None else None, shots=shots, shots_seed=shots_seed,
         feature_dtype=feature_dtype, shard_samples=shard_samples,
     )
     run = run_collect(cfg, progress=progress)

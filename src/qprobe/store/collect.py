@@ -43,6 +43,9 @@ class CollectConfig:
     prompt_ids: tuple[str, ...] | None = None  # only these prompts (after --limit)
     task_options: dict[str, Any] = field(default_factory=dict)
     backend_options: dict[str, Any] = field(default_factory=dict)
+    shots_from: str | None = None  # a collected run: put `shots` of its successes in front of every prompt
+    shots: int = 5
+    shots_seed: int = 0
     feature_dtype: str = "float32"
     shard_samples: int = 64  # commit a shard once this many samples are ready
     shard_seconds: float = 30.0  # ... or once the oldest pending sample is this old
@@ -96,6 +99,12 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
     """Run (or resume) a collection and return the finished run."""
     task = TASKS.create(cfg.task, **cfg.task_options)
     task.check_split(cfg.split)
+    if cfg.shots_from is not None:
+        from qprobe.tasks.fewshot import FewShotTask, shots_from_run
+
+        manifest_path = Path(cfg.out) / "manifest.json"
+        kept = json.loads(manifest_path.read_text()).get("task", {}).get("shots") if manifest_path.is_file() else None
+        task = FewShotTask(task, shots_from_run(cfg.shots_from, cfg.shots, cfg.shots_seed, keep=kept))
     indexed = list(enumerate(task.prompts(cfg.split)))  # the index is the prompt's place in the split
     if cfg.limit is not None:
         indexed = indexed[: cfg.limit]
