@@ -34,10 +34,16 @@ greedy() {  # task-args... ; one temperature-0 sample per prompt
   "$QPROBE" collect "$@" --n 1 --temperature 0 --top-p 1 --max-new-tokens 300 \
     "${layers[@]}" --feature-dtype float16 --allow-code-execution --shard-samples 64
 }
+fewshot() {  # task-args... ; the same prompts with 5 solved MBPP-train examples in context (fewer features: size)
+  "$QPROBE" collect "$@" --shots-from "$RUNS/mbpp-train" --shots 5 --shots-seed 0 \
+    --max-new-tokens 300 --feature -1:last --feature 21:last --feature 18:mean --feature-dtype float16 --allow-code-execution --shard-samples 64 --no-progress
+}
 embed() {  # run features... ; adds features to a stored run (resumable)
   "$QPROBE" embed "$1" "${@:2}" --feature-dtype float16 --no-progress
 }
-for stage in ${STAGES:-1 2 e 3 g 4 5 6 7 8 9 10 11}; do
+mbpp_test=(--task mbpp --split test --limit 64 --task-option "data=$DATA" --task-option prompt_format=chat)
+he_test=(--task humaneval --split test --limit 64 --task-option prompt_format=chat)
+for stage in ${STAGES:-1 2 e 3 g 4 5 6 m s f a 7 8 9 10 11}; do
   case $stage in
     1) mbpp train 64 --no-progress ;;
     2) mbpp test 64 --no-progress ;;
@@ -51,6 +57,20 @@ for stage in ${STAGES:-1 2 e 3 g 4 5 6 7 8 9 10 11}; do
     5) greedy --task humaneval --split test --limit 64 --task-option prompt_format=chat \
          --out "$RUNS/humaneval-greedy" --no-progress ;;
     6) mbpp train 128 --no-progress ;;
+    m) embed "$RUNS/humaneval" --feature embed=minilm:mean ;;
+    s) # Table 1's "5-shot on successes": greedy, 5 successful training completions in context
+       fewshot "${mbpp_test[@]}" --out "$RUNS/mbpp-test-5shot-greedy" --n 1 --temperature 0 --top-p 1
+       fewshot "${he_test[@]}" --out "$RUNS/humaneval-5shot-greedy" --n 1 --temperature 0 --top-p 1 ;;
+    f) # "5-shot + Q-probe": 8 samples of the 5-shot prompts
+       fewshot "${mbpp_test[@]}" --out "$RUNS/mbpp-test-5shot" --n 8 --temperature 0.8 --top-p 0.95
+       fewshot "${he_test[@]}" --out "$RUNS/humaneval-5shot" --n 8 --temperature 0.8 --top-p 0.95 ;;
+    a) # API setting: the same model behind llama-cpp-python's OpenAI-compatible server, MiniLM features;
+       # the generator's own states added afterwards from the same GGUF
+       "$QPROBE" collect "${he_test[@]}" --limit 32 --backend openai --backend-option serve=default \
+         --out "$RUNS/humaneval-api" --n 8 --temperature 0.8 --top-p 0.95 --max-new-tokens 300 \
+         --feature embed=minilm:mean --feature-dtype float16 --allow-code-execution --shard-samples 32 --no-progress
+       "$QPROBE" embed "$RUNS/humaneval-api" --backend llamacpp --feature -1:last --feature -1:mean --feature 21:last \
+         --feature 18:mean --feature-dtype float16 --no-progress ;;
     7) mbpp test 128 --no-progress ;;
     8) he 164 --no-progress ;;
     9) greedy --task humaneval --split test --task-option prompt_format=chat --out "$RUNS/humaneval-greedy" --no-progress ;;
