@@ -79,17 +79,21 @@ def collect(task, split, n, backend, model, features, layer, pooling, limit, out
 @click.option("--model", default=None, help="Path of the weights the run was collected with (default: the manifest's).")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Back-end option, e.g. n_ctx=4096.")
+@click.option("--backend", "backend_name", default=None,
+              help="Back-end computing LAYER:POOLING features (default: the run's), e.g. llamacpp for a run collected with --backend openai --backend-option serve=...; the weights' sha256 must match.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def embed(run, features, model, feature_dtype, backend_option, progress):
+def embed(run, features, model, feature_dtype, backend_option, backend_name, progress):
     """Add feature arrays to an existing run without regenerating its samples.
 
     Each stored prompt+completion is embedded again with the run's own model (another layer or
-    pooling) or an external embedder (the paper's API setting). Resumable shard by shard.
+    pooling) or an external embedder (the paper's API setting). With --backend llamacpp a run
+    collected through a served GGUF gets that model's own hidden states (chat prompts re-rendered
+    with its chat template). Resumable shard by shard.
     """
     from qprobe.store.embed import add_features
 
     r = add_features(str(run), list(features), model=model, dtype=feature_dtype, progress=progress,
-                     backend_options=parse_kv(backend_option, "--backend-option"))
+                     backend_options=parse_kv(backend_option, "--backend-option"), backend_name=backend_name)
     click.echo(f"{r.path}: features {', '.join(r.feature_keys)}")
 
 

@@ -1,8 +1,18 @@
 """The OpenAI-compatible back-end: any server speaking /v1/completions and /v1/chat/completions.
 
 `OpenAIBackend(model, base_url=None, api_key_env="OPENAI_API_KEY", chat=True, n_per_request=None,
-max_retries=5, timeout=120)`. `base_url` defaults to $OPENAI_BASE_URL, then the OpenAI API; the
-key is read from the named environment variable ("EMPTY" when unset: local servers need none).
+max_retries=5, timeout=120, serve=None, serve_threads=None, serve_ctx=4096, serve_embedding=True)`.
+`base_url` defaults to $OPENAI_BASE_URL, then the OpenAI API; the key is read from the named
+environment variable ("EMPTY" when unset: local servers need none).
+
+Served (the API setting offline): `serve="default"` (the packaged GGUF), a known model name or a
+GGUF path starts llama-cpp-python's server on 127.0.0.1 and a free port (`server.llama_server`,
+`serve_threads`/`serve_ctx` its threads and context; `serve_embedding` its /v1/embeddings, on
+for LAYER:POOLING features through the server; chat prompts rendered with the GGUF's own template,
+as `LlamaCppBackend.render` renders them), points the client at it (`model`: the alias,
+default "local") and stops it in `close()`. The identity then names the served weights (sha256
+and path, as the llamacpp back-end's) and no port, so a resumed run matches and
+`qprobe embed RUN --backend llamacpp` can check it re-embeds with the same weights.
 
 Rendering: a prompt with `messages` (and `chat=True`) renders to the JSON text
 `{"messages": [...]}`, which is what the run stores (exactly what was sent) and what `generate`
@@ -19,11 +29,13 @@ split over the choices in proportion to their text length (an estimate).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from qprobe.errors import BackendError, ConfigError, require
@@ -31,6 +43,9 @@ from qprobe.generation.base import Backend, Completion, SamplingConfig
 from qprobe.tasks.base import Prompt
 
 OPENAI_API = "https://api.openai.com/v1"
+# A served GGUF renders chat prompts with its own template (as LlamaCppBackend.render does), never
+# with a built-in format llama-cpp-python may guess from it.
+SERVE_ARGS = ("--chat_format", "chat_template.default")
 
 
 def chat_json(messages: Any) -> str:
@@ -106,13 +121,41 @@ class OpenAIBackend(Backend):
         timeout: float = 120.0,
         embedding_model: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        serve: str | None = None,
+        serve_threads: int | None = None,
+        serve_ctx: int = 4096,
+        serve_embedding: bool = True,
     ) -> None:
-        if not model:
-            raise ConfigError("expected a model name for the openai back-end, got ''; pass --model NAME")
+        if not model and not serve:
+            raise ConfigError(
+                "expected a model name for the openai back-end, got ''; pass --model NAME "
+                "(or --backend-option serve=default to serve the packaged GGUF locally)"
+            )
         if n_per_request is not None and n_per_request < 1:
             raise ConfigError(f"expected n_per_request >= 1, got {n_per_request}")
+        if serve and base_url:
+            raise ConfigError(
+                f"expected serve or base_url, got both (serve={serve}, base_url={base_url}); drop one"
+            )
+        self._stack = contextlib.ExitStack()
+        self.served: Path | None = None  # the GGUF this back-end serves itself, if any
+        self._served_sha256: str | None = None
+        try:
+            if serve:
+                from qprobe.generation.models import resolve_model
+                from qprobe.generation.server import llama_server
+
+                self.served = resolve_model(str(serve))
+                info = self._stack.enter_context(llama_server(
+                    self.served, alias=model or "local", n_ctx=int(serve_ctx), n_threads=serve_threads,
+                    embedding=bool(serve_embedding), extra_args=SERVE_ARGS,
+                ))  # fmt: skip
+                model, base_url = info.model, info.base_url
+            self.client = make_client(base_url, api_key_env, timeout)
+        except BaseException:
+            self._stack.close()
+            raise
         self.model = model
-        self.client = make_client(base_url, api_key_env, timeout)
         self.base_url = str(self.client.base_url).rstrip("/")
         self.chat = bool(chat)
         self.n_per_request = n_per_request
@@ -122,6 +165,13 @@ class OpenAIBackend(Backend):
         self.requests_sent = 0
 
     def identity(self) -> dict[str, Any]:
+        if self.served is not None:  # the weights are known: hashed as the llamacpp back-end does
+            from qprobe.generation.models import file_sha256, model_name
+
+            if self._served_sha256 is None:
+                self._served_sha256 = file_sha256(self.served)
+            return {"model": model_name(self.served), "sha256": self._served_sha256, "path": str(self.served),
+                    "served": "llama_cpp.server", "alias": self.model}  # no port: resumes must match
         # An API exposes no weights: the model name stands in for the hash.
         return {"model": self.model, "sha256": f"api:{self.model}", "base_url": self.base_url}
 
@@ -182,7 +232,10 @@ class OpenAIBackend(Backend):
         return out
 
     def close(self) -> None:
-        self.client.close()
+        try:
+            self.client.close()
+        finally:
+            self._stack.close()  # stops a served llama.cpp server
 
 
 def _cut(text: str, stop: tuple[str, ...]) -> int | None:

@@ -7,7 +7,9 @@ The server runs as a child process (`python -m qprobe.generation.server ARGS`: l
 `python -m llama_cpp.server` after `disable_extra_buffers()`, whose note says why; extra
 "server"); entering
 waits until `GET /v1/models` answers, leaving terminates it (then kills it after a grace
-period). Used by the tests of the openai back-end and by the "API" setting experiment.
+period). Used by the tests of the openai back-end, by the "API" setting experiment and by
+`OpenAIBackend(serve=...)` (`qprobe collect --backend openai --backend-option serve=default`), which
+starts and stops its own server.
 Note that llama-cpp-python's server ignores the `n` parameter (one choice per request) and
 honours `seed`.
 """

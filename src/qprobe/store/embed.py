@@ -5,10 +5,19 @@ shard. Each shard's array is written atomically, so an interrupted `qprobe embed
 stopped; the manifest lists the new features only once every shard has them. Completions are
 re-tokenised from their text (token ids are not stored), which can differ from the generated
 tokens at a stop-sequence cut.
+
+`backend=` picks another back-end than the run's for the generator's own hidden states, e.g.
+`llamacpp` for a run collected through `--backend openai --backend-option serve=...`: the weights'
+sha256 stored by the served run must match (a run through a remote API stores none: pass the
+weights with `model=` to vouch for them). A stored chat prompt (`{"messages": [...]}`, as the
+openai back-end sends it) is then re-rendered by that back-end (`render`: the GGUF's chat template
+with the generation prompt, as llama-cpp-python's server applies it), so prompt+completion are the
+tokens the model saw when it generated the sample.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,32 +26,68 @@ from qprobe.errors import StoreError
 from qprobe.features import make_embedder
 from qprobe.features.spec import FeatureRequest
 from qprobe.generation.base import Completion
+from qprobe.generation.openai_api import parse_chat
 from qprobe.registry import BACKENDS
 from qprobe.store.files import write_atomic
 from qprobe.store.run import Run, RunWriter
+from qprobe.tasks.base import Prompt
 
 
-def backend_for(run: Run, model: str | None = None, **options: Any) -> Any:
-    """The run's back-end, rebuilt from its manifest (the weights' hash is checked by the spec)."""
+def backend_for(run: Run, model: str | None = None, backend: str | None = None, **options: Any) -> Any:
+    """The run's back-end (or `backend` on the run's weights), rebuilt from its manifest; the
+    weights' sha256 must be the run's."""
     m = run.manifest
-    name = m.get("backend", {}).get("name")
-    opts = {**m.get("backend", {}).get("options", {}), **options}
-    path = model or m.get("model", {}).get("path")
-    if path:
-        opts["model"] = path
-    backend = BACKENDS.create(name, **opts)
-    want, got = m.get("model", {}).get("sha256"), backend.identity().get("sha256")
-    if want and got and want != got:
-        backend.close()
+    ident = m.get("model", {})
+    run_name = m.get("backend", {}).get("name")
+    name = backend or run_name
+    same = name == run_name
+    # The run's options belong to its own back-end; another one gets only the options passed.
+    opts = {**m.get("backend", {}).get("options", {}), **options} if same else dict(options)
+    want = ident.get("sha256")
+    api = bool(want) and str(want).startswith("api:")  # a remote API: no weights hash to check
+    if model:
+        opts["model"] = model
+    elif same and ident.get("alias") and opts.get("serve"):
+        opts["model"] = ident["alias"]  # a served run: the server's alias, the weights from `serve`
+    elif ident.get("path"):
+        opts["model"] = ident["path"]
+    elif same and api:
+        opts["model"] = ident.get("model")
+    elif api:
+        raise StoreError(
+            f"expected --model PATH of the weights behind the API to embed with '{name}', got none "
+            f"(the run was collected through {ident.get('base_url', 'an API')}, which names no weights)"
+        )
+    made = BACKENDS.create(name, **opts)
+    got = made.identity().get("sha256")
+    if want and got and want != got and not (api and model and not same):
+        made.close()
         raise StoreError(
             f"expected the weights the run was collected with (sha256 {want[:16]}), got {got[:16]}; "
             "pass --model with the same file"
         )
-    return backend
+    return made
+
+
+def prompt_for(text: str, backend: Any, run_backend: str | None) -> str:
+    """The prompt `backend` embeds for the stored `text`: a chat prompt stored as JSON by another
+    back-end (openai) is rendered by `backend` itself (its chat template); anything else as stored."""
+    messages = parse_chat(text)
+    if messages is None or backend is None or backend.name == run_backend:
+        return text
+    plain = "\n".join(str(m.get("content", "")) for m in messages)
+    rendered = str(backend.render(Prompt(id="", text=plain, messages=tuple(messages))))
+    if rendered == plain:
+        raise StoreError(
+            f"expected the '{backend.name}' back-end to render the run's chat prompts with its chat "
+            "template, got the plain text; drop chat=false from --backend-option"
+        )
+    return rendered
 
 
 def add_features(path: str, features: list[str], model: str | None = None, dtype: str = "float32",
-                 progress: bool = True, backend_options: dict[str, Any] | None = None) -> Run:
+                 progress: bool = True, backend_options: dict[str, Any] | None = None,
+                 backend_name: str | None = None) -> Run:
     requests = [FeatureRequest.parse(f) for f in features]
     Run.open(path)  # a clear error when it is not a run
     with RunWriter.create_or_open(path, {}) as writer:
@@ -52,13 +97,15 @@ def add_features(path: str, features: list[str], model: str | None = None, dtype
             return Run.open(path)
         backend = None
         if any(not r.embedder for r in todo):
-            backend = backend_for(writer, model, **(backend_options or {}))
+            backend = backend_for(writer, model, backend_name, **(backend_options or {}))
         try:
             embedders: dict[str, Any] = {}
             for r in todo:
                 if r.embedder not in embedders:
                     embedders[r.embedder] = make_embedder(backend, r.embedder)
-            specs = _embed_shards(writer, todo, embedders, dtype, progress)
+            run_backend = writer.manifest.get("backend", {}).get("name")
+            specs = _embed_shards(writer, todo, embedders, dtype, progress,
+                                  lambda text: prompt_for(text, backend, run_backend))
         finally:
             for e in locals().get("embedders", {}).values():
                 e.close()
@@ -71,7 +118,7 @@ def add_features(path: str, features: list[str], model: str | None = None, dtype
 
 
 def _embed_shards(writer: RunWriter, requests: list[FeatureRequest], embedders: dict[str, Any], dtype: str,
-                  progress: bool) -> dict[str, Any]:
+                  progress: bool, own_prompt: Callable[[str], str]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from qprobe.store.progress import CollectProgress
@@ -91,9 +138,10 @@ def _embed_shards(writer: RunWriter, requests: list[FeatureRequest], embedders: 
             for text, idx in by_prompt.items():
                 comps = [Completion(t[i]["completion"], int(t[i]["n_tokens"]), t[i]["finish_reason"], int(t[i]["seed"]))
                          for i in idx]
+                own = own_prompt(text) if "" in embedders else text  # what the back-end's model embeds
                 for name, emb in embedders.items():
                     reqs = [r for r in requests if r.embedder == name]
-                    out = emb.embed(text, comps, reqs)
+                    out = emb.embed(own if name == "" else text, comps, reqs)
                     for r in reqs:
                         for j, i in enumerate(idx):
                             rows[r.key][i] = np.asarray(out[r.key][j], dtype=np.float32)
