@@ -103,3 +103,51 @@ def test_report_end_to_end(runs: Path, tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text())["k"] == 4
     assert sorted(p.name for p in out.glob("fig*.png")) == ["fig2_train_size.png", "fig3_mbpp_test.png",
                                                             "fig4_difficulty.png"]
+
+
+def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
+    """The 5-shot rows and the API-setting table, on fake runs standing in for those folders."""
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs, root)
+    feats = ("-1:last", "-2:mean")
+    common = dict(task="fake", backend="fake", features=feats, shard_samples=32, split="test")
+    collect(CollectConfig(out=root / "mbpp-test-5shot", n=8, task_options={"size": 10}, **common),
+            progress=False)
+    collect(CollectConfig(out=root / "mbpp-test-5shot-greedy", n=1, task_options={"size": 10},
+                          sampling=SamplingConfig(temperature=0.0), **common), progress=False)
+    collect(CollectConfig(out=root / "humaneval-api", n=4, task_options={"size": 10}, **common), progress=False)
+    report = load_report()
+    out = tmp_path / "out"
+    r = report.main(["--runs", str(root), "--out", str(out), "--results", str(tmp_path / "mbpp.json"), "--k", "4",
+                     "--seeds", "2", "--sweep-seeds", "1", "--cv-folds", "2", "--cv-seeds", "1",
+                     "--feature", "L-1_last", "--external", "L-2_mean", "--no-figures"], say=lambda *_: None)
+    rows = r["table1"]["rows"]["4"]
+    shot = per_prompt_rewards(root / "mbpp-test-5shot")
+    greedy = per_prompt_rewards(root / "mbpp-test-5shot-greedy")
+    assert rows["5-shot pass@1"]["mbpp_test"]["mean"] == pytest.approx(np.mean([np.mean(v) for v in shot.values()]))
+    assert rows["5-shot greedy"]["mbpp_test"]["mean"] == pytest.approx(np.mean([v[0] for v in greedy.values()]))
+    pk = np.mean([1 - math.comb(8 - int(sum(v)), 4) / math.comb(8, 4) for v in shot.values()])
+    assert rows["5-shot pass@4"]["mbpp_test"]["mean"] == pytest.approx(pk)
+    assert rows["5-shot + pg"]["mbpp_test"] is not None and rows["5-shot + pg"].get("humaneval") is None
+    assert r["table1"]["rows"]["8"]["5-shot + pg"]["mbpp_test"] is not None  # k = n = 8 of the 5-shot run
+    comp = r["table1"]["comparisons"]
+    assert comp["5shot+pg-5shot"]["mbpp_test"] is not None and comp["5shot+pg-5shot"].get("humaneval") is None
+
+    api = r["api_setting"]
+    assert set(api["splits"]) == {"mbpp_test", "humaneval_api"}
+    he = api["splits"]["humaneval_api"]
+    assert (he["n"], he["k"], he["problems"]) == (4, 4, 10)
+    apirew = per_prompt_rewards(root / "humaneval-api")
+    assert he["rows"]["pass@1"]["mean"] == pytest.approx(np.mean([np.mean(v) for v in apirew.values()]))
+    assert he["rows"]["pass@4"]["mean"] == pytest.approx(np.mean([max(v) for v in apirew.values()]))
+    for loss in ("mse", "ce", "pg"):
+        own, ext = he["rows"][f"{loss}, own states (L-1_last)"], he["rows"][f"{loss}, external (L-2_mean)"]
+        # the paired difference is the difference of the means over the same problems
+        assert he["own_minus_external"][loss][0] == pytest.approx(own["mean"] - ext["mean"])
+    md = (out / "REPORT.md").read_text()
+    assert "## API setting" in md and "HumanEval through the API server" in md
+    assert "Few-shot and Q-probe add up** (MBPP-test)" in md
+    summary = json.loads((tmp_path / "mbpp.json").read_text())["methods"]
+    assert {"5-shot greedy", "5-shot pass@1", "5-shot + pg"} <= set(summary)

@@ -16,8 +16,13 @@ SPLITS = {"mbpp_test": "MBPP-test", "humaneval": "HumanEval"}
 # Table 1 of the paper (Code-LLaMA-7B, k=48, beta=0.1, 464 MBPP-train problems): MBPP-test, HumanEval
 PAPER = {"pass@1": (0.29, 0.24), "greedy": (0.38, 0.30), "mse (fast)": (0.38, 0.29), "ce (fast)": (0.40, 0.32),
          "pg (fast)": (0.46, 0.34), "mse (paper)": (0.38, 0.29), "ce (paper)": (0.40, 0.32),
-         "pg (paper)": (0.46, 0.34), "pass@k": (0.76, 0.77), "5-shot pass@1": (0.42, 0.33),
-         "5-shot + pg": (0.52, 0.39)}
+         "pg (paper)": (0.46, 0.34), "pass@k": (0.76, 0.77),
+         "5-shot greedy": (0.42, 0.33), "5-shot + pg": (0.52, 0.39)}  # the paper's 5-shot row is greedy
+# Tables 2 and 5 (gpt-3.5 samples, k=48): probes on CodeLlama-70B states / on text-embedding-3-small,
+# MBPP-test and HumanEval; pass@1 0.65 / 0.54, pass@48 0.80 / 0.81.
+PAPER_API = {"mse": ((0.68, 0.57), (0.65, 0.54)), "ce": ((0.69, 0.64), (0.65, 0.54)),
+             "pg": ((0.69, 0.58), (0.66, 0.54))}
+SPLITS_ALL = {**SPLITS, "humaneval_api": "HumanEval through the API server"}
 COLLECT = "QPROBE=.venv/bin/qprobe bash benchmarks/repro/collect.sh runs/repro"
 
 
@@ -99,13 +104,23 @@ def claims(r: dict[str, Any]) -> list[str]:
         out.append(f"**Most of the gain with ~50 training prompts** (MBPP-test, pg): {v} — gain over pass@1 "
                    f"with {at} problems {fmt_ci(part['gain'], True)}, with {total} {fmt_ci(full['gain'], True)} "
                    f"(fraction {frac:.2f}; {f2['seeds']} seeds, each its own random subset).")
-    shot = [k for k in comp if k.startswith("5shot+pg-5shot")]
-    if not shot:
+    if not any(v is not None for v in comp.get("5shot+pg-5shot", {}).values()):
         out.append("**Few-shot and Q-probe add up**: not collected (no mbpp-test-5shot / humaneval-5shot runs).")
-    for name in shot:
-        s = next(iter(comp[name]))
-        out.append(f"**Few-shot and Q-probe add up** ({SPLITS[s]}): {verdict(comp[name][s])} — 5-shot + pg minus "
-                   f"5-shot {fmt_ci(comp[name][s], True)}.")
+    for s in splits:
+        add, over = comp.get("5shot+pg-5shot", {}).get(s), comp.get("5shot+pg-pg", {}).get(s)
+        if add is None:
+            continue
+        g5 = comp.get("5shot greedy-greedy", {}).get(s)
+        out.append(f"**Few-shot and Q-probe add up** ({SPLITS[s]}): {combine([verdict(add), verdict(over)])} — "
+                   f"5-shot + pg minus 5-shot pass@1 {fmt_ci(add, True)}, minus zero-shot pg {fmt_ci(over, True)}"
+                   + (f"; 5-shot greedy minus greedy {fmt_ci(g5, True)}" if g5 is not None else "") + ".")
+    api = r.get("api_setting", {}).get("splits", {})
+    for s, a in api.items():
+        diffs = a["own_minus_external"]
+        parts = [verdict(diffs[loss]) for loss in diffs]
+        out.append(f"**External embeddings help less than the generator's own states** ({SPLITS_ALL[s]}, k={a['k']}): "
+                   f"{combine(parts)} — own minus {r['api_setting']['external']} per loss: "
+                   + ", ".join(f"{loss} {fmt_ci(d, True)}" for loss, d in diffs.items()) + ".")
     f4 = r["figure4"]
     for s in ["mbpp_train", *splits]:
         if s not in f4.get("pg", {}):
@@ -126,8 +141,9 @@ def claims(r: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- markdown
-def method_table(rows: dict[str, Any], splits: list[str], paper: bool = True, extra: dict[str, str] | None = None) -> list[str]:
-    head = "| method |" + "".join(f" {SPLITS[s]} | gain vs pass@1 | gap closed |" for s in splits)
+def method_table(rows: dict[str, Any], splits: list[str], paper: bool = True, extra: dict[str, str] | None = None,
+                 names: dict[str, str] = SPLITS) -> list[str]:
+    head = "| method |" + "".join(f" {names[s]} | gain vs pass@1 | gap closed |" for s in splits)
     head += (" paper MBPP / HE |" if paper else "") + ("".join(f" {h} |" for h in extra) if extra else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, row in rows.items():
@@ -137,10 +153,34 @@ def method_table(rows: dict[str, Any], splits: list[str], paper: bool = True, ex
             gap = "n/a" if x is None or x["gap_closed"] is None else f"{x['gap_closed'][0]:.2f} [{x['gap_closed'][1]:.2f}, {x['gap_closed'][2]:.2f}]"
             line += f" {cell(x)} | {fmt_ci(x['gain'], True) if x else 'n/a'} | {gap} |"
         if paper:
-            key = "pass@k" if name.startswith("pass@") and name != "pass@1" else name.split(" [")[0]
+            key = "pass@k" if name.startswith("pass@") and name != "pass@1" else name
             line += f" {' / '.join(str(v) for v in PAPER[key])} |" if key in PAPER else " |"
         lines.append(line)
     return lines
+
+
+def api_markdown(r: dict[str, Any]) -> list[str]:
+    """The API-setting table (paper Tables 2 and 5): own states vs an external embedding."""
+    a = r.get("api_setting", {})
+    if not a.get("splits"):
+        return []
+    md = ["## API setting: the generator's own states vs an external embedding (paper Sec. 6.3, Tables 2 and 5)", "",
+          f"Probes trained on MBPP-train with the generator's own **{'+'.join(a['own'])}** or the external "
+          f"**{a['external']}** (all-MiniLM-L6-v2, mean-pooled over prompt+completion), {r['seeds']} seeds, beta="
+          f"{r['beta']}. The HumanEval-API run's samples came through llama-cpp-python's OpenAI-compatible server "
+          "(`--backend openai --backend-option serve=default`); its own states were added afterwards from the same "
+          "GGUF (`qprobe embed --backend llamacpp`). The paper: gpt-3.5 samples, CodeLlama-70B states (Table 2) or "
+          "text-embedding-3-small (Table 5), k=48.", ""]
+    for s, x in a["splits"].items():
+        md += [f"{SPLITS_ALL[s]} ({x['problems']} problems, n={x['n']}, k={x['k']}):", ""]
+        md += method_table(x["rows"], [s], paper=False, names=SPLITS_ALL)
+        md += ["", "| loss | own minus external (paired) | paper: CodeLlama-70B / OpenAI embedding, MBPP / HE |",
+               "|---|---|---|"]
+        for loss, d in x["own_minus_external"].items():
+            ext, emb = PAPER_API[loss]
+            md.append(f"| {loss} | {fmt_ci(d, True)} | {ext[0]} / {ext[1]} vs {emb[0]} / {emb[1]} |")
+        md.append("")
+    return md
 
 
 def markdown(r: dict[str, Any], results: Path) -> str:
@@ -161,6 +201,7 @@ def markdown(r: dict[str, Any], results: Path) -> str:
     for kk, rows in t1["rows"].items():
         md += [f"## Table 1 at k={kk}" + (" (headline)" if int(kk) == k else " (all samples)"), ""]
         md += method_table(rows, splits) + [""]
+    md += api_markdown(r)
     md += ["The paper's numbers are Code-LLaMA-7B with k=48 of 200 samples (its pass@k column is pass@48); "
            "ours are a 0.5B model with k of 16. Greedy rows use only problems present in the greedy run.", ""]
     f2 = r["figure2"]

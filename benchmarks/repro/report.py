@@ -31,6 +31,10 @@ from qprobe.evaluation.evaluate import paired_difference, summarize  # noqa: E40
 TESTS = {"mbpp_test": "mbpp-test", "humaneval": "humaneval"}
 GREEDY = {"mbpp_test": "mbpp-test-greedy", "humaneval": "humaneval-greedy"}
 FEWSHOT = {"mbpp_test": "mbpp-test-5shot", "humaneval": "humaneval-5shot"}
+FEWSHOT_GREEDY = {"mbpp_test": "mbpp-test-5shot-greedy", "humaneval": "humaneval-5shot-greedy"}
+# The API setting (paper Sec. 6.3): HumanEval samples through an OpenAI-compatible server, MiniLM
+# features, and the generator's own states added afterwards (collect.sh stage a).
+API = {"humaneval_api": "humaneval-api"}
 BETAS = (0.0, 0.01, 0.1, 1.0)
 TRAIN_SIZES = (5, 10, 20, 50, 100, 200, 464)
 
@@ -48,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cv-folds", type=int, default=4, help="folds of MBPP-train prompts for selection")
     ap.add_argument("--cv-seeds", type=int, default=2, help="seeds per fold for selection")
     ap.add_argument("--feature", default="auto", help="feature key(s) for Table 1, '+'-joined; auto = best by CV")
+    ap.add_argument("--external", default="Eminilm_mean", help="external-embedding feature key of the API-setting table")
     ap.add_argument("--no-figures", action="store_true")
     return ap.parse_args(argv)
 
@@ -63,14 +68,19 @@ class Experiment:
         self.tests = self._load(runs, TESTS, "test run")
         self.greedy = self._load(runs, GREEDY, "greedy run")
         self.fewshot = self._load(runs, FEWSHOT, "5-shot run")
-        evals = {**self.tests, **{f"{s}_5shot": sp for s, sp in self.fewshot.items()}}
+        self.fewshot_greedy = self._load(runs, FEWSHOT_GREEDY, "5-shot greedy run")
+        self.api = self._load(runs, API, "API-setting run")
+        evals = {**self.tests, **{f"{s}_5shot": sp for s, sp in self.fewshot.items()}, **self.api}
         self.fits = Fits(self.train, evals, args.k, args.beta)
         self.n = self.train.n
         self.k = min(args.k, self.n)
         self.ks = sorted({self.k, self.n})
         self.prompts = {s: sp.prompts() for s, sp in self.tests.items()}
-        self.p1 = {s: mean_reward_values(sp) for s, sp in self.tests.items()}
-        self.pk = {(s, k): pass_k_values(sp, k) for s, sp in self.tests.items() for k in range(1, self.n + 1)}
+        # Rows can be made on every split with its own pass@1 and pass@k (the API run among them).
+        own = {**self.tests, **self.api}
+        self.p1 = {s: mean_reward_values(sp) for s, sp in own.items()}
+        self.pk = {(s, k): pass_k_values(sp, k) for s, sp in own.items() for k in range(1, sp.n + 1)}
+        self.api_prompts = {s: sp.prompts() for s, sp in self.api.items()}
 
     def _load(self, runs: Path, names: dict[str, str], what: str) -> dict[str, Split]:
         out = {}
@@ -91,7 +101,7 @@ class Experiment:
         pass@1 on the same problems, and the fraction of the pass@1 -> pass@k gap it closes."""
         if values is None:
             return None
-        common = [p for p in self.prompts[split] if p in values]
+        common = [p for p in {**self.prompts, **self.api_prompts}[split] if p in values]
         if len(common) < 2:
             return None
         res = summarize("m", values, common)
@@ -153,10 +163,7 @@ def table1(ex: Experiment, key: tuple[str, ...]) -> dict[str, Any]:
                 m = Method(loss, loss=loss, recipe=recipe, keys=key)
                 rows[f"{loss} ({recipe})"] = ex.method_rows(m, seeds, k, beta)
         rows[f"pass@{k}"] = {s: ex.row(s, ex.pk[(s, k)], k) for s in ex.tests}
-        for s, shot in ex.fewshot.items():
-            rows[f"5-shot pass@1 [{s}]"] = {s: ex.row(s, mean_reward_values(shot), k)}
-            pg = ex.fits.values(Method("pg", loss="pg", keys=key), a.seeds, f"{s}_5shot", k, beta)
-            rows[f"5-shot + pg [{s}]"] = {s: ex.row(s, pg, k)}
+        rows.update(fewshot_rows(ex, key, k))
         out[str(k)] = rows
     fast = {loss: {s: ex.fits.values(Method(loss, loss=loss, keys=key), a.seeds, s, ex.k, beta) for s in ex.tests}
             for loss in LOSSES}
@@ -167,12 +174,66 @@ def table1(ex: Experiment, key: tuple[str, ...]) -> dict[str, Any]:
         "greedy-pass@1": {s: ex.paired(mean_reward_values(ex.greedy[s]), ex.p1[s]) if s in ex.greedy else None
                           for s in ex.tests},
     }
-    for s, shot in ex.fewshot.items():
-        pg = ex.fits.values(Method("pg", loss="pg", keys=key), a.seeds, f"{s}_5shot", ex.k, beta)
-        comparisons[f"5shot+pg-5shot [{s}]"] = {s: ex.paired(pg, mean_reward_values(shot))}
-        comparisons[f"5shot+pg-pg [{s}]"] = {s: ex.paired(pg, fast["pg"][s])}
+    pg5 = {s: ex.fits.values(Method("pg", loss="pg", keys=key), a.seeds, f"{s}_5shot", ex.k, beta)
+           if ex.k <= shot.n else None for s, shot in ex.fewshot.items()}
+    greedy5 = {s: mean_reward_values(g) for s, g in ex.fewshot_greedy.items()}
+    comparisons.update({
+        "5shot greedy-greedy": {s: ex.paired(greedy5[s], mean_reward_values(ex.greedy[s]))
+                                if s in greedy5 and s in ex.greedy else None for s in ex.tests},
+        "5shot pass@1-pass@1": {s: ex.paired(mean_reward_values(ex.fewshot[s]), ex.p1[s]) if s in ex.fewshot else None
+                                for s in ex.tests},
+        "5shot+pg-5shot": {s: ex.paired(pg5.get(s), mean_reward_values(ex.fewshot[s])) if s in ex.fewshot else None
+                           for s in ex.tests},
+        "5shot+pg-pg": {s: ex.paired(pg5.get(s), fast["pg"][s]) for s in ex.tests},
+        "5shot+pg-5shot greedy": {s: ex.paired(pg5.get(s), greedy5.get(s)) for s in ex.tests},
+    })
     return {"rows": out, "comparisons": comparisons, "paper_seeds": paper_seeds,
             "fewshot": sorted(ex.fewshot)}
+
+
+def fewshot_rows(ex: Experiment, key: tuple[str, ...], k: int) -> dict[str, Any]:
+    """Table 1's few-shot rows at k: 5 successful MBPP-train completions in context, greedy (the
+    paper's "5-shot on successes"), sampled (pass@1, pass@k) and reranked by a pg probe trained on
+    zero-shot MBPP-train samples; gains are against the zero-shot pass@1 of the same problems."""
+    if not ex.fewshot and not ex.fewshot_greedy:
+        return {}
+    shots = {s: sp for s, sp in ex.fewshot.items() if k <= sp.n}
+    pg = Method("pg", loss="pg", keys=key)
+    return {
+        "5-shot greedy": {s: ex.row(s, mean_reward_values(ex.fewshot_greedy[s]), k) if s in ex.fewshot_greedy else None
+                          for s in ex.tests},
+        "5-shot pass@1": {s: ex.row(s, mean_reward_values(shots[s]), k) if s in shots else None for s in ex.tests},
+        "5-shot + pg": {s: ex.row(s, ex.fits.values(pg, ex.args.seeds, f"{s}_5shot", k, ex.args.beta), k)
+                        if s in shots else None for s in ex.tests},
+        f"5-shot pass@{k}": {s: ex.row(s, pass_k_values(shots[s], k), k) if s in shots else None for s in ex.tests},
+    }
+
+
+def api_setting(ex: Experiment, key: tuple[str, ...]) -> dict[str, Any]:
+    """Paper Sec. 6.3 / Tables 2 and 5: the same samples scored by probes on the generator's own
+    states (`key`) and on an external embedding (MiniLM), each loss, trained on MBPP-train; the
+    paired own-minus-external difference per problem. On the API run (samples through the
+    OpenAI-compatible server) and on the direct runs where they carry the external feature."""
+    external = ex.args.external
+    if external not in ex.train.keys:
+        return {"note": f"MBPP-train has no {external} feature", "splits": {}}
+    out: dict[str, Any] = {}
+    splits = {**ex.tests, **ex.api}
+    for s, sp in splits.items():
+        if external not in sp.keys or not set(key) <= set(sp.keys):
+            continue
+        k = min(ex.k, sp.n)
+        rows: dict[str, Any] = {"pass@1": ex.row(s, ex.p1[s], k)}
+        diffs: dict[str, Any] = {}
+        for loss in LOSSES:
+            own = ex.fits.values(Method(loss, loss=loss, keys=key), ex.args.seeds, s, k, ex.args.beta)
+            ext = ex.fits.values(Method(loss, loss=loss, keys=(external,)), ex.args.seeds, s, k, ex.args.beta)
+            rows[f"{loss}, own states ({'+'.join(key)})"] = ex.row(s, own, k)
+            rows[f"{loss}, external ({external})"] = ex.row(s, ext, k)
+            diffs[loss] = ex.paired(own, ext)
+        rows[f"pass@{k}"] = ex.row(s, ex.pk[(s, k)], k)
+        out[s] = {"k": k, "n": sp.n, "problems": len(sp.prompts()), "rows": rows, "own_minus_external": diffs}
+    return {"own": list(key), "external": external, "splits": out}
 
 
 def figure2(ex: Experiment, key: tuple[str, ...]) -> dict[str, Any]:
@@ -330,6 +391,7 @@ def main(argv: list[str] | None = None, say: Any = print) -> dict[str, Any]:
         "argv": sys.argv[1:] if argv is None else list(argv), "runs": str(args.runs),
     }
     report["table1"] = timed("table 1", table1, ex, key)
+    report["api_setting"] = timed("API setting", api_setting, ex, key)
     report["figure2"] = timed("figure 2", figure2, ex, key)
     report["figure3"] = timed("figure 3", figure3, ex, key)
     report["figure4"] = timed("figure 4", figure4, ex, key)
