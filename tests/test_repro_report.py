@@ -98,6 +98,9 @@ def test_report_end_to_end(runs: Path, tmp_path: Path) -> None:
     train = per_prompt_rewards(runs / "mbpp-train")
     assert r["push_past"]["cv_baselines"]["pass@1"] == pytest.approx(np.mean([np.mean(v) for v in train.values()]))
     assert "pg, concat" in " ".join(r["push_past"]["rows"])
+    cons = r["consensus"]
+    assert cons["best"] in cons["cv"] and cons["kinds"] == ["text", "L-1_last"]
+    assert all(row["mbpp_test"] is not None for row in cons["rows"].values())
     md = (out / "REPORT.md").read_text()
     assert "## Table 1 at k=4 (headline)" in md and "L_PG > L_CE > L_Q" in md and "not collected" in md
     assert json.loads((out / "report.json").read_text())["k"] == 4
@@ -151,3 +154,46 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     assert "Few-shot and Q-probe add up** (MBPP-test)" in md
     summary = json.loads((tmp_path / "mbpp.json").read_text())["methods"]
     assert {"5-shot greedy", "5-shot pass@1", "5-shot + pg"} <= set(summary)
+
+
+def load_consensus():
+    sys.path.insert(0, str(REPRO))
+    spec = importlib.util.spec_from_file_location("repro_consensus", REPRO / "consensus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_consensus_return_against_brute_force(k: int, beta: float) -> None:
+    """Exact enumeration of every k-subset, written out the slow way; lam = 0 is the plain probe."""
+    from itertools import combinations
+
+    from qprobe.metrics import expected_return
+
+    c = load_consensus()
+    rng = np.random.default_rng(k)
+    n = 6
+    q, r = np.round(rng.normal(size=n), 1), rng.integers(0, 2, size=n).astype(float)  # rounded: ties happen
+    sim = rng.uniform(size=(n, n))
+    sim = (sim + sim.T) / 2
+    for lam in (0.0, 0.5, 100.0):
+        total = []
+        for subset in combinations(range(n), k):
+            score = [q[i] + (lam * sum(sim[i, j] for j in subset if j != i) / (k - 1) if k > 1 else 0.0)
+                     for i in subset]
+            if beta == 0:
+                top = [i for i, s in zip(subset, score) if s == max(score)]
+                total.append(sum(r[i] for i in top) / len(top))
+            else:
+                w = np.exp((np.array(score) - max(score)) / beta)
+                total.append(float(w @ r[list(subset)] / w.sum()))
+        assert c.consensus_return(q, sim, r, k, beta, lam) == pytest.approx(np.mean(total), abs=1e-12)
+    assert c.consensus_return(q, sim, r, k, beta, 0.0) == pytest.approx(expected_return(q, r, k, beta), abs=1e-9)
+
+
+def test_jaccard_literal() -> None:
+    c = load_consensus()
+    s = c.jaccard(["a = b + 1", "a = b", "x"])
+    assert s[0, 1] == pytest.approx(3 / 5) and s[0, 2] == 0.0 and np.allclose(np.diag(s), 1.0)

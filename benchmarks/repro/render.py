@@ -183,6 +183,29 @@ def api_markdown(r: dict[str, Any]) -> list[str]:
     return md
 
 
+def consensus_markdown(r: dict[str, Any], splits: list[str]) -> list[str]:
+    """benchmarks/repro/consensus.py: probe value plus agreement with the other candidates."""
+    c = r.get("consensus")
+    if not c:
+        return []
+    k = r["k"]
+    md = ["### Q-probe + consensus among the candidates (consensus.py)", "",
+          "Score of candidate i in its set S: Q(x, a_i) + lam * mean similarity to the other members of S "
+          "(Jaccard of token sets, or cosine of centred features); expected return exact over all "
+          f"k-subsets. lam and similarity chosen by {c['criterion']}: **{c['best']}** (CV "
+          f"{c['cv'][c['best']]:.4f}; lam=0, the plain pg probe: "
+          + ", ".join(f"{kd} {c['cv'][f'{kd} lam=0']:.4f}" for kd in c["kinds"][:1]) + "). "
+          "\"only\" rows drop the probe (lam large, no training: self-consistency / MBR).", ""]
+    md += method_table(c["rows"], splits, paper=False)
+    chosen = next(iter(c["rows"].values()))
+    closed = {s: chosen[s]["gap_closed"][0] for s in splits if chosen.get(s) and chosen[s]["gap_closed"]}
+    md += ["", f"Gap closed at k={k} by the CV-chosen setting: "
+           + ", ".join(f"{SPLITS[s]} {v:.2f}" for s, v in closed.items())
+           + (" — the goal (0.5) is reached on " + ", ".join(SPLITS[s] for s, v in closed.items() if v >= 0.5)
+              if any(v >= 0.5 for v in closed.values()) else " — the goal (0.5) is not reached") + ".", ""]
+    return md
+
+
 def markdown(r: dict[str, Any], results: Path) -> str:
     splits, t1, k = list(r["test_prompts"]), r["table1"], r["k"]
     argv = " ".join(shlex.quote(a) for a in r["argv"])
@@ -254,6 +277,7 @@ def markdown(r: dict[str, Any], results: Path) -> str:
     md += ["", f"Chosen by CV: **{pp['best']}** — MBPP-test gap closed "
            + (f"{best['gap_closed'][0]:.2f}" if best and best["gap_closed"] else "n/a")
            + (": the goal is reached." if reached else ": the goal (0.5) is not reached."), ""]
+    md += consensus_markdown(r, splits)
     tm = r["timings"]
     md += ["## Runtime", "", ", ".join(f"{n} {v:.0f} s" for n, v in tm.items() if n != "probes_fitted")
            + f"; {tm['probes_fitted']} probe trainings cached (1 torch thread).", "",
