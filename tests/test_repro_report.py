@@ -99,7 +99,7 @@ def test_report_end_to_end(runs: Path, tmp_path: Path) -> None:
     assert r["push_past"]["cv_baselines"]["pass@1"] == pytest.approx(np.mean([np.mean(v) for v in train.values()]))
     assert "pg, concat" in " ".join(r["push_past"]["rows"])
     cons = r["consensus"]
-    assert cons["best"] in cons["cv"] and cons["kinds"] == ["text", "L-1_last"]
+    assert cons["best"] in cons["cv"] and cons["kinds"] == ["text", *r["feature"]]
     assert all(row["mbpp_test"] is not None for row in cons["rows"].values())
     md = (out / "REPORT.md").read_text()
     assert "## Table 1 at k=4 (headline)" in md and "L_PG > L_CE > L_Q" in md and "not collected" in md
@@ -184,7 +184,7 @@ def test_consensus_return_against_brute_force(k: int, beta: float) -> None:
             score = [q[i] + (lam * sum(sim[i, j] for j in subset if j != i) / (k - 1) if k > 1 else 0.0)
                      for i in subset]
             if beta == 0:
-                top = [i for i, s in zip(subset, score) if s == max(score)]
+                top = [i for i, s in zip(subset, score, strict=True) if s == max(score)]
                 total.append(sum(r[i] for i in top) / len(top))
             else:
                 w = np.exp((np.array(score) - max(score)) / beta)
