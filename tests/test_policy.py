@@ -96,3 +96,37 @@ def test_demo_on_fake_end_to_end(tmp_path: Path) -> None:
     before = {p: p.stat().st_mtime for p in tmp_path.rglob("*.parquet")}
     run_demo(cfg, say=lines.append, progress=False)
     assert {p: p.stat().st_mtime for p in tmp_path.rglob("*.parquet")} == before
+
+
+def test_jaccard_and_agreement_literal() -> None:
+    from qprobe.policy.consensus import agreement, jaccard_matrix
+
+    s = jaccard_matrix(["a = b + 1", "a = b", "x", ""])
+    assert s[0, 1] == pytest.approx(3 / 5) and s[0, 2] == 0.0 and s[3, 3] == 0.0
+    np.testing.assert_allclose(np.diag(s)[:3], 1.0)
+    np.testing.assert_allclose(agreement(s[:3, :3]), [(0.6 + 0) / 2, (0.6 + 0) / 2, 0.0])
+    np.testing.assert_allclose(agreement(np.ones((1, 1))), [0.0])  # one candidate: nothing to agree with
+    batch = np.stack([s[:3, :3], np.eye(3)])  # [2, 3, 3]
+    np.testing.assert_allclose(agreement(batch)[1], 0.0)
+
+
+def test_consensus_policy_adds_agreement_to_the_probe_value() -> None:
+    from qprobe.policy.consensus import agreement, jaccard_matrix
+
+    be = FakeBackend()
+    plain = QProbePolicy(be, DotProbe(spec()), PolicyConfig(k=5), SamplingConfig(), rng=np.random.default_rng(0))
+    both = QProbePolicy(be, DotProbe(spec()), PolicyConfig(k=5, consensus=2.0), SamplingConfig(),
+                        rng=np.random.default_rng(0))
+    a, b = plain(Prompt(id="p", text="x")), both(Prompt(id="p", text="x"))
+    texts = [c.text for c in a.candidates]
+    assert texts == [c.text for c in b.candidates]  # same draws
+    want = np.array([c.score for c in a.candidates]) + 2.0 * agreement(jaccard_matrix(texts))
+    np.testing.assert_allclose([c.score for c in b.candidates], want)
+    assert b.index == int(np.argmax(want))
+
+
+@pytest.mark.parametrize("kw", [dict(consensus=-1.0), dict(consensus=float("nan")),
+                                dict(consensus=1.0, mode="rejection", beta=0.5)])
+def test_bad_consensus_config(kw: dict) -> None:
+    with pytest.raises(ConfigError):
+        PolicyConfig(**kw)

@@ -191,9 +191,3 @@ def test_consensus_return_against_brute_force(k: int, beta: float) -> None:
                 total.append(float(w @ r[list(subset)] / w.sum()))
         assert c.consensus_return(q, sim, r, k, beta, lam) == pytest.approx(np.mean(total), abs=1e-12)
     assert c.consensus_return(q, sim, r, k, beta, 0.0) == pytest.approx(expected_return(q, r, k, beta), abs=1e-9)
-
-
-def test_jaccard_literal() -> None:
-    c = load_consensus()
-    s = c.jaccard(["a = b + 1", "a = b", "x"])
-    assert s[0, 1] == pytest.approx(3 / 5) and s[0, 2] == 0.0 and np.allclose(np.diag(s), 1.0)

@@ -68,3 +68,29 @@ def test_errors_are_one_line(fake_run: Path, tmp_path: Path, capsys: pytest.Capt
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_select_answers_with_the_trained_probe(fake_run: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`qprobe select` end to end on the fake back-end: k candidates scored, the argmax chosen, with
+    and without the consensus term; a bad combination is one line and exit 2."""
+    from qprobe.policy.consensus import agreement, jaccard_matrix
+
+    probe = tmp_path / "probe"
+    assert invoke(["train", "--run", str(fake_run), "--loss", "pg", "--out", str(probe), "--feature", "-1:last"]).exit_code == 0
+    picks = {}
+    for w in ("0", "3"):
+        res = invoke(["select", "--probe", str(probe), "--prompt", "def f(x):", "-k", "5", "--json", "--consensus", w])
+        assert res.exit_code == 0, res.output
+        sel = json.loads(res.output.strip().splitlines()[0])
+        scores = [c["score"] for c in sel["candidates"]]
+        assert len(scores) == 5 and sel["index"] == scores.index(max(scores))
+        picks[w] = sel
+    texts = [c["text"] for c in picks["0"]["candidates"]]
+    want = [c["score"] for c in picks["0"]["candidates"]] + 3 * agreement(jaccard_matrix(texts))
+    assert [c["score"] for c in picks["3"]["candidates"]] == pytest.approx(list(want))
+    with pytest.raises(SystemExit) as exc:
+        main(["select", "--probe", str(probe), "--prompt", "x", "--rejection", "--beta", "0.5", "--consensus", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "consensus" in err and len(err.strip().splitlines()) == 1

@@ -10,12 +10,12 @@ the score depends on the set, the closed forms of `qprobe.metrics` do not apply:
 over random k-subsets of a prompt's n samples is computed exactly by enumerating all C(n, k) subsets
 (12,870 for 8 of 16). `sim` is the Jaccard similarity of the completions' token sets ("text") or the
 cosine of within-prompt centred features (a feature key). lam and sim are chosen by cross-validation
-over MBPP-train prompts with out-of-fold probe values, never on test numbers.
+over MBPP-train prompts with out-of-fold probe values, never on test numbers. The policy's side of
+it (`PolicyConfig(consensus=lam)`, `qprobe select --consensus LAM`) is `qprobe.policy.consensus`.
 """
 
 from __future__ import annotations
 
-import re
 from functools import cache
 from itertools import combinations
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from qprobe.metrics import _policy_probs
+from qprobe.policy.consensus import agreement, jaccard_matrix
 
 LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
 ONLY = 100.0  # "consensus only": the probe value is a tie-breaker
@@ -32,16 +33,6 @@ ONLY = 100.0  # "consensus only": the probe value is a tie-breaker
 def subsets(n: int, k: int) -> np.ndarray:
     """All k-subsets of range(n) as rows [C(n, k), k]."""
     return np.array(list(combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
-
-
-def tokens(text: str) -> frozenset[str]:
-    return frozenset(re.findall(r"\w+|[^\w\s]", text))
-
-
-def jaccard(texts: list[str]) -> np.ndarray:
-    """[n, n] Jaccard similarity of the token sets (diagonal 1)."""
-    sets = [tokens(t) for t in texts]
-    return np.array([[len(a & b) / max(1, len(a | b)) for b in sets] for a in sets])
 
 
 def cosine(x: np.ndarray) -> np.ndarray:
@@ -57,12 +48,8 @@ def consensus_return(q: np.ndarray, sim: np.ndarray, r: np.ndarray, k: int, beta
     n = q.size
     k = min(k, n)
     idx = subsets(n, k)  # [M, k]
-    if k > 1 and lam != 0.0:
-        pair = sim[idx[:, :, None], idx[:, None, :]]  # [M, k, k]
-        agree = (pair.sum(axis=2) - sim[idx, idx]) / (k - 1)  # [M, k]
-    else:
-        agree = np.zeros(idx.shape)
-    score = q[idx] + lam * agree  # [M, k]
+    agree = agreement(sim[idx[:, :, None], idx[:, None, :]]) if lam else np.zeros(idx.shape)  # [M, k]
+    score = q[idx] + lam * agree  # [M, k], as qprobe.policy.consensus.consensus_scores on each set
     return float((_policy_probs(score, beta) * r[idx]).sum(axis=1).mean())
 
 
@@ -78,7 +65,7 @@ class Similarities:
             if kind == "text":
                 table = self.split.cache.run.table(["completion"]).column("completion").to_pylist()
                 texts = [table[i] for i in self.split.cache.rows[self.split.index]]
-                self.cache[kind] = {p: jaccard([texts[i] for i in rows]) for p, rows in self.rows.items()}
+                self.cache[kind] = {p: jaccard_matrix([texts[i] for i in rows]) for p, rows in self.rows.items()}
             else:
                 x = self.split.features((kind,))
                 self.cache[kind] = {p: cosine(x[rows]) for p, rows in self.rows.items()}

@@ -64,6 +64,8 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, json_out):
 @click.option("-k", "k", default=8, show_default=True, help="Candidates sampled per prompt.")
 @click.option("--beta", default=0.0, show_default=True, help="Selection temperature (0 = argmax).")
 @click.option("--rejection", is_flag=True, help="Rejection-sampling variant (section 4.2) instead of best-of-k.")
+@click.option("--consensus", default=0.0, show_default=True,
+              help="Add this weight x the candidate's mean token-set similarity to the other candidates to Q (0 = off).")
 @click.option("--backend", default=None, help="Back-end (default: the one the probe's features came from).")
 @click.option("--model", default=None, help="Model (default: the back-end's default; must match the probe's weights).")
 @click.option("--raw", is_flag=True, help="Send the prompt as plain text to continue, not as a chat message.")
@@ -72,7 +74,7 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, json_out):
 @click.option("--max-new-tokens", default=300, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print every candidate with its score and probability, as JSON lines.")
-def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, backend, model, raw, temperature, top_p,
+def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, consensus, backend, model, raw, temperature, top_p,
                max_new_tokens, seed, as_json):
     """Answer prompts with the Q-probe policy: sample k, score each with the probe, pick one."""
     import numpy as np
@@ -92,9 +94,9 @@ def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, backend
     name = backend or probe.feature_spec_.backend
     options = {} if model is None else {"model": model}
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    config = PolicyConfig(k=k, beta=beta, mode="rejection" if rejection else "softmax", consensus=consensus)
     with BACKENDS.create(name, **options) as be:
-        policy = QProbePolicy(be, probe, PolicyConfig(k=k, beta=beta, mode="rejection" if rejection else "softmax"),
-                              sampling, rng=np.random.default_rng(seed))
+        policy = QProbePolicy(be, probe, config, sampling, rng=np.random.default_rng(seed))
         for p in prompts:
             sel = policy(p)
             if as_json:

@@ -15,6 +15,7 @@ from qprobe.errors import ConfigError
 from qprobe.features import make_embedder
 from qprobe.features.spec import FeatureRequest, FeatureSpec
 from qprobe.generation.base import SamplingConfig, sample_seed
+from qprobe.policy.consensus import consensus_scores
 from qprobe.tasks.base import Prompt
 
 
@@ -55,13 +56,15 @@ class Selection:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """k candidates, temperature beta; mode 'softmax' (4.1) or 'rejection' (4.2)."""
+    """k candidates, temperature beta; mode 'softmax' (4.1) or 'rejection' (4.2); `consensus`: the
+    weight of the candidates' agreement added to Q (policy/consensus.py; softmax mode only)."""
 
     k: int = 8
     beta: float = 0.0
     mode: str = "softmax"
     q_max: float | None = None  # rejection: an upper bound M on Q (default: the largest Q seen)
     max_rounds: int = 8  # rejection: give up after this many batches of k (then take the argmax)
+    consensus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -72,6 +75,11 @@ class PolicyConfig:
             raise ConfigError(f"expected mode 'softmax' or 'rejection', got '{self.mode}'")
         if self.mode == "rejection" and self.beta == 0:
             raise ConfigError("expected beta > 0 for rejection sampling (accept with exp((Q - M) / beta)); use mode softmax for argmax")
+        if not (self.consensus >= 0 and np.isfinite(self.consensus)):
+            raise ConfigError(f"expected a consensus weight >= 0, got {self.consensus}")
+        if self.consensus and self.mode == "rejection":
+            raise ConfigError("expected mode softmax with a consensus weight (agreement needs the whole set of k), "
+                              "got mode rejection; drop one of them")
 
 
 class QProbePolicy:
@@ -113,7 +121,7 @@ class QProbePolicy:
         if self.config.mode == "rejection":
             return self._rejection(prompt, text)
         comps = self._draw(prompt, text, 0)
-        q = self._scores(text, comps)
+        q = consensus_scores(self._scores(text, comps), [c.text for c in comps], self.config.consensus)  # [k]
         p = selection_probs(q, self.config.beta)
         i = int(self.rng.choice(len(p), p=p))
         return Selection(prompt.id, comps[i].text, i, _candidates(comps, q, p), draws=len(comps))
