@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("openai")
 
+from openai_stub import completion, send_json  # noqa: E402
+
 from qprobe.errors import BackendError, ConfigError  # noqa: E402
 from qprobe.features.spec import FeatureRequest  # noqa: E402
 from qprobe.generation.base import SamplingConfig  # noqa: E402
@@ -45,25 +47,12 @@ class _Handler(BaseHTTPRequestHandler):
         s["bodies"].append(body)
         if s["fail"] > 0:
             s["fail"] -= 1
-            self._send(s["status"], {"error": {"message": "busy"}})
+            send_json(self, s["status"], {"error": {"message": "busy"}})
             return
         text = f"seed{body['seed']} STOP tail"
-        if self.path.endswith("/chat/completions"):
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": "length"}
-        self._send(200, {
-            "id": "x", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
-        })  # fmt: skip
-
-    def _send(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        finish = "stop" if self.path.endswith("/chat/completions") else "length"
+        usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+        send_json(self, 200, completion(self.path, body["model"], text, finish, usage))
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from click.testing import CliRunner
 
 pytest.importorskip("openai")
 
+from openai_stub import completion, send_json  # noqa: E402
+
 from qprobe.cli.main import cli  # noqa: E402
 from qprobe.errors import ConfigError, StoreError  # noqa: E402
 from qprobe.generation import models, server  # noqa: E402
@@ -44,24 +46,11 @@ class _Stub(BaseHTTPRequestHandler):
             inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
             data = [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 2.0, 3.0]}
                     for i, t in enumerate(inputs)]
-            self._send({"object": "list", "data": data, "model": body["model"],
-                        "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+            send_json(self, 200, {"object": "list", "data": data, "model": body["model"],
+                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
             return
-        text = f"    return {body['seed'] % 7}"
-        if self.path.endswith("/chat/completions"):
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": "stop"}
-        self._send({"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
-                    "choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
-
-    def _send(self, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        send_json(self, 200, completion(self.path, body["model"], f"    return {body['seed'] % 7}", "stop", usage))
 
 
 @pytest.fixture
