@@ -20,12 +20,17 @@ from qprobe.store.collect import CollectConfig, collect  # noqa: E402
 REPRO = Path(__file__).resolve().parents[1] / "benchmarks" / "repro"
 
 
-def load_report():
+def load_module(name: str):
+    """benchmarks/repro/NAME.py (its folder on sys.path, as when it runs as a script)."""
     sys.path.insert(0, str(REPRO))
-    spec = importlib.util.spec_from_file_location("repro_report", REPRO / "report.py")
+    spec = importlib.util.spec_from_file_location(f"repro_{name}", REPRO / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_report():
+    return load_module("report")
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +161,6 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     assert {"5-shot greedy", "5-shot pass@1", "5-shot + pg"} <= set(summary)
 
 
-def load_consensus():
-    sys.path.insert(0, str(REPRO))
-    spec = importlib.util.spec_from_file_location("repro_consensus", REPRO / "consensus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("beta", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_consensus_return_against_brute_force(k: int, beta: float) -> None:
@@ -172,7 +169,7 @@ def test_consensus_return_against_brute_force(k: int, beta: float) -> None:
 
     from qprobe.metrics import expected_return
 
-    c = load_consensus()
+    c = load_module("consensus")
     rng = np.random.default_rng(k)
     n = 6
     q, r = np.round(rng.normal(size=n), 1), rng.integers(0, 2, size=n).astype(float)  # rounded: ties happen
