@@ -156,6 +156,7 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
         assert he["own_minus_external"][loss][0] == pytest.approx(own["mean"] - ext["mean"])
     md = (out / "REPORT.md").read_text()
     assert "## API setting" in md and "HumanEval through the API server" in md
+    assert f"| pg, own states (L-1_last) | {he['rows']['pg, own states (L-1_last)']['mean']:.3f} [" in md
     assert "Few-shot and Q-probe add up** (MBPP-test)" in md
     summary = json.loads((tmp_path / "mbpp.json").read_text())["methods"]
     assert {"5-shot greedy", "5-shot pass@1", "5-shot + pg"} <= set(summary)

@@ -25,7 +25,7 @@ import numpy as np
 from qprobe.metrics import _policy_probs
 from qprobe.policy.consensus import agreement, jaccard_matrix
 
-LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
+LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 ONLY = 100.0  # "consensus only": the probe value is a tie-breaker
 
 

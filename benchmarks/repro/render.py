@@ -173,7 +173,7 @@ def api_markdown(r: dict[str, Any]) -> list[str]:
           "text-embedding-3-small (Table 5), k=48.", ""]
     for s, x in a["splits"].items():
         md += [f"{SPLITS_ALL[s]} ({x['problems']} problems, n={x['n']}, k={x['k']}):", ""]
-        md += method_table(x["rows"], [s], paper=False, names=SPLITS_ALL)
+        md += method_table({name: {s: row} for name, row in x["rows"].items()}, [s], paper=False, names=SPLITS_ALL)
         md += ["", "| loss | own minus external (paired) | paper: CodeLlama-70B / OpenAI embedding, MBPP / HE |",
                "|---|---|---|"]
         for loss, d in x["own_minus_external"].items():
