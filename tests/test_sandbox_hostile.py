@@ -295,6 +295,24 @@ def test_no_view_of_host_processes(host):
     assert host["results"]["see_host_processes"].status == "passed"
 
 
+def _parent(pid: str) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[1]  # the field after the state; the name may hold spaces
+
+
+def _ours(pid: str) -> bool:
+    """A descendant of this test process (another program's sandbox on the machine is not ours)."""
+    me, seen = str(os.getpid()), 0
+    while pid and pid != "0" and seen < 64:
+        if pid == me:
+            return True
+        pid, seen = _parent(pid), seen + 1
+    return False
+
+
 def _sandbox_processes() -> list[str]:
     out = []
     for name in os.listdir("/proc"):
@@ -303,7 +321,8 @@ def _sandbox_processes() -> list[str]:
                 cmd = Path(f"/proc/{name}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"_sandbox_worker.py" in cmd:
+            # ours, or orphaned (re-parented to init): another program's live sandbox is not counted
+            if b"_sandbox_worker.py" in cmd and (_ours(name) or _parent(name) == "1"):
                 out.append(name)
     return out
 
