@@ -50,6 +50,7 @@ from qprobe.generation.hf_load import (
     decoder_blocks,
     encode_prompt,
     final_norm,
+    kv_cache,
     load_causal_lm,
 )
 
@@ -200,7 +201,7 @@ class TransformersEmbedder(Embedder):
         dev = self.lm.device
         p_ids = torch.tensor([prompt], device=dev)  # [1, P]
         cache = DynamicCache(config=self.lm.model.config)
-        got = cap.run(lambda: base(input_ids=p_ids, past_key_values=cache, use_cache=True))
+        got = cap.run(lambda: base(input_ids=p_ids, **kv_cache(base, cache), use_cache=True))
         last_prompt = {i: _f32(h[0, -1:]) for i, h in got.items()}  # [1, d]
         P = len(prompt)
         for start in range(0, len(comps), self.batch_size):
@@ -223,7 +224,7 @@ class TransformersEmbedder(Embedder):
                         input_ids=ids,
                         attention_mask=mask,
                         position_ids=pos,
-                        past_key_values=kv,
+                        **kv_cache(base, kv),
                         use_cache=True,
                     )
                 )

@@ -28,7 +28,7 @@ from typing import Any
 
 from qprobe.errors import ConfigError
 from qprobe.generation.base import Backend, Completion, SamplingConfig
-from qprobe.generation.hf_load import LoadedLM, encode_prompt, load_causal_lm
+from qprobe.generation.hf_load import LoadedLM, encode_prompt, kv_cache, load_causal_lm
 from qprobe.tasks.base import Prompt
 
 TOP_K = 512  # candidates sorted for nucleus sampling before any full sort
@@ -105,7 +105,7 @@ class TransformersBackend(Backend):
         with torch.inference_mode():
             cache = DynamicCache(config=model.config)
             ids = torch.tensor([prompt], device=dev)  # [1, P]
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=ids, **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits
             logits = logits[:, -1].float().expand(k, -1)  # [k, V]
             cache.batch_repeat_interleave(k)
             alive = list(range(k))  # sample index of each batch row
@@ -134,7 +134,7 @@ class TransformersBackend(Backend):
                 step_ids = nxt.view(-1, 1).to(dev)  # [b, 1]
                 positions = torch.full_like(step_ids, pos)
                 logits = (
-                    model(input_ids=step_ids, position_ids=positions, past_key_values=cache, use_cache=True)
+                    model(input_ids=step_ids, position_ids=positions, **kv_cache(model, cache), use_cache=True)
                     .logits[:, -1]
                     .float()
                 )  # [b, V]

@@ -48,6 +48,15 @@ class LoadedLM:
         return {"model": self.name, "sha256": self.sha256, "dtype": self.dtype, "device": self.device}
 
 
+def kv_cache(model: Any, cache: Any) -> dict[str, Any]:
+    """The key-value cache as `forward` takes it: `cache=` in transformers 5 (which warns on the old
+    name), `past_key_values=` before."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def cache_root() -> Path:
     """`$QPROBE_CACHE` or `~/.cache/qprobe`."""
     return Path(os.environ.get("QPROBE_CACHE") or Path.home() / ".cache" / "qprobe")
