@@ -130,3 +130,49 @@ def test_consensus_policy_adds_agreement_to_the_probe_value() -> None:
 def test_bad_consensus_config(kw: dict) -> None:
     with pytest.raises(ConfigError):
         PolicyConfig(**kw)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_consensus_return_against_brute_force(k: int, beta: float) -> None:
+    """Exact enumeration of every k-subset, written out the slow way; lam = 0 is the plain probe."""
+    from itertools import combinations
+
+    from qprobe.evaluation.consensus import consensus_return
+    from qprobe.metrics import expected_return
+
+    rng = np.random.default_rng(k)
+    n = 6
+    q, r = np.round(rng.normal(size=n), 1), rng.integers(0, 2, size=n).astype(float)  # rounded: ties happen
+    sim = rng.uniform(size=(n, n))
+    sim = (sim + sim.T) / 2
+    for lam in (0.0, 0.5, 100.0):
+        total = []
+        for subset in combinations(range(n), k):
+            score = [q[i] + (lam * sum(sim[i, j] for j in subset if j != i) / (k - 1) if k > 1 else 0.0)
+                     for i in subset]
+            if beta == 0:
+                top = [i for i, s in zip(subset, score, strict=True) if s == max(score)]
+                total.append(sum(r[i] for i in top) / len(top))
+            else:
+                w = np.exp((np.array(score) - max(score)) / beta)
+                total.append(float(w @ r[list(subset)] / w.sum()))
+        assert consensus_return(q, sim, r, k, beta, lam) == pytest.approx(np.mean(total), abs=1e-12)
+    assert consensus_return(q, sim, r, k, beta, 0.0) == pytest.approx(expected_return(q, r, k, beta), abs=1e-9)
+
+
+def test_consensus_sampled_subsets_estimate_the_exact_value() -> None:
+    """Past max_subsets the subsets are drawn at random: an unbiased estimate of the exact value."""
+    from qprobe.evaluation.consensus import candidate_sets, consensus_return
+
+    rng = np.random.default_rng(0)
+    n, k = 10, 4
+    q, r, sim = rng.normal(size=n), rng.integers(0, 2, size=n).astype(float), rng.uniform(size=(n, n))
+    exact = consensus_return(q, sim, r, k, 0.5, 1.0)
+    est = consensus_return(q, sim, r, k, 0.5, 1.0, rng=np.random.default_rng(1), max_subsets=50)
+    sets, is_exact = candidate_sets(n, k, np.random.default_rng(1), max_subsets=50)
+    assert not is_exact and sets.shape == (50, k) and all(len(set(row)) == k for row in sets.tolist())
+    many = consensus_return(q, sim, r, k, 0.5, 1.0, rng=np.random.default_rng(2), max_subsets=100)
+    assert abs(many - exact) < 0.1 and est != exact
+    with pytest.raises(ConfigError):
+        candidate_sets(n, k, None, max_subsets=50)

@@ -160,32 +160,3 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     assert "Few-shot and Q-probe add up** (MBPP-test)" in md
     summary = json.loads((tmp_path / "mbpp.json").read_text())["methods"]
     assert {"5-shot greedy", "5-shot pass@1", "5-shot + pg"} <= set(summary)
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.1, 1.0])
-@pytest.mark.parametrize("k", [1, 2, 3, 5])
-def test_consensus_return_against_brute_force(k: int, beta: float) -> None:
-    """Exact enumeration of every k-subset, written out the slow way; lam = 0 is the plain probe."""
-    from itertools import combinations
-
-    from qprobe.metrics import expected_return
-
-    c = load_module("consensus")
-    rng = np.random.default_rng(k)
-    n = 6
-    q, r = np.round(rng.normal(size=n), 1), rng.integers(0, 2, size=n).astype(float)  # rounded: ties happen
-    sim = rng.uniform(size=(n, n))
-    sim = (sim + sim.T) / 2
-    for lam in (0.0, 0.5, 100.0):
-        total = []
-        for subset in combinations(range(n), k):
-            score = [q[i] + (lam * sum(sim[i, j] for j in subset if j != i) / (k - 1) if k > 1 else 0.0)
-                     for i in subset]
-            if beta == 0:
-                top = [i for i, s in zip(subset, score, strict=True) if s == max(score)]
-                total.append(sum(r[i] for i in top) / len(top))
-            else:
-                w = np.exp((np.array(score) - max(score)) / beta)
-                total.append(float(w @ r[list(subset)] / w.sum()))
-        assert c.consensus_return(q, sim, r, k, beta, lam) == pytest.approx(np.mean(total), abs=1e-12)
-    assert c.consensus_return(q, sim, r, k, beta, 0.0) == pytest.approx(expected_return(q, r, k, beta), abs=1e-9)

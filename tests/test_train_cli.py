@@ -94,3 +94,32 @@ def test_select_answers_with_the_trained_probe(fake_run: Path, tmp_path: Path,
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "consensus" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_with_consensus_rows(fake_run: Path, tmp_path: Path) -> None:
+    """`qprobe eval`: pass@1, each probe, probe + consensus, consensus alone and pass@k, each the
+    exact per-prompt value averaged over prompts (checked against the library functions)."""
+    import numpy as np
+
+    from qprobe.evaluation.consensus import consensus_values
+    from qprobe.evaluation.evaluate import RunData, probe_scores, probe_values
+
+    test_run = tmp_path / "test"
+    collect(CollectConfig(task="fake", split="test", out=test_run, n=6, backend="fake", features=("-1:last",),
+                          task_options={"size": 12}), progress=False)
+    probe = tmp_path / "pg"
+    assert invoke(["train", "--run", str(fake_run), "--loss", "pg", "--out", str(probe), "--feature", "-1:last"]).exit_code == 0
+    out = tmp_path / "eval.json"
+    res = invoke(["eval", "--run", str(test_run), "--probe", str(probe), "-k", "3", "--beta", "0.1",
+                  "--consensus", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    methods = json.loads(out.read_text())["methods"]
+    assert list(methods) == ["pass@1", "pg (k=3)", "pg + 2 x consensus (k=3)", "consensus alone (k=3)", "pass@3"]
+    data = RunData.load(test_run)
+    texts = Run.open(test_run).table(["completion"]).column("completion").to_pylist()
+    scores = probe_scores(data, Probe.from_pretrained(probe))
+    assert methods["pg (k=3)"][0] == pytest.approx(np.mean(list(probe_values(data, scores, 3, 0.1).values())))
+    both = consensus_values(data.prompt_ids, [texts[i] for i in data.rows], scores, data.rewards, 3, 0.1, 2.0)
+    assert methods["pg + 2 x consensus (k=3)"][0] == pytest.approx(np.mean(list(both.values())))
+    assert methods["pass@1"][0] == pytest.approx(float(np.mean(data.rewards)))
+    assert "consensus alone (k=3)" in res.output

@@ -8,31 +8,23 @@ decoding). The score of candidate i in the candidate set S is
 and the policy picks by softmax(score / beta) (argmax at beta = 0) as for a plain Q-probe. Because
 the score depends on the set, the closed forms of `qprobe.metrics` do not apply: the expected return
 over random k-subsets of a prompt's n samples is computed exactly by enumerating all C(n, k) subsets
-(12,870 for 8 of 16). `sim` is the Jaccard similarity of the completions' token sets ("text") or the
-cosine of within-prompt centred features (a feature key). lam and sim are chosen by cross-validation
+(12,870 for 8 of 16; `qprobe.evaluation.consensus`). `sim` is the Jaccard similarity of the
+completions' token sets ("text") or the cosine of within-prompt centred features (a feature key). lam and sim are chosen by cross-validation
 over MBPP-train prompts with out-of-fold probe values, never on test numbers. The policy's side of
 it (`PolicyConfig(consensus=lam)`, `qprobe select --consensus LAM`) is `qprobe.policy.consensus`.
 """
 
 from __future__ import annotations
 
-from functools import cache
-from itertools import combinations
 from typing import Any
 
 import numpy as np
 
-from qprobe.metrics import _policy_probs
-from qprobe.policy.consensus import agreement, jaccard_matrix
+from qprobe.evaluation.consensus import consensus_return
+from qprobe.policy.consensus import jaccard_matrix
 
 LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 ONLY = 100.0  # "consensus only": the probe value is a tie-breaker
-
-
-@cache
-def subsets(n: int, k: int) -> np.ndarray:
-    """All k-subsets of range(n) as rows [C(n, k), k]."""
-    return np.array(list(combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
 
 
 def cosine(x: np.ndarray) -> np.ndarray:
@@ -40,17 +32,6 @@ def cosine(x: np.ndarray) -> np.ndarray:
     z = x.astype(np.float64) - x.mean(axis=0)  # [n, d]
     z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
     return z @ z.T
-
-
-def consensus_return(q: np.ndarray, sim: np.ndarray, r: np.ndarray, k: int, beta: float, lam: float) -> float:
-    """Exact expected reward over all k-subsets of one prompt's n samples of softmax((Q + lam * C)/beta),
-    C_i = mean similarity of i to the other members of its subset."""
-    n = q.size
-    k = min(k, n)
-    idx = subsets(n, k)  # [M, k]
-    agree = agreement(sim[idx[:, :, None], idx[:, None, :]]) if lam else np.zeros(idx.shape)  # [M, k]
-    score = q[idx] + lam * agree  # [M, k], as qprobe.policy.consensus.consensus_scores on each set
-    return float((_policy_probs(score, beta) * r[idx]).sum(axis=1).mean())
 
 
 class Similarities:

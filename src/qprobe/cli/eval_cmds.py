@@ -16,14 +16,19 @@ import click
 @click.option("-k", "k", default=4, show_default=True, help="Candidates per selection.")
 @click.option("--beta", default=0.0, show_default=True, help="Selection temperature (0 = argmax).")
 @click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), default=None, help="Only the prompt ids listed in this file (one a line).")
+@click.option("--consensus", default=0.0, show_default=True,
+              help="Also each probe with this weight x the candidates' agreement added to Q (as select --consensus), "
+                   "and agreement alone.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
-def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, json_out):
+def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, json_out):
     """Compare probes on a run: pass@1, greedy, best-of-k by each probe, pass@k.
 
     Each probe method is the EXACT expected reward of picking by softmax(Q/beta) from a uniformly
     random k-subset of each prompt's stored samples; intervals are 95% bootstrap over prompts, and
-    gains are paired against pass@1 on the same prompts.
+    gains are paired against pass@1 on the same prompts. With --consensus W the score depends on the
+    candidate set, and the expectation enumerates every k-subset (sampled past 200,000 subsets).
     """
+    from qprobe.evaluation.consensus import consensus_values
     from qprobe.evaluation.evaluate import (
         RunData,
         format_table,
@@ -35,6 +40,10 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, json_out):
     )
     from qprobe.probes.models import Probe
 
+    if consensus < 0:
+        from qprobe.errors import ConfigError
+
+        raise ConfigError(f"expected a consensus weight >= 0, got {consensus}")
     data = RunData.load(run_path)
     prompts = data.prompts()
     if prompt_file is not None:
@@ -44,16 +53,29 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, json_out):
     if greedy_run is not None:
         g = mean_reward_values(RunData.load(greedy_run))
         results.append(summarize("greedy", g, [p for p in prompts if p in g]))
+    texts = None
+    if consensus:
+        import numpy as np
+
+        texts = data.run.table(["completion"]).column("completion").to_pylist()
+        texts = [texts[i] for i in data.rows]
+        rng = np.random.default_rng(0)
     for path in probes:
         probe = Probe.from_pretrained(path)
-        values = probe_values(data, probe_scores(data, probe), k, beta)
-        results.append(summarize(f"{Path(path).name} (k={k})", values, prompts))
+        scores = probe_scores(data, probe)
+        results.append(summarize(f"{Path(path).name} (k={k})", probe_values(data, scores, k, beta), prompts))
+        if texts is not None:
+            values = consensus_values(data.prompt_ids, texts, scores, data.rewards, k, beta, consensus, rng)
+            results.append(summarize(f"{Path(path).name} + {consensus:g} x consensus (k={k})", values, prompts))
+    if texts is not None:
+        values = consensus_values(data.prompt_ids, texts, np.zeros(len(texts)), data.rewards, k, beta, consensus, rng)
+        results.append(summarize(f"consensus alone (k={k})", values, prompts))
     results.append(summarize(f"pass@{k}", pass_at_k_values(data, k), prompts))
     click.echo(format_table(results, baseline=results[0]))
     if json_out is not None:
         from qprobe.store.files import write_json_atomic
 
-        write_json_atomic(json_out, {"run": str(run_path), "k": k, "beta": beta,
+        write_json_atomic(json_out, {"run": str(run_path), "k": k, "beta": beta, "consensus": consensus,
                                      "methods": {r.name: [r.mean, r.low, r.high] for r in results}})
 
 
