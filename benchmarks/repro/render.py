@@ -111,8 +111,10 @@ def claims(r: dict[str, Any]) -> list[str]:
         if add is None:
             continue
         g5 = comp.get("5shot greedy-greedy", {}).get(s)
+        vs_g5 = comp.get("5shot+pg-5shot greedy", {}).get(s)
         out.append(f"**Few-shot and Q-probe add up** ({SPLITS[s]}): {combine([verdict(add), verdict(over)])} — "
                    f"5-shot + pg minus 5-shot pass@1 {fmt_ci(add, True)}, minus zero-shot pg {fmt_ci(over, True)}"
+                   + (f", minus 5-shot greedy (the paper's baseline) {fmt_ci(vs_g5, True)}" if vs_g5 is not None else "")
                    + (f"; 5-shot greedy minus greedy {fmt_ci(g5, True)}" if g5 is not None else "") + ".")
     api = r.get("api_setting", {}).get("splits", {})
     for s, a in api.items():
@@ -349,6 +351,9 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
     best = pp["rows"][pp["best"]]["test"]
     methods[f"best by MBPP-train CV: {pp['best']}"] = {s: None if best.get(s) is None else [best[s]["mean"], *best[s]["ci"]]
                                                        for s in r["test_prompts"]}
+    for name, row in r.get("consensus", {}).get("rows", {}).items():  # beyond the paper: set-dependent scores
+        methods[f"consensus: {name}"] = {s: None if row.get(s) is None else [row[s]["mean"], *row[s]["ci"]]
+                                         for s in r["test_prompts"]}
     return {"model": r["model"], "n": r["n"], "k": r["k"], "beta": r["beta"], "methods": methods}
 
 

@@ -200,7 +200,7 @@ def fewshot_rows(ex: Experiment, key: tuple[str, ...], k: int) -> dict[str, Any]
         return {}
     shots = {s: sp for s, sp in ex.fewshot.items() if k <= sp.n}
     pg = Method("pg", loss="pg", keys=key)
-    return {
+    rows = {
         "5-shot greedy": {s: ex.row(s, mean_reward_values(ex.fewshot_greedy[s]), k) if s in ex.fewshot_greedy else None
                           for s in ex.tests},
         "5-shot pass@1": {s: ex.row(s, mean_reward_values(shots[s]), k) if s in shots else None for s in ex.tests},
@@ -208,6 +208,7 @@ def fewshot_rows(ex: Experiment, key: tuple[str, ...], k: int) -> dict[str, Any]
                         if s in shots else None for s in ex.tests},
         f"5-shot pass@{k}": {s: ex.row(s, pass_k_values(shots[s], k), k) if s in shots else None for s in ex.tests},
     }
+    return {name: row for name, row in rows.items() if any(v is not None for v in row.values())}  # k > 5-shot n: gone
 
 
 def api_setting(ex: Experiment, key: tuple[str, ...]) -> dict[str, Any]:

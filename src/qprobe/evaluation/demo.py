@@ -47,7 +47,7 @@ class DemoConfig:
     k: int = 4
     beta: float = 0.0
     train_frac: float = 0.5
-    limit: int | None = 30
+    limit: int | None = 50
     seeds: int = 5
     greedy: bool = True
     temperature: float = 0.8
