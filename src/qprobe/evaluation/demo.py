@@ -8,7 +8,6 @@ pass@k skyline. Everything collected is kept in the work directory and reused on
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from qprobe.evaluation.evaluate import (
 from qprobe.features.spec import FeatureRequest
 from qprobe.generation.base import SamplingConfig
 from qprobe.store.collect import CollectConfig, collect
+from qprobe.store.files import write_json_atomic
 
 LOSSES = ("mse", "ce", "pg")
 
@@ -166,7 +166,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, progress: bool
         "return_vs_k": {"k": ks, **curves},
         "figure": str(png) if plotted else None,
     }
-    (Path(cfg.workdir) / "results.json").write_text(json.dumps(out, indent=2, default=str))
+    write_json_atomic(Path(cfg.workdir) / "results.json", out)
     say(f"wrote {Path(cfg.workdir) / 'results.json'}" + (f" and {png}" if plotted else " (no matplotlib: no figure)"))
     return out
 
