@@ -116,10 +116,9 @@ def test_eval_with_consensus_rows(fake_run: Path, tmp_path: Path) -> None:
     methods = json.loads(out.read_text())["methods"]
     assert list(methods) == ["pass@1", "pg (k=3)", "pg + 2 x consensus (k=3)", "consensus alone (k=3)", "pass@3"]
     data = RunData.load(test_run)
-    texts = Run.open(test_run).table(["completion"]).column("completion").to_pylist()
     scores = probe_scores(data, Probe.from_pretrained(probe))
     assert methods["pg (k=3)"][0] == pytest.approx(np.mean(list(probe_values(data, scores, 3, 0.1).values())))
-    both = consensus_values(data.prompt_ids, [texts[i] for i in data.rows], scores, data.rewards, 3, 0.1, 2.0)
+    both = consensus_values(data.prompt_ids, data.completions(), scores, data.rewards, 3, 0.1, 2.0)
     assert methods["pg + 2 x consensus (k=3)"][0] == pytest.approx(np.mean(list(both.values())))
     assert methods["pass@1"][0] == pytest.approx(float(np.mean(data.rewards)))
     assert "consensus alone (k=3)" in res.output

@@ -9,8 +9,9 @@ and the policy picks by softmax(score / beta) (argmax at beta = 0) as for a plai
 the score depends on the set, the closed forms of `qprobe.metrics` do not apply: the expected return
 over random k-subsets of a prompt's n samples is computed exactly by enumerating all C(n, k) subsets
 (12,870 for 8 of 16; `qprobe.evaluation.consensus`). `sim` is the Jaccard similarity of the
-completions' token sets ("text") or the cosine of within-prompt centred features (a feature key). lam and sim are chosen by cross-validation
-over MBPP-train prompts with out-of-fold probe values, never on test numbers. The policy's side of
+completions' token sets ("text") or the cosine of within-prompt centred features (a feature key).
+lam and sim are chosen by cross-validation over MBPP-train prompts with out-of-fold probe values,
+never on test numbers. The policy's side of
 it (`PolicyConfig(consensus=lam)`, `qprobe select --consensus LAM`) is `qprobe.policy.consensus`.
 """
 

@@ -38,12 +38,10 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, json
         probe_values,
         summarize,
     )
+    from qprobe.policy.select import PolicyConfig
     from qprobe.probes.models import Probe
 
-    if consensus < 0:
-        from qprobe.errors import ConfigError
-
-        raise ConfigError(f"expected a consensus weight >= 0, got {consensus}")
+    PolicyConfig(consensus=consensus)  # the policy's own check of the weight
     data = RunData.load(run_path)
     prompts = data.prompts()
     if prompt_file is not None:
@@ -57,8 +55,7 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, json
     if consensus:
         import numpy as np
 
-        texts = data.run.table(["completion"]).column("completion").to_pylist()
-        texts = [texts[i] for i in data.rows]
+        texts = data.completions()
         rng = np.random.default_rng(0)
     for path in probes:
         probe = Probe.from_pretrained(path)

@@ -4,7 +4,7 @@ The score of a candidate depends on the other members of its set (Q + w x mean s
 so the closed forms of `qprobe.metrics` do not apply. The expected reward over a uniformly random
 k-subset of a prompt's n stored samples is computed by enumerating all C(n, k) subsets while there
 are at most `max_subsets` of them (12,870 for 8 of 16), else estimated from that many random subsets
-drawn with the given generator (the result says which).
+drawn with the given generator (`candidate_sets` says which).
 """
 
 from __future__ import annotations

@@ -43,6 +43,11 @@ class RunData:
     def prompts(self) -> list[str]:
         return list(dict.fromkeys(self.prompt_ids.tolist()))
 
+    def completions(self) -> list[str]:
+        """The completion text of each kept row."""
+        texts = self.run.table(["completion"]).column("completion").to_pylist()
+        return [texts[i] for i in self.rows]
+
 
 def feature_key_for(run: Run, spec: Any) -> str:
     """The run's feature array that matches a probe's spec, or SpecMismatchError naming both."""
