@@ -48,6 +48,10 @@ def test_collect_inspect_export_on_fake(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(f"train/{i}", j) for i in range(4) for j in range(3)]
     assert "features" not in rows[0] and isinstance(rows[0]["details"], dict)
+    code, _, err = run(["copy", str(out), str(tmp_path / "slim"), "--feature", "L-1_last"])
+    assert code == 0 and "wrote 12 rows" in err
+    code, text, _ = run(["inspect", str(tmp_path / "slim"), "--json"])
+    assert json.loads(text)["samples"] == 12
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,7 @@ def test_collect_inspect_export_on_fake(tmp_path: Path) -> None:
         (["collect", "--task", "fake", "--backend", "fake", "--task-option", "size", "--out", "{tmp}/r"], "KEY=VALUE"),
         (["collect", "--task", "fake", "--backend", "fake", "--resume", "--out", "{tmp}/r"], "--resume"),
         (["inspect", "{tmp}"], "manifest.json"),
+        (["copy", "{tmp}", "{tmp}/r"], "manifest.json"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_on_disk(tmp_path: Path, qprobe_cmd: list[str], args: list[str], expect: str) -> None:

@@ -114,3 +114,47 @@ def test_embed_adds_features_to_an_existing_run(tmp_path: Path) -> None:
     np.testing.assert_array_equal(run.features("L5_mean", run.sorted_order()),
                                   direct.features("L5_mean", direct.sorted_order()))
     assert run.feature_spec("L5_mean").layer == 5
+
+
+def test_copy_keeps_rows_and_only_the_named_features(tmp_path: Path) -> None:
+    from qprobe.store.copy import copy_run
+
+    src = collect(fake_cfg(tmp_path / "r", features=("-1:last", "2:mean", "-1:tokens")), progress=False)
+    before = sorted(p.relative_to(src.path).as_posix() for p in src.path.rglob("*") if p.is_file())
+    cp = copy_run(src.path, tmp_path / "c", ["L2_mean", "L-1_tokens"])
+    assert cp.feature_keys == ["L2_mean", "L-1_tokens"]
+    assert cp.table().equals(src.table())
+    np.testing.assert_array_equal(cp.features("L2_mean"), src.features("L2_mean"))
+    for a, b in zip(cp.token_features("L-1_tokens"), src.token_features("L-1_tokens"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not (cp.path / "features" / "L-1_last").exists()
+    assert cp.manifest["copied_from"]["features_dropped"] == ["L-1_last"]
+    assert [k for k in cp.manifest if k not in ("features", "copied_from")] == \
+        [k for k in src.manifest if k != "features"]
+    assert sorted(p.relative_to(src.path).as_posix() for p in src.path.rglob("*") if p.is_file()) == before
+    rows_only = copy_run(src.path, tmp_path / "t", [])
+    assert rows_only.feature_keys == [] and len(rows_only) == len(src)
+    assert list(tmp_path.glob(".tmp-*")) == []
+
+
+def test_copy_refuses_bad_input_and_replaces_only_runs(tmp_path: Path) -> None:
+    from qprobe.store.copy import copy_run
+
+    src = collect(fake_cfg(tmp_path / "r", limit=2), progress=False)
+    with pytest.raises(StoreError, match="L7_mean"):
+        copy_run(src.path, tmp_path / "c", ["L7_mean"])
+    assert not (tmp_path / "c").exists()
+    copy_run(src.path, tmp_path / "c", ["L-1_last"])
+    with pytest.raises(StoreError, match="--replace"):
+        copy_run(src.path, tmp_path / "c", ["L2_mean"])
+    with pytest.raises(StoreError, match="differ"):
+        copy_run(src.path, src.path, [], replace=True)
+    collect(fake_cfg(tmp_path / "r"), progress=False)  # the source grows; the copy is refreshed
+    cp = copy_run(src.path, tmp_path / "c", ["L2_mean"], replace=True)
+    assert len(cp) == 18 and cp.feature_keys == ["L2_mean"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="other files"):
+        copy_run(src.path, tmp_path / "other", [], replace=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+    assert list(tmp_path.glob(".tmp-*")) == []

@@ -23,7 +23,15 @@ PAPER = {"pass@1": (0.29, 0.24), "greedy": (0.38, 0.30), "mse (fast)": (0.38, 0.
 PAPER_API = {"mse": ((0.68, 0.57), (0.65, 0.54)), "ce": ((0.69, 0.64), (0.65, 0.54)),
              "pg": ((0.69, 0.58), (0.66, 0.54))}
 SPLITS_ALL = {**SPLITS, "humaneval_api": "HumanEval through the API server"}
-COLLECT = "QPROBE=.venv/bin/qprobe bash benchmarks/repro/collect.sh runs/repro"
+COLLECT = ("QPROBE=.venv/bin/qprobe bash benchmarks/repro/collect.sh  "
+           "# into runs/repro-full (every feature); its stage c writes the committed copies runs/repro")
+FROM_COPIES = (
+    "The committed copies in `runs/repro` hold each run's rows (texts, rewards) with only L18_mean and "
+    "Eminilm_mean (`qprobe copy`; the full runs are about five times larger). `report.py --runs runs/repro` "
+    "reproduces every table from them except the layer sweep, which then compares the kept features only; "
+    "to restore the other features of a run: `qprobe embed runs/repro/RUN --feature -1:last --feature -1:mean "
+    "--feature 12:mean --feature 18:last --feature 21:last --feature-dtype float16` (llama.cpp re-evaluates "
+    "each prompt+completion; cosine > 0.999 to the states captured while generating).")
 
 
 # -------------------------------------------------------------------------------- verdicts
@@ -220,7 +228,7 @@ def markdown(r: dict[str, Any], results: Path) -> str:
           + ". Expected return is exact over all k-subsets of the n samples (qprobe.metrics); intervals are 95% "
           "bootstrap over test problems; gains are paired against pass@1 on the same problems; gap closed = "
           "(method - pass@1) / (pass@k - pass@1) at the same k (interval: the gain's, over the fixed gap).", "",
-          "Commands:", "", "```", COLLECT, f"python benchmarks/repro/report.py {argv}", "```", ""]
+          "Commands:", "", "```", COLLECT, f"python benchmarks/repro/report.py {argv}", "```", "", FROM_COPIES, ""]
     md += [f"Note: {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
     md += ["## Claims of the paper on our model", ""] + [f"- {c}" for c in claims(r)] + [""]
     for kk, rows in t1["rows"].items():

@@ -1,4 +1,4 @@
-"""`qprobe collect | export | inspect | ls`: write, read and list runs and components."""
+"""`qprobe collect | embed | copy | export | inspect | ls`: write, read and list runs and components."""
 
 from __future__ import annotations
 
@@ -117,6 +117,21 @@ def export(run, out):
     else:
         write_atomic(out, lambda f: f.write(text.encode()))
         click.echo(f"wrote {len(lines)} rows to {out}", err=True)
+
+
+@click.command("copy")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--feature", "features", multiple=True,
+              help="Feature key to keep (e.g. L18_mean, see `qprobe inspect`); repeatable. None: rows only.")
+@click.option("--replace", is_flag=True, help="OUT is an older copy: swap it for the new one once complete.")
+def copy_cmd(run, out, features, replace):
+    """Copy a run with its rows (texts, rewards) and only the named features, e.g. to share or commit it."""
+    from qprobe.store.copy import copy_run
+
+    r = copy_run(run, out, features, replace=replace)
+    size = sum(f.stat().st_size for f in r.path.rglob("*") if f.is_file())
+    click.echo(f"wrote {len(r)} rows, features {r.feature_keys or 'none'} to {r.path} ({size / 1e6:.1f} MB)", err=True)
 
 
 @click.command("inspect")
