@@ -160,3 +160,31 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     assert "Few-shot and Q-probe add up** (MBPP-test)" in md
     summary = json.loads((tmp_path / "mbpp.json").read_text())["methods"]
     assert {"5-shot greedy", "5-shot pass@1", "5-shot + pg"} <= set(summary)
+
+
+def test_visible_test_pass_is_read_from_the_failing_assertion(shared_data: Path) -> None:
+    """visible.passed_visible on literal rows of MBPP problem 11, whose prompt shows its first test."""
+    import pyarrow as pa
+    from types import SimpleNamespace
+
+    visible = load_module("visible")
+    row = next(json.loads(line) for line in (shared_data / "mbpp" / "mbpp.jsonl").open() if '"task_id": 11,' in line)
+    shown, hidden = row["test_list"][0], row["test_list"][1]
+    cases = [  # (reward, details) -> passed the shown test?
+        (1.0, {"status": "passed", "failing_test": ""}, 1.0),
+        (0.0, {"status": "failed", "failing_test": shown}, 0.0),
+        (0.0, {"status": "failed", "failing_test": "  " + hidden}, 1.0),  # got past the shown test
+        (0.0, {"status": "failed", "failing_test": "assert remove_Occ('x', 'x') == ''"}, 0.0),  # its own assert
+        (0.0, {"status": "error", "failing_test": ""}, 0.0),
+        (0.0, {"status": "timeout"}, 0.0),
+    ]
+    table = pa.table({"prompt_id": ["mbpp/11"] * len(cases), "details": [json.dumps(d) for _, d, _ in cases]})
+    manifest = {"task": {"name": "mbpp", "split": "test",
+                         "options": {"data": str(shared_data / "mbpp" / "mbpp.jsonl"), "prompt_format": "chat"}}}
+    run = SimpleNamespace(manifest=manifest, table=lambda columns: table.select(columns))
+    order = np.arange(len(cases))[::-1]  # the split's rows in another order than storage
+    split = SimpleNamespace(cache=SimpleNamespace(run=run, rows=order), index=np.arange(len(cases)),
+                            rewards=np.array([cases[i][0] for i in order]))
+    np.testing.assert_array_equal(visible.passed_visible(split), [cases[i][2] for i in order])
+    fake = SimpleNamespace(cache=SimpleNamespace(run=SimpleNamespace(manifest={"task": {"name": "fake"}})))
+    assert visible.passed_visible(fake) is None

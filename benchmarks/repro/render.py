@@ -193,6 +193,22 @@ def api_markdown(r: dict[str, Any]) -> list[str]:
     return md
 
 
+def visible_markdown(r: dict[str, Any], splits: list[str]) -> list[str]:
+    """benchmarks/repro/visible.py: the execution yardstick (not a probe)."""
+    v = r.get("visible_test")
+    if not v or not v["rates"]:
+        return []
+    md = ["### Yardstick, not a probe: running the candidates on the test the prompt shows (visible.py)", "",
+          "An MBPP prompt shows one of its tests. Keeping the candidates that pass it (CodeT-style filtering) "
+          "executes model-written code at selection time, which a Q-probe never does; it is here so the probes "
+          "can be judged against what a user could do instead. "
+          + " ".join(f"{SPLITS[s]}: {x['passed_visible']:.3f} of the samples pass the visible test; their reward "
+                     f"rate is {x['reward_given_passed']:.3f}"
+                     + (f", of those failing it {x['reward_given_failed']:.3f}."
+                        if x["reward_given_failed"] is not None else ".") for s, x in v["rates"].items()), ""]
+    return md + method_table(v["rows"], splits, paper=False) + [""]
+
+
 def consensus_markdown(r: dict[str, Any], splits: list[str]) -> list[str]:
     """benchmarks/repro/consensus.py: probe value plus agreement with the other candidates."""
     c = r.get("consensus")
@@ -288,6 +304,7 @@ def markdown(r: dict[str, Any], results: Path) -> str:
            + (f"{best['gap_closed'][0]:.2f}" if best and best["gap_closed"] else "n/a")
            + (": the goal is reached." if reached else ": the goal (0.5) is not reached."), ""]
     md += consensus_markdown(r, splits)
+    md += visible_markdown(r, splits)
     tm = r["timings"]
     md += ["## Runtime", "", ", ".join(f"{n} {v:.0f} s" for n, v in tm.items() if n != "probes_fitted")
            + f"; {tm['probes_fitted']} probe trainings cached (1 torch thread).", "",
@@ -362,6 +379,11 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
     for name, row in r.get("consensus", {}).get("rows", {}).items():  # beyond the paper: set-dependent scores
         methods[f"consensus: {name}"] = {s: None if row.get(s) is None else [row[s]["mean"], *row[s]["ci"]]
                                          for s in r["test_prompts"]}
+    for name, row in r.get("visible_test", {}).get("rows", {}).items():  # executes code: not a probe
+        if not any(row.values()):
+            continue
+        methods[f"reference, runs the prompt's visible test (not a probe): {name}"] = {
+            s: None if row.get(s) is None else [row[s]["mean"], *row[s]["ci"]] for s in r["test_prompts"]}
     return {"model": r["model"], "n": r["n"], "k": r["k"], "beta": r["beta"], "methods": methods}
 
 

@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import consensus  # noqa: E402
+import visible  # noqa: E402
 from methods import LOSSES, Fits, Method, Split, cv_return, mean_reward_values, pass_k_values  # noqa: E402
 from render import write_outputs  # noqa: E402
 
@@ -402,6 +403,7 @@ def main(argv: list[str] | None = None, say: Any = print) -> dict[str, Any]:
     report["push_past"] = timed("push past", push_past, ex, key, sweep)
     kinds = tuple(dict.fromkeys(("text", key[0], "L18_mean")))
     report["consensus"] = timed("consensus", consensus.section, ex, key, kinds)
+    report["visible_test"] = timed("visible test", visible.section, ex, key)
     report["timings"] = {**timings, "total": time.perf_counter() - start, "probes_fitted": ex.fits.fitted}
     out = Path(args.out)
     results = Path(args.results) if args.results else out.parent / "results" / "mbpp.json"

@@ -1,0 +1,64 @@
+"""A reference point that is not a probe: run each candidate on the test its prompt shows.
+
+An MBPP prompt shows the first of the problem's tests ("Your code should pass this test: ...").
+Executing a candidate on it uses nothing hidden (CodeT / AlphaCode-style filtering), but it runs
+model-written code at selection time, which a Q-probe never needs. It is reported beside the
+probes, as the yardstick a user would compare them with, not as one of them.
+
+A stored sample passed the visible test iff its reward is 1 or the assertion it failed first is one
+of the hidden tests (the tests run in order, the visible one first), so no code is re-run here. The
+score Q + C * passed (C far above Q's range) makes softmax(score / beta) pick among the candidates
+that pass the visible test, by Q, or among all k when none does; expected returns stay exact.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from qprobe.registry import TASKS
+
+
+def passed_visible(split: Any) -> np.ndarray | None:
+    """[N] 1.0 where the sample passed its prompt's visible test; None unless the run is MBPP."""
+    run = split.cache.run
+    task = run.manifest.get("task", {})
+    if task.get("name") != "mbpp":
+        return None
+    prompts = {p.id: p for p in TASKS.create("mbpp", **task.get("options", {})).prompts(task["split"])}
+    rows = run.table(["prompt_id", "details"]).take(split.cache.rows[split.index]).to_pylist()  # split's order
+    out = np.zeros(len(rows))
+    for i, (row, reward) in enumerate(zip(rows, split.rewards, strict=True)):
+        prompt = prompts[row["prompt_id"]]
+        hidden = {t.strip() for t in prompt.meta["tests"].splitlines()
+                  if t.strip().startswith("assert") and t.strip() not in prompt.text}
+        failing = json.loads(row["details"] or "{}").get("failing_test", "").strip()
+        out[i] = float(reward >= 1 or failing in hidden)
+    return out
+
+
+def section(ex: Any, key: tuple[str, ...]) -> dict[str, Any]:
+    """Per MBPP test split: the visible-test filter alone (random among passers) and with pg."""
+    from methods import Method, seed_values
+
+    pg = Method("pg", keys=key)
+    rows: dict[str, dict[str, Any]] = {"visible-test filter, random among passers": {},
+                                       "pg + visible-test filter": {}}
+    rates: dict[str, Any] = {}
+    for split, sp in ex.tests.items():
+        vis = passed_visible(sp)
+        if vis is None:
+            for name in rows:
+                rows[name][split] = None
+            continue
+        r = sp.rewards
+        rates[split] = {"passed_visible": float(vis.mean()), "reward_given_passed": float(r[vis > 0].mean()),
+                        "reward_given_failed": float(r[vis == 0].mean()) if (vis == 0).any() else None}
+        only = seed_values(sp, [vis * 1e3], ex.k, ex.args.beta)
+        scores = [ex.fits.scores(pg, s)[split] for s in range(ex.args.seeds)]
+        both = seed_values(sp, [q + vis * 100.0 * (np.ptp(q) + 1.0) for q in scores], ex.k, ex.args.beta)
+        rows["visible-test filter, random among passers"][split] = ex.row(split, only, ex.k)
+        rows["pg + visible-test filter"][split] = ex.row(split, both, ex.k)
+    return {"rows": rows, "rates": rates}
