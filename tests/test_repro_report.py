@@ -164,8 +164,9 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
 
 def test_visible_test_pass_is_read_from_the_failing_assertion(shared_data: Path) -> None:
     """visible.passed_visible on literal rows of MBPP problem 11, whose prompt shows its first test."""
-    import pyarrow as pa
     from types import SimpleNamespace
+
+    import pyarrow as pa
 
     visible = load_module("visible")
     row = next(json.loads(line) for line in (shared_data / "mbpp" / "mbpp.jsonl").open() if '"task_id": 11,' in line)
