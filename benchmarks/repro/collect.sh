@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Collection for the Table 1 / Figures 2-4 reproduction (benchmarks/repro/README.md).
+# Collection for the Table 1 / Figures 2-4 reproduction (benchmarks/repro/REPORT.md).
 # Every stage is `qprobe collect` into its own run: re-running this script resumes where it
 # stopped (a stage that is complete takes a second). Stages go from cheap-and-useful to the full
 # paper sizes, so a partial collection is still a usable one.
