@@ -132,9 +132,11 @@ class Experiment:
 # ------------------------------------------------------------------------------- sections
 def feature_sweep(ex: Experiment) -> tuple[tuple[str, ...], dict[str, Any]]:
     """Every feature key of MBPP-train x each loss: CV on train prompts, test numbers; the headline
-    key is the one with the best CV return averaged over the three losses (unless --feature)."""
+    key is the one with the best CV return averaged over the three losses (unless --feature), among
+    the keys that every evaluated run carries (test, 5-shot and API runs), so that every row uses it."""
     keys = [k for k in ex.train.keys if all(k in sp.keys for sp in list(ex.tests.values())[:1])]
     both = [k for k in keys if all(k in sp.keys for sp in ex.tests.values())] or keys
+    both = [k for k in both if all(k in sp.keys for sp in ex.fits.evals.values())] or both
     table: dict[str, Any] = {}
     for key in keys:
         table[key] = {}
