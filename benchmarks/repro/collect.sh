@@ -6,7 +6,7 @@
 #   QPROBE=.venv/bin/qprobe bash benchmarks/repro/collect.sh [RUNS_DIR [COPIES_DIR]]
 # RUNS_DIR (default runs/repro-full) holds every feature (seven per sample: the layer sweep's); stage c
 # writes COPIES_DIR (default runs/repro, the committed one): rows (texts, rewards) plus only the
-# headline feature and MiniLM (the API-setting table), about 2.6 kB a sample instead of 12.7.
+# headline feature and MiniLM (the API-setting table), about 2.9 kB a sample instead of 12.7.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 QPROBE=${QPROBE:-qprobe}

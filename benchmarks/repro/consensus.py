@@ -45,8 +45,7 @@ class Similarities:
     def get(self, kind: str) -> dict[str, np.ndarray]:
         if kind not in self.cache:
             if kind == "text":
-                table = self.split.cache.run.table(["completion"]).column("completion").to_pylist()
-                texts = [table[i] for i in self.split.cache.rows[self.split.index]]
+                texts = self.split.column("completion")
                 self.cache[kind] = {p: jaccard_matrix([texts[i] for i in rows]) for p, rows in self.rows.items()}
             else:
                 x = self.split.features((kind,))

@@ -75,6 +75,10 @@ class Split:
     def prompts(self) -> list[str]:
         return list(dict.fromkeys(self.prompt_ids.tolist()))
 
+    def column(self, name: str) -> list[Any]:
+        """One stored column (e.g. completion, details) for this split's rows, in its order."""
+        return self.cache.run.table([name]).column(name).take(self.cache.rows[self.index]).to_pylist()
+
     def subset(self, prompts: list[str] | np.ndarray, name: str | None = None) -> Split:
         keep = np.isin(self.prompt_ids, np.asarray(list(prompts), dtype=object))
         return replace(self, name=name or self.name, prompt_ids=self.prompt_ids[keep], rewards=self.rewards[keep],

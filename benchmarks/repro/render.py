@@ -370,20 +370,19 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
     for name in rows:
         if name.startswith("5-shot"):
             names[name] = name
-    methods = {new: {s: None if rows[old].get(s) is None else [rows[old][s]["mean"], *rows[old][s]["ci"]]
-                     for s in r["test_prompts"]} for old, new in names.items() if old in rows}
+
+    def cells(row: dict[str, Any]) -> dict[str, Any]:  # {split: [mean, low, high] or None}
+        return {s: None if row.get(s) is None else [row[s]["mean"], *row[s]["ci"]] for s in r["test_prompts"]}
+
+    methods = {new: cells(rows[old]) for old, new in names.items() if old in rows}
     pp = r["push_past"]
     best = pp["rows"][pp["best"]]["test"]
-    methods[f"best by MBPP-train CV: {pp['best']}"] = {s: None if best.get(s) is None else [best[s]["mean"], *best[s]["ci"]]
-                                                       for s in r["test_prompts"]}
+    methods[f"best by MBPP-train CV: {pp['best']}"] = cells(best)
     for name, row in r.get("consensus", {}).get("rows", {}).items():  # beyond the paper: set-dependent scores
-        methods[f"consensus: {name}"] = {s: None if row.get(s) is None else [row[s]["mean"], *row[s]["ci"]]
-                                         for s in r["test_prompts"]}
+        methods[f"consensus: {name}"] = cells(row)
     for name, row in r.get("visible_test", {}).get("rows", {}).items():  # executes code: not a probe
-        if not any(row.values()):
-            continue
-        methods[f"reference, runs the prompt's visible test (not a probe): {name}"] = {
-            s: None if row.get(s) is None else [row[s]["mean"], *row[s]["ci"]] for s in r["test_prompts"]}
+        if any(row.values()):
+            methods[f"reference, runs the prompt's visible test (not a probe): {name}"] = cells(row)
     return {"model": r["model"], "n": r["n"], "k": r["k"], "beta": r["beta"], "methods": methods}
 
 

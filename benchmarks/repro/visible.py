@@ -27,16 +27,17 @@ def passed_visible(split: Any) -> np.ndarray | None:
     task = run.manifest.get("task", {})
     if task.get("name") != "mbpp":
         return None
-    prompts = {p.id: p for p in TASKS.create("mbpp", **task.get("options", {})).prompts(task["split"])}
-    rows = run.table(["prompt_id", "details"]).take(split.cache.rows[split.index]).to_pylist()  # split's order
-    out = np.zeros(len(rows))
-    for i, (row, reward) in enumerate(zip(rows, split.rewards, strict=True)):
-        prompt = prompts[row["prompt_id"]]
-        hidden = {t.strip() for t in prompt.meta["tests"].splitlines()
-                  if t.strip().startswith("assert") and t.strip() not in prompt.text}
-        failing = json.loads(row["details"] or "{}").get("failing_test", "").strip()
-        out[i] = float(reward >= 1 or failing in hidden)
-    return out
+    hidden = {p.id: {t.strip() for t in p.meta["tests"].splitlines()
+                     if t.strip().startswith("assert") and t.strip() not in p.text}
+              for p in TASKS.create("mbpp", **task.get("options", {})).prompts(task["split"])}
+    failing = [json.loads(d or "{}").get("failing_test", "").strip() for d in split.column("details")]
+    return np.array([float(r >= 1 or f in hidden[p]) for p, f, r in zip(split.prompt_ids, failing, split.rewards,
+                                                                          strict=True)])
+
+
+def filtered(q: np.ndarray, vis: np.ndarray) -> np.ndarray:
+    """Scores that put every candidate passing the visible test above every other, ordered by q."""
+    return q + vis * 100.0 * (np.ptp(q) + 1.0)
 
 
 def section(ex: Any, key: tuple[str, ...]) -> dict[str, Any]:
@@ -56,9 +57,9 @@ def section(ex: Any, key: tuple[str, ...]) -> dict[str, Any]:
         r = sp.rewards
         rates[split] = {"passed_visible": float(vis.mean()), "reward_given_passed": float(r[vis > 0].mean()),
                         "reward_given_failed": float(r[vis == 0].mean()) if (vis == 0).any() else None}
-        only = seed_values(sp, [vis * 1e3], ex.k, ex.args.beta)
+        only = seed_values(sp, [filtered(np.zeros(len(sp)), vis)], ex.k, ex.args.beta)
         scores = [ex.fits.scores(pg, s)[split] for s in range(ex.args.seeds)]
-        both = seed_values(sp, [q + vis * 100.0 * (np.ptp(q) + 1.0) for q in scores], ex.k, ex.args.beta)
+        both = seed_values(sp, [filtered(q, vis) for q in scores], ex.k, ex.args.beta)
         rows["visible-test filter, random among passers"][split] = ex.row(split, only, ex.k)
         rows["pg + visible-test filter"][split] = ex.row(split, both, ex.k)
     return {"rows": rows, "rates": rates}
