@@ -16,6 +16,7 @@ from qprobe.errors import ConfigError, DataError, NotFittedError, SpecMismatchEr
 from qprobe.features.spec import FeatureSpec  # noqa: E402
 from qprobe.probes import LinearProbe, MLPProbe, Probe, TrainConfig, evaluate, select_feature  # noqa: E402
 from qprobe.probes.data import (  # noqa: E402
+    fold_prompts,
     full_groups,
     make_examples,
     random_groups,
@@ -48,6 +49,34 @@ def test_split_is_by_prompt() -> None:
     with pytest.raises(ConfigError):
         split_prompts(groups, 1.0, np.random.default_rng(0))
     assert split_prompts(groups, 0.0, np.random.default_rng(0))[1].size == 0
+
+
+def test_folds_hold_each_prompt_out_exactly_once() -> None:
+    groups = np.repeat(np.array([5, 1, 9, 3, 7, 2, 8]), 2)  # 7 prompts, codes not 0..P-1
+    folds = fold_prompts(groups, 3, np.random.default_rng(0))
+    held = [set(groups[h]) for _, h in folds]
+    assert sorted(len(h) for h in held) == [2, 2, 3]
+    assert set().union(*held) == set(groups) and sum(len(h) for h in held) == 7
+    for keep, h in folds:
+        assert set(groups[keep]).isdisjoint(groups[h]) and keep.size + h.size == groups.size
+    for bad in (1, 8):
+        with pytest.raises(ConfigError, match="folds"):
+            fold_prompts(groups, bad, np.random.default_rng(0))
+
+
+def test_penalty_chosen_by_folds_is_the_best_mean_held_out_return() -> None:
+    x, r, g = toy(seed=1)
+    xt, rt, gt = toy(seed=2)
+    cfg = TrainConfig(l2_grid=(10.0, 1.0, 0.1, 0.01), select_folds=4, patience=4)
+    probe = LinearProbe(loss="pg", train=cfg).fit(x, r, g)
+    path = probe.history_["l2_path"]
+    assert [p["l2"] for p in path] == [10.0, 1.0, 0.1, 0.01]  # patience 4: the whole grid is tried
+    best = max(path, key=lambda p: p["select_return"])  # max keeps the first (stronger) of ties
+    assert probe.history_["l2"] == best["l2"]
+    m = evaluate(probe, xt, rt, gt, k=4)
+    assert m["expected_return"] > m["pass@1"] + 0.05, m
+    with pytest.raises(ConfigError, match="select_folds"):
+        TrainConfig(select_folds=0)
 
 
 def test_random_groups_hold_one_prompt_each_and_are_regrouped() -> None:

@@ -31,13 +31,14 @@ def invoke(args: list[str]):
 def test_train_pg_prints_validation_and_saves(fake_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "probe"
     res = invoke(["train", "--run", str(fake_run), "--loss", "pg", "--out", str(out), "--feature", "-1:last",
-                  "--holdout", "0.25", "--k", "4"])
+                  "--holdout", "0.25", "--k", "4", "--select-folds", "3"])
     assert res.exit_code == 0, res.output
     assert "held out (10 prompts)" in res.output and "expected return@4" in res.output and "pass@4" in res.output
     probe = Probe.from_pretrained(out, spec=Run.open(fake_run).feature_spec("L-1_last"))
     config = json.loads((out / "config.json").read_text())
     assert config["source"]["feature"] == "L-1_last" and config["source"]["run"] == str(fake_run.resolve())
     assert "held_out expected_return" in config["source"]["validation"]
+    assert config["train"]["select_folds"] == 3
     assert probe.n_features_in_ == 16
 
 

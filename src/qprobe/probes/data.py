@@ -97,6 +97,18 @@ def split_prompts(groups: np.ndarray, frac: float, rng: np.random.Generator) -> 
     return np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
 
 
+def fold_prompts(groups: np.ndarray, folds: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K-fold over prompts: for each fold, rows of (kept, held-out) prompts. The prompts are shuffled
+    and dealt into `folds` parts of near-equal size; every prompt is held out exactly once."""
+    codes = np.unique(groups)
+    if not 2 <= folds <= codes.size:
+        raise ConfigError(f"expected 2 <= folds <= prompts ({codes.size}), got {folds}")
+    part = np.empty(codes.size, dtype=np.int64)
+    part[rng.permutation(codes.size)] = np.arange(codes.size) % folds  # [P] fold of each prompt
+    fold_of_row = part[np.searchsorted(codes, groups)]  # [N]
+    return [(np.nonzero(fold_of_row != f)[0], np.nonzero(fold_of_row == f)[0]) for f in range(folds)]
+
+
 def _sorted_by_group(groups: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows ordered by (group, key); their position within the group; each group's row count."""
     order = np.lexsort((key, groups))  # [N]

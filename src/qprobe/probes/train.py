@@ -8,7 +8,8 @@ recipe="fast" (default): standardised features, full-batch L-BFGS with an L2 pen
 is chosen on held-out training prompts by the expected return at k of the selected sample, walking
 the grid from the strongest penalty down (each fit warm-started from the previous one, so strong
 penalties cost a few iterations) and stopping after `patience` penalties without improvement;
-then the probe is refitted on all training prompts from the chosen solution.
+then the probe is refitted on all training prompts from the chosen solution. `select_folds` > 1
+chooses the penalty by the mean over K folds of prompts instead of one held-out `select_frac`.
 benchmarks/bench_probes.py measures both.
 """
 
@@ -42,6 +43,7 @@ class TrainConfig:
     groups_per_batch: int = 100
     l2_grid: tuple[float, ...] = (10.0, 1.0, 0.1, 0.01, 0.001)
     select_frac: float = 0.25
+    select_folds: int = 1
     patience: int = 1
     max_iter: int = 30
     k: int = 4
@@ -50,7 +52,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ConfigError(f"expected recipe in {list(RECIPES)}, got '{self.recipe}'")
-        for name in ("epochs", "batch_size", "group_size", "groups_per_batch", "patience", "max_iter", "k"):
+        for name in ("epochs", "batch_size", "group_size", "groups_per_batch", "select_folds", "patience", "max_iter", "k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"expected {name} to be an integer >= 1, got {value!r}")
@@ -177,28 +179,49 @@ def _fit_lbfgs(layers, ex: Examples, kind, fn, options, l2: float, max_iter: int
     return final, int(opt.state[opt._params[0]].get("n_iter", 0))
 
 
+def _selection_folds(ex: Examples, cfg: TrainConfig, rng: np.random.Generator) -> list[tuple[Examples, Examples]]:
+    """(fit, held-out) prompt splits on which the penalty is chosen: one split holding out
+    `select_frac` of the prompts, or `select_folds` folds; none when there is nothing to choose."""
+    from qprobe.probes.data import fold_prompts
+
+    if len(cfg.l2_grid) < 2 or ex.n_prompts < 4 or (cfg.select_folds == 1 and cfg.select_frac == 0):
+        return []
+    if cfg.select_folds > 1:
+        splits = fold_prompts(ex.groups, min(cfg.select_folds, ex.n_prompts), rng)
+    else:
+        splits = [split_prompts(ex.groups, cfg.select_frac, rng)]
+    return [(ex.take(fit), ex.take(held)) for fit, held in splits]
+
+
 def _fast(layers, ex: Examples, kind, fn, options, cfg: TrainConfig, rng: np.random.Generator) -> dict[str, Any]:
     grid = sorted(cfg.l2_grid, reverse=True)  # strong to weak penalty: warm starts stay stable
     path: list[dict[str, float]] = []
     l2 = grid[0]
-    if len(grid) > 1 and cfg.select_frac > 0 and ex.n_prompts >= 4:
-        inner_rows, sel_rows = split_prompts(ex.groups, cfg.select_frac, rng)
-        inner, sel = ex.take(inner_rows), ex.take(sel_rows)
-        best, best_state, worse = -np.inf, None, 0
+    folds = _selection_folds(ex, cfg, rng)
+    if folds:
         init = [t.detach().clone() for t in layers]
+        states = [init] * len(folds)  # each fold's warm start along the penalty path
+        best, best_state, worse = -np.inf, init, 0
         for value in grid:
-            loss, iters = _fit_lbfgs(layers, inner, kind, fn, options, value, cfg.max_iter)
-            scores = _scores_np(layers, sel.features)  # [N_sel]
-            ret = mean_expected_return(scores, sel, cfg.k, cfg.beta)
-            path.append({"l2": value, "select_return": ret, "train_loss": loss, "iterations": iters})
-            if ret > best:  # ties keep the stronger penalty
-                best, best_state, l2, worse = ret, [t.detach().clone() for t in layers], value, 0
-            elif np.ptp(scores) <= 1e-6 * (1.0 + np.abs(scores).max()):
-                # the penalty collapsed the probe to a constant (an MLP's zero is a stationary
-                # point it cannot leave): not a try; restart the next penalty from the init
-                for t, saved in zip(layers, init, strict=True):
+            rets, losses, iters, flat = [], [], 0, 0
+            for i, (fit, held) in enumerate(folds):
+                for t, saved in zip(layers, states[i], strict=True):
                     t.data.copy_(saved)
-            else:
+                loss, it = _fit_lbfgs(layers, fit, kind, fn, options, value, cfg.max_iter)
+                scores = _scores_np(layers, held.features)  # [N_held]
+                rets.append(mean_expected_return(scores, held, cfg.k, cfg.beta))
+                losses.append(loss)
+                iters += it
+                collapsed = np.ptp(scores) <= 1e-6 * (1.0 + np.abs(scores).max())
+                flat += int(collapsed)
+                # a probe the penalty collapsed to a constant (an MLP's zero is a stationary point
+                # it cannot leave) restarts the next penalty from the init
+                states[i] = init if collapsed else [t.detach().clone() for t in layers]
+            ret = float(np.mean(rets))  # [folds] -> mean held-out return
+            path.append({"l2": value, "select_return": ret, "train_loss": float(np.mean(losses)), "iterations": iters})
+            if ret > best:  # ties keep the stronger penalty
+                best, best_state, l2, worse = ret, states[0], value, 0
+            elif flat < len(folds):  # every fold collapsed: not a try
                 worse += 1
                 if worse >= cfg.patience:  # early stopping along the penalty path
                     break
