@@ -112,6 +112,28 @@ def test_report_end_to_end(runs: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.glob("fig*.png")) == ["fig2_train_size.png", "fig3_mbpp_test.png",
                                                             "fig4_difficulty.png"]
 
+    # RESULTS.md's section and summary row are written from report.json
+    section = load_module("results_section")
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# top\n| Table 1 at k=9 stale |\nkept\n<!-- repro:begin -->\nstale\n<!-- repro:end -->\ntail\n")
+    sys_argv, sys.argv = sys.argv, ["results_section.py", "--report", str(out / "report.json"), "--results", str(doc)]
+    try:
+        section.main()
+    finally:
+        sys.argv = sys_argv
+    text = doc.read_text()
+    assert text.startswith("# top\n| Table 1 at k=4 (12 MBPP-train problems; MBPP-test 10) | pg ")
+    assert "stale" not in text and text.endswith("<!-- repro:end -->\ntail\n") and "\nkept\n" in text
+    assert f"| pass@1 | {p1:.3f} [" in text and "**L_PG > L_CE > L_Q** (MBPP-test)" in text
+    doc.write_text("no markers\n")
+    sys.argv = ["results_section.py", "--report", str(out / "report.json"), "--results", str(doc)]
+    try:
+        with pytest.raises(SystemExit, match="expected the markers"):
+            section.main()
+    finally:
+        sys.argv = sys_argv
+    assert doc.read_text() == "no markers\n"
+
 
 def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     """The 5-shot rows and the API-setting table, on fake runs standing in for those folders."""
