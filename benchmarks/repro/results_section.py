@@ -69,7 +69,7 @@ def section(r: dict[str, Any]) -> str:
           "headline numbers: `results/mbpp.json`. Collected with `QPROBE=qprobe bash benchmarks/repro/collect.sh` "
           "(resumable, stages from small to the paper's sizes) into `runs/repro-full` (seven features a sample, not "
           "committed); its stage c writes the committed copies `runs/repro` (`qprobe copy`: rows + L18_mean + MiniLM). "
-          "Analysed with `OMP_NUM_THREADS=1 python benchmarks/repro/report.py --runs runs/repro-full --out "
+          "Analysed with `python benchmarks/repro/report.py --runs runs/repro-full --out "
           "benchmarks/repro` (`--runs runs/repro` gives every table but the layer sweep); this section is written "
           "from its report.json by `python benchmarks/repro/results_section.py`. "
           f"Default model ({r['model']}), n = {r['n']}, k = {k}, beta = {r['beta']}, {r['seeds']} probe seeds, probes "
