@@ -13,13 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qprobe.errors import ConfigError
+from qprobe.intervals import bootstrap_ci, paired_bootstrap_ci
 from qprobe.metrics import (
-    bootstrap_ci,
     expected_return,
     expected_return_many,
     expected_return_with_error,
     group_expected_return,
-    paired_bootstrap_ci,
     paper_chunk_return,
     pass_at_k,
     pass_at_k_many,

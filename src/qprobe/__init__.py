@@ -32,8 +32,8 @@ _EXPORTS = {
     "TrainConfig": "qprobe.probes",
     # policy and evaluation
     "QProbePolicy": "qprobe.policy.select", "PolicyConfig": "qprobe.policy.select",
-    "pass_at_k": "qprobe.metrics", "expected_return": "qprobe.metrics", "bootstrap_ci": "qprobe.metrics",
-    "paired_bootstrap_ci": "qprobe.metrics",
+    "pass_at_k": "qprobe.metrics", "expected_return": "qprobe.metrics", "bootstrap_ci": "qprobe.intervals",
+    "paired_bootstrap_ci": "qprobe.intervals",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,4 +1,4 @@
-"""Evaluation maths: pass@k, the expected return of best-of-k selection, confidence intervals.
+"""Evaluation maths: pass@k and the expected return of best-of-k selection (intervals: qprobe.intervals).
 
 Everything here is numpy/scipy only and works on one prompt's samples at a time (1-D arrays of
 scores Q and rewards r), with vectorised forms over prompts beside each function.
@@ -14,10 +14,8 @@ the documented behaviour everywhere here (`on_short="clip"`); pass `on_short="ra
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,12 +23,10 @@ import numpy as np
 from qprobe.errors import ConfigError
 
 __all__ = [
-    "bootstrap_ci",
     "expected_return",
     "expected_return_many",
     "expected_return_with_error",
     "group_expected_return",
-    "paired_bootstrap_ci",
     "paper_chunk_return",
     "pass_at_k",
     "pass_at_k_many",
@@ -325,81 +321,3 @@ def paper_chunk_return(scores, rewards, k: int, beta: float, rng: np.random.Gene
     chunks = s.size // k
     idx = rng.permutation(s.size)[: chunks * k].reshape(chunks, k)  # [chunks, k]
     return float(_subset_returns(s, r, idx, beta).mean())
-
-
-# ------------------------------------------------------------------------ confidence intervals
-def _finite_1d(name: str, values) -> np.ndarray:
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 1 or x.size < 2 or not np.isfinite(x).all():
-        raise ConfigError(
-            f"expected {name} as a 1-D array of >= 2 finite per-prompt values, got shape {x.shape}"
-            + ("" if x.ndim != 1 or x.size < 2 else " with NaN or inf")
-        )
-    return x
-
-
-def _bootstrap_mean(x: np.ndarray, confidence: float, n_resamples: int, rng, method: str):
-    from scipy import stats
-
-    if not 0.0 < confidence < 1.0:
-        raise ConfigError(f"expected 0 < confidence < 1, got {confidence!r}")
-    n_resamples = _check_int("n_resamples", n_resamples, 1)
-    if method not in ("BCa", "percentile", "basic"):
-        raise ConfigError(f"expected method 'BCa', 'percentile' or 'basic', got {method!r}")
-    mean = float(x.mean())
-    if np.ptp(x) == 0.0:  # degenerate: scipy would warn and return NaN
-        return float(x[0]), float(x[0]), float(x[0])
-    rng = rng if rng is not None else np.random.default_rng(0)
-    # scipy < 1.15 names the generator random_state
-    seed_kw = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
-    batch = max(1, min(n_resamples, 4_000_000 // x.size))  # bounds memory of resamples / jackknife
-    for how in dict.fromkeys((method, "percentile")):  # BCa can be NaN on lumpy data
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = stats.bootstrap(
-                (x,),
-                np.mean,
-                n_resamples=n_resamples,
-                batch=batch,
-                vectorized=True,
-                confidence_level=confidence,
-                method=how,
-                **{seed_kw: rng},
-            )
-        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        if math.isfinite(low) and math.isfinite(high):
-            return mean, low, high
-    return mean, mean, mean
-
-
-def bootstrap_ci(
-    per_prompt_values,
-    confidence: float = 0.95,
-    n_resamples: int = 9999,
-    rng: np.random.Generator | None = None,
-    method: str = "BCa",
-) -> tuple[float, float, float]:
-    """Mean over prompts and its bootstrap confidence interval over prompts -> (mean, low, high).
-
-    scipy.stats.bootstrap (BCa, falling back to percentile when BCa is undefined); all-equal input
-    gives (m, m, m); rng defaults to np.random.default_rng(0) so reports are reproducible.
-    """
-    return _bootstrap_mean(
-        _finite_1d("per_prompt_values", per_prompt_values), confidence, n_resamples, rng, method
-    )
-
-
-def paired_bootstrap_ci(
-    a,
-    b,
-    confidence: float = 0.95,
-    n_resamples: int = 9999,
-    rng: np.random.Generator | None = None,
-    method: str = "BCa",
-) -> tuple[float, float, float]:
-    """Paired bootstrap over prompts of mean(a - b), two methods scored on the same prompts in the
-    same order -> (mean_diff, low, high). Resampling prompts jointly is resampling the differences."""
-    a, b = _finite_1d("a", a), _finite_1d("b", b)
-    if a.shape != b.shape:
-        raise ConfigError(f"expected a and b for the same prompts (equal length), got {a.size} and {b.size}")
-    return _bootstrap_mean(a - b, confidence, n_resamples, rng, method)

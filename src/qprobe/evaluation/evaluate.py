@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from qprobe.errors import SpecMismatchError, StoreError
-from qprobe.metrics import bootstrap_ci, group_expected_return, paired_bootstrap_ci, pass_at_k
+from qprobe.intervals import bootstrap_ci, paired_bootstrap_ci
+from qprobe.metrics import group_expected_return, pass_at_k
 from qprobe.store.run import Run
 
 

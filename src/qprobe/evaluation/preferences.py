@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from qprobe.errors import ConfigError
-from qprobe.metrics import bootstrap_ci, paired_bootstrap_ci
+from qprobe.intervals import bootstrap_ci, paired_bootstrap_ci
 
 FeaturePairs = tuple[np.ndarray, np.ndarray]  # (chosen [P, d], rejected [P, d])
 
