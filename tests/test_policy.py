@@ -47,20 +47,103 @@ def test_argmax_policy_picks_the_highest_scored_candidate() -> None:
 
 
 def test_softmax_policy_frequencies_match_probabilities() -> None:
-    be = FakeBackend()
-    policy = QProbePolicy(be, DotProbe(spec()), PolicyConfig(k=4, beta=1.0), SamplingConfig(seed=3),
+    """The reported probabilities are softmax(Q/beta), and the picks follow them (chi-square over draws)."""
+    from scipy.stats import chisquare
+
+    be, probe, texts, p0, q = _rejection_world()
+    policy = QProbePolicy(be, probe, PolicyConfig(k=4, beta=float(np.ptp(q))), SamplingConfig(seed=3),
                           rng=np.random.default_rng(1))
-    prompt = Prompt(id="p", text="x")
-    sel = policy(prompt)
-    probs = np.array([c.prob for c in sel.candidates])
-    np.testing.assert_allclose(probs, selection_probs(np.array([c.score for c in sel.candidates]), 1.0))
-
-
-def test_rejection_variant_returns_a_drawn_candidate() -> None:
-    policy = QProbePolicy(FakeBackend(), DotProbe(spec()), PolicyConfig(k=3, beta=0.5, mode="rejection", max_rounds=3),
-                          SamplingConfig(), rng=np.random.default_rng(0))
     sel = policy(Prompt(id="p", text="x"))
-    assert 1 <= sel.draws <= 9 and sel.text == sel.candidates[sel.index].text
+    probs = np.array([c.prob for c in sel.candidates])
+    np.testing.assert_allclose(probs, selection_probs(np.array([c.score for c in sel.candidates]), policy.config.beta))
+    # many calls: the picked texts follow the exact law of softmax(Q/beta) over k draws from p0,
+    # enumerated over all 4^4 candidate tuples
+    from itertools import product
+
+    exact = np.zeros(len(texts))
+    for tup in product(range(len(texts)), repeat=4):
+        w = selection_probs(q[list(tup)], policy.config.beta)
+        for j, t in enumerate(tup):
+            exact[t] += np.prod(p0[list(tup)]) * w[j]
+    counts = np.zeros(len(texts))
+    for _ in range(2000):
+        counts[texts.index(policy(Prompt(id="p", text="x")).text)] += 1
+    assert chisquare(counts, exact * 2000).pvalue > 1e-3
+
+
+class CategoricalBackend(FakeBackend):
+    """p0 known exactly: each sample is one of `texts`, drawn with probabilities `p0` from its seed."""
+
+    def __init__(self, texts: list[str], p0: list[float]) -> None:
+        super().__init__()
+        self.texts, self.p0 = texts, np.asarray(p0)
+
+    def generate(self, text, sampling, seeds):
+        from qprobe.generation.base import Completion
+
+        return [Completion(self.texts[int(np.random.default_rng(s).choice(len(self.texts), p=self.p0))], 1, "stop", s)
+                for s in seeds]
+
+
+def _rejection_world():
+    texts, p0 = ["    return 1", "    return 2", "    return 3", "    return 4"], [0.4, 0.3, 0.2, 0.1]
+    be = CategoricalBackend(texts, p0)
+    probe = DotProbe(spec())
+    from qprobe.features.fake import FakeEmbedder
+    from qprobe.features.spec import FeatureRequest
+
+    req = FeatureRequest()
+    from qprobe.generation.base import Completion
+
+    q = FakeEmbedder(be).embed("x", [Completion(t, 1, "stop", 0) for t in texts], [req])[req.key][:, 0].astype(float)
+    return be, probe, texts, np.asarray(p0), q
+
+
+def test_rejection_samples_p0_times_exp_q_over_beta_chi_square() -> None:
+    """Sec. 4.2: the accepted samples follow p0 x exp(Q/beta) (Corollary 4.2's optimum); a bound M that
+    grows with the draws (the largest Q seen) accepts the first round's argmax outright and fails this."""
+    from scipy.stats import chisquare
+
+    be, probe, texts, p0, q = _rejection_world()
+    beta = float(np.ptp(q)) / 2  # exp(-2) ... 1: every candidate has a fair chance
+    target = p0 * np.exp(q / beta)
+    target /= target.sum()
+    policy = QProbePolicy(be, probe, PolicyConfig(k=4, beta=beta, mode="rejection", q_max=float(q.max()), max_rounds=3),
+                          SamplingConfig(), rng=np.random.default_rng(0))
+    draws, fallbacks = 3000, 0
+    counts = np.zeros(len(texts))
+    for i in range(draws):
+        sel = policy(Prompt(id="p", text="x"))
+        counts[texts.index(sel.text)] += 1
+        fallbacks += sel.fallback
+        assert sel.above_bound == 0
+    assert 0 < fallbacks < 0.05 * draws  # the fallback ran, and is part of these counts
+    assert chisquare(counts, target * draws).pvalue > 1e-3, (counts / draws, target)
+
+
+def test_rejection_needs_a_bound_and_reads_the_probe_s() -> None:
+    be, probe, texts, p0, q = _rejection_world()
+    cfg = PolicyConfig(k=2, beta=0.5, mode="rejection")
+    with pytest.raises(ConfigError, match="bound M"):
+        QProbePolicy(be, probe, cfg, SamplingConfig())
+    probe.history_ = {"q_max": 123.0}
+    assert QProbePolicy(be, probe, cfg, SamplingConfig()).bound == 123.0
+    assert QProbePolicy(be, probe, PolicyConfig(k=2, beta=0.5, mode="rejection", q_max=7.0), SamplingConfig()).bound == 7.0
+
+
+def test_rejection_fallback_and_candidates_above_the_bound() -> None:
+    be, probe, texts, p0, q = _rejection_world()
+    # M far above every Q: nothing is accepted, the fallback picks among the 2 x 3 rejected draws
+    far = QProbePolicy(be, probe, PolicyConfig(k=2, beta=0.01, mode="rejection", q_max=float(q.max()) + 100, max_rounds=3),
+                       SamplingConfig(), rng=np.random.default_rng(0))
+    sel = far(Prompt(id="p", text="x"))
+    assert sel.fallback and sel.draws == 6 and sel.text == sel.candidates[sel.index].text
+    assert sum(c.prob for c in sel.candidates) == pytest.approx(1.0)
+    # M below every Q: each candidate is above it and accepted outright, the first draw wins
+    low = QProbePolicy(be, probe, PolicyConfig(k=3, beta=0.5, mode="rejection", q_max=float(q.min()) - 1),
+                       SamplingConfig(), rng=np.random.default_rng(0))
+    sel = low(Prompt(id="p", text="x"))
+    assert not sel.fallback and sel.draws == 1 and sel.index == 0 and sel.above_bound == 1
 
 
 def test_mismatched_probe_is_refused() -> None:

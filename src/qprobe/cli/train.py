@@ -23,6 +23,7 @@ class TrainingData:
     specs: dict[str, Any]  # feature key -> FeatureSpec
     source: dict[str, Any]
     dropped: int = 0  # unscored rows left out
+    prompt_hashes: dict[str, str] | None = None  # prompt id -> hash of its text (qprobe.store.run.prompt_hash)
 
 
 def _feature_keys(run: Any, wanted: tuple[str, ...]) -> list[str]:
@@ -47,10 +48,11 @@ def load_run_data(path: Path, wanted: tuple[str, ...]) -> TrainingData:
     would add a loader beside this one returning `fit(pairs=...)` inputs; the rest is unchanged.)"""
     from qprobe.errors import DataError
     from qprobe.store import Run
+    from qprobe.store.run import prompt_hash
 
     run = Run.open(path)
     keys = _feature_keys(run, wanted)
-    table = run.table(["prompt_id", "reward"])
+    table = run.table(["prompt_id", "reward", "prompt"])
     rewards = table.column("reward").to_numpy(zero_copy_only=False).astype(np.float64)
     scored = np.nonzero(np.isfinite(rewards))[0]
     if scored.size == 0:
@@ -59,14 +61,36 @@ def load_run_data(path: Path, wanted: tuple[str, ...]) -> TrainingData:
     return TrainingData(
         features={k: run.features(k, rows=scored) for k in keys},
         rewards=rewards[scored], groups=groups, specs={k: run.feature_spec(k) for k in keys},
-        source={"run": str(Path(path).resolve()), "task": run.manifest.get("task")},
+        source={"run": str(Path(path).resolve()), "task": run.manifest.get("task"),
+                "generator": {"backend": run.manifest.get("backend", {}).get("name"),
+                              "model": run.manifest.get("model", {}).get("model")}},
         dropped=int(len(rewards) - scored.size),
+        prompt_hashes={p: prompt_hash(t) for p, t in zip(table.column("prompt_id").to_pylist(),
+                                                         table.column("prompt").to_pylist(), strict=True)},
     )
 
 
 def _row(name: str, m: dict[str, float], k: int) -> str:
     return (f"  {name:<22} expected return@{k} {m['expected_return']:.4f}   pass@1 {m['pass@1']:.4f}   "
             f"pass@{k} {m['pass@k']:.4f}")
+
+
+def _cross_validate(make_probe: Any, x: np.ndarray, rewards: np.ndarray, codes: np.ndarray, folds: int, k: int,
+                    beta: float, seed: int) -> dict[str, float]:
+    """Out-of-fold validation: each prompt's numbers come from a probe fitted without it; the means
+    are over all prompts (each fold weighted by its prompt count)."""
+    from qprobe.probes import evaluate
+    from qprobe.probes.data import fold_prompts
+
+    total: dict[str, float] = {}
+    for fit, held in fold_prompts(codes, folds, np.random.default_rng(seed)):
+        probe = make_probe().fit(x[fit], rewards[fit], codes[fit])
+        m = evaluate(probe, x[held], rewards[held], codes[held], k, beta)
+        for name in ("expected_return", "pass@1", "pass@k"):
+            total[name] = total.get(name, 0.0) + m[name] * m["prompts"]
+        total["prompts"] = total.get("prompts", 0.0) + m["prompts"]
+        total["samples"] = total.get("samples", 0.0) + m["samples"]
+    return {name: (v / total["prompts"] if name not in ("prompts", "samples") else v) for name, v in total.items()}
 
 
 @click.command()
@@ -84,20 +108,27 @@ def _row(name: str, m: dict[str, float], k: int) -> str:
 @click.option("--width", default=256, show_default=True, help="MLP hidden units.")
 @click.option("--k", default=4, show_default=True, help="Candidates per prompt for the expected-return metric (clipped to the samples a prompt has).")
 @click.option("--beta", default=0.0, show_default=True, help="Selection temperature of the metric (0 = argmax).")
-@click.option("--holdout", default=0.2, show_default=True, help="Fraction of prompts held out for validation (0 = train on all).")
+@click.option("--holdout", default=0.0, show_default=True,
+              help="Fraction of prompts kept OUT of the saved probe for validation; 0 (default): the probe trains on every prompt and validation is by --cv-folds.")
+@click.option("--cv-folds", default=5, show_default=True,
+              help="With --holdout 0: validation numbers by K-fold cross-validation over prompts (K extra fits; 1 = none).")
 @click.option("--select-folds", default=1, show_default=True,
               help="fast recipe: choose the L2 penalty by K-fold over training prompts (K > 1) instead of one held-out quarter; steadier across seeds, K-1 times slower.")
 @click.option("--loss-option", multiple=True, metavar="KEY=VALUE", help="Loss option, e.g. beta=0.5 or baseline=mean.")
 @click.option("--standardize/--no-standardize", default=None, help="Standardise features (default: fast yes, paper no).")
 @click.pass_context
-def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, depth, width, k, beta, holdout, select_folds,
-          loss_option, standardize):
+def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, depth, width, k, beta, holdout, cv_folds,
+          select_folds, loss_option, standardize):
     """Train a probe on a run's scored samples and save it.
 
-    Prompts are split, never samples: --holdout prompts are kept out for the validation numbers
-    printed at the end (expected return of best-of-k selection by the probe, against picking at
-    random (pass@1) and an oracle (pass@k)). With several --feature keys, part of the training
-    prompts picks the best one first.
+    By default the saved probe is trained on every scored prompt of the run, and the validation
+    numbers printed at the end (expected return of best-of-k selection by the probe, against
+    picking at random (pass@1) and an oracle (pass@k)) come from --cv-folds cross-validation over
+    prompts: each prompt is scored by a probe that did not see it. With --holdout F a fraction F of
+    the prompts is kept out of the saved probe instead and validates it. Prompts are split, never
+    samples. With several --feature keys, part of the prompts picks the best one first. The probe
+    records the hashes of the prompts it was trained on (`qprobe eval` refuses overlapping runs),
+    and the range of its scores on them (the bound of `select --rejection`).
     """
     from qprobe.probes import ARCHITECTURES, TrainConfig, evaluate, select_feature
     from qprobe.probes.data import split_prompts
@@ -125,12 +156,20 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
         return ARCHITECTURES[arch](loss=loss, loss_options=options, train=cfg, standardize=standardize,
                                    seed=seed, **arch_options)
 
+    if cv_folds < 1:
+        from qprobe.errors import ConfigError
+
+        raise ConfigError(f"expected --cv-folds >= 1 (1 = no cross-validation), got {cv_folds}")
     data = load_run_data(run_path, tuple(features))
-    codes = np.unique(data.groups, return_inverse=True)[1]
+    names, codes = np.unique(data.groups, return_inverse=True)
     keep, held = split_prompts(codes, holdout, np.random.default_rng(seed))
     n_prompts = int(codes.max()) + 1
-    click.echo(f"run {run_path}: {codes.size} scored samples ({data.dropped} unscored left out), {n_prompts} "
-               f"prompts: {n_prompts - np.unique(codes[held]).size} train, {np.unique(codes[held]).size} held out")
+    n_held = int(np.unique(codes[held]).size)
+    if data.dropped:
+        click.echo(f"run {run_path}: {data.dropped} rows left out: unscored (reward null, e.g. a sandbox error); "
+                   "re-run the same `qprobe collect` to score them")
+    click.echo(f"run {run_path}: {codes.size} scored samples, {n_prompts} prompts: {n_prompts - n_held} train"
+               + (f", {n_held} held out" if n_held else " (all; validation by cross-validation)" if cv_folds > 1 else " (all)"))
     key = next(iter(data.features))
     if len(data.features) > 1:
         key, table = select_feature({kk: v[keep] for kk, v in data.features.items()}, data.rewards[keep],
@@ -139,8 +178,11 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
             click.echo(f"  feature {kk:<16} selection expected return@{k} {value:.4f}{'  <- chosen' if kk == key else ''}")
     x = data.features[key]
     start = time.perf_counter()
+    trained_on = sorted({data.prompt_hashes[p] for p in names[np.unique(codes[keep])]})
     probe = make_probe().fit(x[keep], data.rewards[keep], codes[keep], spec=data.specs[key],
-                             source={**data.source, "feature": key, "holdout": holdout, "seed": seed})
+                             source={**data.source, "feature": key, "holdout": holdout, "seed": seed,
+                                     "train_prompts": {"n": len(trained_on), "hash": "sha256[:16] of the prompt text",
+                                                       "hashes": trained_on}})
     seconds = time.perf_counter() - start
     hist = probe.history_
     detail = f", L2 {hist['l2']:g} chosen on held-out training prompts" if "l2" in hist else ""
@@ -151,6 +193,9 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
     if held.size:
         results["held_out"] = evaluate(probe, x[held], data.rewards[held], codes[held], k, beta)
         click.echo(_row(f"held out ({int(results['held_out']['prompts'])} prompts)", results["held_out"], k))
+    elif cv_folds > 1 and n_prompts >= 2:
+        results["cv"] = _cross_validate(make_probe, x, data.rewards, codes, min(cv_folds, n_prompts), k, beta, seed)
+        click.echo(_row(f"{min(cv_folds, n_prompts)}-fold CV ({int(results['cv']['prompts'])} prompts)", results["cv"], k))
     probe.source_["validation"] = {f"{part} {name}": value for part, m in results.items()
                                    for name, value in m.items() if name in ("expected_return", "pass@1", "pass@k")}
     probe.save_pretrained(out)

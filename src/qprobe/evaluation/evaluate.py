@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from qprobe.errors import SpecMismatchError, StoreError
+from qprobe.errors import DataError, SpecMismatchError, StoreError
 from qprobe.intervals import bootstrap_ci, paired_bootstrap_ci
 from qprobe.metrics import group_expected_return, pass_at_k
 from qprobe.store.run import Run
@@ -26,6 +26,7 @@ class RunData:
     rows: np.ndarray  # [N] row numbers in storage order
     prompt_ids: np.ndarray  # [N]
     rewards: np.ndarray  # [N]
+    unscored: int = 0  # rows of the run left out: reward null (a sandbox error, an unscored task)
 
     @classmethod
     def load(cls, run: Run | str) -> RunData:
@@ -36,7 +37,28 @@ class RunData:
         if len(keep) == 0:
             raise StoreError(f"expected scored samples in run {run.path}, got none; collect with a reward")
         ids = np.array(t.column("prompt_id").to_pylist(), dtype=object)
-        return cls(run, keep, ids[keep], rewards[keep])
+        return cls(run, keep, ids[keep], rewards[keep], int(len(rewards) - len(keep)))
+
+    def only(self, prompt_ids: list[str]) -> RunData:
+        """The rows of these prompts only; an id the run does not hold is an error, not skipped."""
+        have = set(self.prompt_ids.tolist())
+        missing = [p for p in dict.fromkeys(prompt_ids) if p not in have]
+        if missing:
+            raise DataError(
+                f"expected every listed prompt id in the scored rows of run {self.run.path}, got {len(missing)} "
+                f"not there (e.g. {missing[:3]}); list ids as `qprobe export` shows them"
+            )
+        keep = np.isin(self.prompt_ids, list(prompt_ids))
+        return RunData(self.run, self.rows[keep], self.prompt_ids[keep], self.rewards[keep], self.unscored)
+
+    def prompt_hashes(self) -> dict[str, str]:
+        """prompt id -> hash of the prompt text the model saw (`qprobe.store.run.prompt_hash`)."""
+        from qprobe.store.run import prompt_hash
+
+        t = self.run.table(["prompt_id", "prompt"])
+        wanted = set(self.prompt_ids.tolist())
+        return {p: prompt_hash(x) for p, x in zip(t.column("prompt_id").to_pylist(), t.column("prompt").to_pylist(),
+                                                  strict=True) if p in wanted}
 
     def features(self, key: str) -> np.ndarray:
         return self.run.features(key, self.rows)  # [N, d]
@@ -48,6 +70,26 @@ class RunData:
         """The completion text of each kept row."""
         texts = self.run.table(["completion"]).column("completion").to_pylist()
         return [texts[i] for i in self.rows]
+
+
+def check_overlap(probe: Any, data: RunData, name: str, allow: bool = False) -> str:
+    """Refuse (DataError) a probe whose training prompts include evaluated ones, compared by the hash
+    of the prompt text (so a copy or a re-collection of the same prompts counts); with `allow`, or
+    for a probe that records no training prompts, return a note to print instead ("" when clean)."""
+    trained = set((getattr(probe, "source_", {}) or {}).get("train_prompts", {}).get("hashes", []))
+    if not trained:
+        return (f"note: probe {name} records no training prompts (trained before qprobe recorded them): "
+                "cannot check that it was not trained on the evaluated prompts")
+    hashes = data.prompt_hashes()
+    overlap = sorted(p for p, h in hashes.items() if h in trained)
+    if not overlap:
+        return ""
+    what = (f"probe {name} was trained on {len(overlap)} of the {len(hashes)} evaluated prompts "
+            f"(e.g. {overlap[:3]})")
+    if allow:
+        return f"note: {what}; its figures are not held-out (--allow-overlap)"
+    raise DataError(f"expected a probe trained on other prompts than the evaluated ones, got: {what}; "
+                    "evaluate on another split, list held-out prompts with --prompts, or pass --allow-overlap")
 
 
 def feature_key_for(run: Run, spec: Any) -> str:
@@ -85,12 +127,25 @@ def mean_reward_values(data: RunData) -> dict[str, float]:
     return {p: float(np.mean(v)) for p, v in out.items()}
 
 
+def is_binary(rewards: np.ndarray) -> bool:
+    """Whether every reward is 0 or 1 (pass/fail): then best-of-k's skyline is the unbiased pass@k."""
+    r = np.asarray(rewards, dtype=float)
+    return bool(np.all((r == 0.0) | (r == 1.0)))
+
+
+def skyline_name(data: RunData, k: int) -> str:
+    return f"pass@{k}" if is_binary(data.rewards) else f"oracle best-of-{k}"
+
+
 def pass_at_k_values(data: RunData, k: int) -> dict[str, float]:
-    """The pass@k skyline per prompt (binary rewards: a reward >= 1 counts as a pass)."""
+    """The skyline per prompt: the unbiased pass@k for 0/1 rewards, else the exact expected best
+    reward among k random samples (`oracle_values`); a reward of 0.7 is not a pass, nor a fail."""
+    if not is_binary(data.rewards):
+        return oracle_values(data, k)
     out: dict[str, list[float]] = {}
     for p, r in zip(data.prompt_ids, data.rewards, strict=False):
         out.setdefault(p, []).append(float(r))
-    return {p: pass_at_k(len(v), int(np.sum(np.asarray(v) >= 1)), min(k, len(v))) for p, v in out.items()}
+    return {p: pass_at_k(len(v), int(np.sum(np.asarray(v) == 1)), min(k, len(v))) for p, v in out.items()}
 
 
 def oracle_values(data: RunData, k: int) -> dict[str, float]:
@@ -115,12 +170,17 @@ def summarize(name: str, per_prompt: dict[str, float], prompts: list[str] | None
               rng: np.random.Generator | None = None) -> MethodResult:
     """Mean over prompts with a 95% bootstrap interval (prompts: the common set to use)."""
     keys = prompts if prompts is not None else list(per_prompt)
-    v = np.array([per_prompt[p] for p in keys], dtype=float)
+    missing = [p for p in keys if p not in per_prompt]
+    if missing:
+        raise DataError(f"expected a value of {name} for every prompt compared, got none for {len(missing)} "
+                        f"(e.g. {missing[:3]}); evaluate runs of the same prompts")
+    used = {p: per_prompt[p] for p in keys}  # the paired gains use exactly these prompts, too
+    v = np.array(list(used.values()), dtype=float)
     if len(v) < 2:
         m = float(v.mean()) if len(v) else float("nan")
-        return MethodResult(name, m, m, m, len(v), per_prompt)
+        return MethodResult(name, m, m, m, len(v), used)
     m, lo, hi = bootstrap_ci(v, rng=rng if rng is not None else np.random.default_rng(0))
-    return MethodResult(name, float(m), float(lo), float(hi), len(v), per_prompt)
+    return MethodResult(name, float(m), float(lo), float(hi), len(v), used)
 
 
 def paired_difference(a: MethodResult, b: MethodResult, rng: np.random.Generator | None = None) -> tuple[float, float, float]:

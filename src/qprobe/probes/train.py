@@ -276,8 +276,10 @@ def fit_probe(probe: Any, ex: Examples) -> None:
     layers = _init_layers(probe.layer_shapes(z.shape[1]), gen)
     recipe = _paper if cfg.recipe == "paper" else _fast
     history = recipe(layers, ex, kind, fn, dict(probe.loss_options), cfg, rng)
+    q = _scores_np(layers, ex.features)  # [N] the trained probe's scores on its training rows
     history.update(recipe=cfg.recipe, kind=kind, n_rows=int(z.shape[0]), n_prompts=ex.n_prompts,
-                   seconds=time.perf_counter() - start)
+                   seconds=time.perf_counter() - start,
+                   q_min=float(q.min()) if q.size else None, q_max=float(q.max()) if q.size else None)
     probe._set_learned(_to_params(layers), mean, scale, history)
 
 

@@ -48,6 +48,14 @@ def _schema() -> Any:
     ])
 
 
+def prompt_hash(text: str) -> str:
+    """A short stable digest of a prompt's text (as stored in the run's `prompt` column): two runs of
+    the same prompts give the same hashes, whatever their paths or prompt ids."""
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -155,6 +163,14 @@ class Run:
                 start += len(arr)
             return out
         rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise StoreError(f"expected a 1-D array of row numbers, got shape {rows.shape}")
+        bad = rows[(rows < 0) | (rows >= len(self))]
+        if bad.size:
+            raise StoreError(
+                f"expected row numbers in [0, {len(self)}) for run {self.path}, got {bad.size} outside "
+                f"(e.g. {int(bad[0])}); take row numbers from this run's own table"
+            )
         out = np.empty((len(rows), spec.dim), dtype=dtype)
         bounds = np.cumsum([0] + [s.rows for s in self.shards])
         shard_of = np.searchsorted(bounds, rows, side="right") - 1
@@ -175,17 +191,37 @@ class Run:
 class RunWriter(Run):
     """A run opened for appending shards. Holds an exclusive lock while open."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
-        super().__init__(path, manifest)
-        self._lock_fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    def __init__(self, path: Path, manifest: dict[str, Any] | None = None) -> None:
+        """Take the run's lock, then read its manifest (`manifest`: only for a run that has none yet).
+
+        The order matters: a manifest read before the lock may be older than the shards another
+        writer committed meanwhile, and `_remove_leftovers` would then delete them."""
+        path = Path(path)
+        self._lock_fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
+            self._lock_fd = -1
             raise StoreError(
-                f"expected no other writer on run {self.path}, but another qprobe process holds it; "
+                f"expected no other writer on run {path}, but another qprobe process holds it; "
                 "wait for it to finish or write to another --out"
             ) from None
+        try:
+            if (path / "manifest.json").is_file():
+                manifest = Run.open(path).manifest  # read under the lock
+            elif manifest is None:
+                raise StoreError(f"expected a run directory containing manifest.json, got '{path}'")
+            else:
+                manifest = {"format_version": FORMAT_VERSION, **manifest, "shards": [],
+                            "created": now(), "updated": now()}
+                write_json_atomic(path / "manifest.json", manifest)
+                fsync_dir(path.parent)
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise
+        super().__init__(path, manifest)
         self._remove_leftovers()
 
     @classmethod
@@ -193,9 +229,9 @@ class RunWriter(Run):
         """Open an existing run for appending, or create it with `manifest` (no shards)."""
         path = Path(path)
         if (path / "manifest.json").is_file():
-            existing = Run.open(path)
-            return cls(path, existing.manifest)
-        if path.exists() and any(path.iterdir()):
+            Run.open(path)  # a clear error for a corrupt run, before the lock file is made
+            return cls(path)
+        if path.exists() and any(p.name != ".lock" for p in path.iterdir()):
             raise StoreError(
                 f"expected --out to be a new or empty directory or an existing run, got '{path}' which holds "
                 "other files; choose another --out"
@@ -203,10 +239,6 @@ class RunWriter(Run):
         path.mkdir(parents=True, exist_ok=True)
         (path / "rows").mkdir(exist_ok=True)
         (path / "features").mkdir(exist_ok=True)
-        manifest = {"format_version": FORMAT_VERSION, **manifest, "shards": [],
-                    "created": now(), "updated": now()}
-        write_json_atomic(path / "manifest.json", manifest)
-        fsync_dir(path.parent)
         return cls(path, manifest)
 
     def _remove_leftovers(self) -> None:
