@@ -158,3 +158,46 @@ def test_copy_refuses_bad_input_and_replaces_only_runs(tmp_path: Path) -> None:
         copy_run(src.path, tmp_path / "other", [], replace=True)
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
     assert list(tmp_path.glob(".tmp-*")) == []
+
+
+def test_features_refuse_rows_outside_the_run(tmp_path: Path) -> None:
+    run = collect(fake_cfg(tmp_path / "r", limit=2), progress=False)  # 6 rows
+    for rows in ([6], [-1], [0, 100]):
+        with pytest.raises(StoreError, match=r"row numbers in \[0, 6\)"):
+            run.features("L-1_last", rows=np.array(rows))
+
+
+_COMMIT = """
+import sys
+from qprobe.store.collect import CollectConfig, collect
+collect(CollectConfig(task="fake", split="train", out=sys.argv[1], n=3, backend="fake", shard_samples=4,
+                      task_options={"size": 6}, features=("-1:last", "2:mean"), limit=4), progress=False)
+"""
+
+
+def test_a_writer_reads_the_manifest_under_its_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process commits shards between this writer's first look at the run and its lock: the
+    writer must see them (read after the lock), not delete them as leftovers of a crash."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    collect(fake_cfg(out, limit=2), progress=False)
+    before = len(Run.open(out).shards)
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:
+            calls.append(op)
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+            subprocess.run([sys.executable, "-c", _COMMIT, str(out)], check=True, env=env)
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with RunWriter.create_or_open(out, {}) as writer:
+        assert calls and len(writer.shards) > before
+    monkeypatch.undo()
+    run = Run.open(out)
+    assert len(run) == 12 and run.features("L-1_last").shape == (12, 16)  # every listed shard's files exist
