@@ -178,3 +178,65 @@ def test_collect_with_openai_backend(llama_server_info, tmp_path) -> None:
     )  # fmt: skip
     run = collect(cfg, progress=False)
     assert len(run) == 4 and run.features("L-1_last").shape == (4, 896)
+
+
+def test_plain_api_gets_no_extras_and_refuses_more_than_4_stops(stub_server) -> None:
+    """A server that is neither llama.cpp nor vLLM: only OpenAI fields; a 5th stop is refused, not cut."""
+    url, script = stub_server
+    b = _backend(url)
+    assert b.server_kind == "openai"  # the stub has no GET /models
+    b.generate("x", SamplingConfig(stop=("a", "b", "c", "d")), [1])
+    assert script["bodies"][0]["stop"] == ["a", "b", "c", "d"] and "top_k" not in script["bodies"][0]
+    with pytest.raises(ConfigError, match="at most 4 stop sequences"):
+        b.generate("x", SamplingConfig(stop=("a", "b", "c", "d", "e")), [1])
+    assert len(script["bodies"]) == 1
+
+
+def test_llama_cpp_server_gets_neutral_samplers_and_every_stop(stub_server) -> None:
+    url, script = stub_server
+    b = _backend(url, server="llama_cpp")
+    stops = ("a", "b", "c", "d", "e", "f")
+    b.generate("x", SamplingConfig(stop=stops), [1])
+    body = script["bodies"][0]
+    assert body["stop"] == list(stops)
+    assert (body["top_k"], body["min_p"], body["repeat_penalty"]) == (0, 0.0, 1.0)
+    rec = b.sampler(SamplingConfig(stop=stops))
+    assert rec["server"] == "llama_cpp" and rec["top_k"] == 0 and rec["min_p"] == 0.0 and rec["repeat_penalty"] == 1.0
+    assert "top_p, min_p, temperature" in rec["chain"]  # llama-cpp-python's order, recorded
+
+
+def test_neutral_values_are_fields_of_the_installed_llama_cpp_server() -> None:
+    """The extra_body keys are request fields of llama-cpp-python's server (else ignored silently),
+    the values pass its validation, and they switch the samplers off: top_k <= 0 keeps every token."""
+    types = pytest.importorskip("llama_cpp.server.types")
+    from qprobe.generation.openai_api import NEUTRAL
+
+    for cls in (types.CreateCompletionRequest, types.CreateChatCompletionRequest):
+        fields = cls.model_fields
+        assert set(NEUTRAL["llama_cpp"]) <= set(fields)
+        assert fields["top_k"].default == 40 and fields["min_p"].default == 0.05 and fields["repeat_penalty"].default == 1.1
+        extra = {"messages": [{"role": "user", "content": "x"}]} if "messages" in fields else {"prompt": "x"}
+        req = cls(**extra, **NEUTRAL["llama_cpp"])
+        assert (req.top_k, req.min_p, req.repeat_penalty) == (0, 0.0, 1.0)
+
+
+class _VLLMHandler(_Handler):
+    def do_GET(self) -> None:  # noqa: N802
+        send_json(self, 200, {"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "vllm"}]})
+
+
+def test_vllm_is_recognised_by_its_models_endpoint() -> None:
+    _Handler.script = {"fail": 0, "status": 503, "bodies": []}
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _VLLMHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    try:
+        b = _backend(url)
+        assert b.server_kind == "vllm"
+        b.generate("x", SamplingConfig(stop=tuple("abcdef")), [1])
+        body = _Handler.script["bodies"][0]
+        assert body["top_k"] == -1 and body["repetition_penalty"] == 1.0 and len(body["stop"]) == 6
+        assert b.sampler(SamplingConfig())["server"] == "vllm"
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -201,3 +201,8 @@ def test_a_writer_reads_the_manifest_under_its_lock(tmp_path: Path, monkeypatch:
     monkeypatch.undo()
     run = Run.open(out)
     assert len(run) == 12 and run.features("L-1_last").shape == (12, 16)  # every listed shard's files exist
+
+
+def test_manifest_records_what_the_sampler_applies(tmp_path: Path) -> None:
+    run = collect(fake_cfg(tmp_path / "r", limit=1), progress=False)
+    assert run.manifest["sampler"] == {"server": None, "chain": "seeded uniform draw", "stop": ["\n\n"], "max_tokens": 300}

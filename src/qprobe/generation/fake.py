@@ -31,6 +31,11 @@ class FakeBackend(Backend):
     def identity(self) -> dict[str, Any]:
         return {"model": self.model, "sha256": f"fake-{self.dim}", "dim": self.dim}
 
+    def sampler(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """What the sampler applies (collect stores it in the manifest): a seeded draw, nothing else."""
+        return {"server": None, "chain": "greedy" if sampling.temperature == 0 else "seeded uniform draw",
+                "stop": list(sampling.stop), "max_tokens": sampling.max_new_tokens}
+
     def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
         out = []
         for seed in seeds:

@@ -225,6 +225,14 @@ class LlamaCppBackend(LlamaText, Backend):
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
+    def sampler(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """The sampling configuration applied (stored in the run's manifest): nothing but these."""
+        if sampling.temperature == 0:
+            return {"server": None, "chain": "greedy", "stop": list(sampling.stop), "max_tokens": sampling.max_new_tokens}
+        return {"server": None, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0, "min_p": 0.0,
+                "repeat_penalty": 1.0, "chain": "temperature, top_p, dist(seed) (llama.cpp sampler chain)",
+                "stop": list(sampling.stop), "max_tokens": sampling.max_new_tokens}
+
     # ----------------------------------------------------------------- generation
     def group_size(self, n_prompt: int, max_new_tokens: int) -> int:
         room = self.n_ctx - n_prompt

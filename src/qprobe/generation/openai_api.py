@@ -25,6 +25,17 @@ sample it fills: reproducible on servers that honour seeds, per request. Transie
 (429, 5xx, connection, timeout) are retried with exponential backoff; others raise BackendError.
 Per-choice token counts come from `usage` when a request returned one choice, else usage is
 split over the choices in proportion to their text length (an estimate).
+
+Sampler: servers add samplers of their own unless told not to (llama-cpp-python's server: top_k
+40, min_p 0.05, repeat penalty 1.1 by default), which would make an "API" run sample another
+distribution than a `llamacpp` run of the same weights. `server=` says which kind of server it is
+("auto": a served GGUF is llama_cpp; else the `owned_by` of GET /models: "vllm" is vLLM, anything
+else the plain OpenAI API). llama_cpp and vLLM get neutral values of their extra samplers in
+`extra_body` (top_k off, min_p 0, repeat penalty 1) and every stop sequence; the plain OpenAI API
+takes at most 4 stop sequences, and more are refused (ConfigError), never cut. `sampler(sampling)`
+is the full configuration the server applies (what collect stores in the manifest); note that
+llama-cpp-python applies top_p BEFORE the temperature (the llamacpp back-end: after), so the two
+agree exactly only at top_p = 1 or temperature = 1.
 """
 
 from __future__ import annotations
@@ -43,6 +54,22 @@ from qprobe.generation.base import Backend, Completion, SamplingConfig
 from qprobe.tasks.base import Prompt
 
 OPENAI_API = "https://api.openai.com/v1"
+SERVER_KINDS = ("auto", "llama_cpp", "vllm", "openai")
+MAX_OPENAI_STOPS = 4  # the OpenAI API's limit on stop sequences
+# Neutral values of each server's own extra samplers (sent in extra_body), and what it then applies.
+NEUTRAL = {
+    "llama_cpp": {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0},  # llama_cpp/server/types.py fields
+    "vllm": {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0},  # vLLM's SamplingParams names
+    "openai": {},
+}
+APPLIED = {
+    "llama_cpp": {"top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "presence_penalty": 0.0,
+                  "frequency_penalty": 0.0, "mirostat_mode": 0,
+                  "chain": "top_k, typical_p, top_p, min_p, temperature, dist(seed) (llama-cpp-python server)"},
+    "vllm": {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+             "chain": "temperature, top_k, top_p, min_p (vLLM)"},
+    "openai": {"chain": "temperature, top_p (the server's own; nothing else can be asked)"},
+}
 # A served GGUF renders chat prompts with its own template (as LlamaCppBackend.render does), never
 # with a built-in format llama-cpp-python may guess from it.
 SERVE_ARGS = ("--chat_format", "chat_template.default")
@@ -125,7 +152,10 @@ class OpenAIBackend(Backend):
         serve_threads: int | None = None,
         serve_ctx: int = 4096,
         serve_embedding: bool = True,
+        server: str = "auto",
     ) -> None:
+        if server not in SERVER_KINDS:
+            raise ConfigError(f"expected server in {list(SERVER_KINDS)}, got '{server}'")
         if not model and not serve:
             raise ConfigError(
                 "expected a model name for the openai back-end, got ''; pass --model NAME "
@@ -163,6 +193,35 @@ class OpenAIBackend(Backend):
         self.embedding_model = embedding_model or model
         self._sleep = sleep
         self.requests_sent = 0
+        self._server = "llama_cpp" if self.served is not None and server == "auto" else server
+
+    @property
+    def server_kind(self) -> str:
+        """llama_cpp, vllm or openai (see the module docstring); "auto" asks GET /models once."""
+        if self._server == "auto":
+            try:
+                owners = {str(getattr(m, "owned_by", "")) for m in self.client.models.list().data}
+            except Exception:  # a server without /models: treat it as the plain API
+                owners = set()
+            self._server = "vllm" if "vllm" in owners else "openai"
+        return self._server
+
+    def sampler(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """The whole sampling configuration the server applies (stored in the run's manifest)."""
+        kind = self.server_kind
+        self._check_stops(sampling, kind)
+        return {"server": kind, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "max_tokens": sampling.max_new_tokens, "stop": list(sampling.stop), **APPLIED[kind],
+                "extra_body": dict(NEUTRAL[kind]), "seed": "per request: the first sample's seed"}
+
+    @staticmethod
+    def _check_stops(sampling: SamplingConfig, kind: str) -> None:
+        if kind == "openai" and len(sampling.stop) > MAX_OPENAI_STOPS:
+            raise ConfigError(
+                f"expected at most {MAX_OPENAI_STOPS} stop sequences for the OpenAI API, got {len(sampling.stop)} "
+                f"({list(sampling.stop)}); pass at most {MAX_OPENAI_STOPS} --stop, or --backend-option server=llama_cpp "
+                "(or vllm) if the server is one of those"
+            )
 
     def identity(self) -> dict[str, Any]:
         if self.served is not None:  # the weights are known: hashed as the llamacpp back-end does
@@ -201,8 +260,12 @@ class OpenAIBackend(Backend):
             model=self.model, n=n, temperature=sampling.temperature, top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens, seed=seed,
         )  # fmt: skip
+        kind = self.server_kind
+        self._check_stops(sampling, kind)
         if sampling.stop:
-            kwargs["stop"] = list(sampling.stop)[:4]  # the OpenAI API accepts at most 4
+            kwargs["stop"] = list(sampling.stop)
+        if NEUTRAL[kind]:
+            kwargs["extra_body"] = dict(NEUTRAL[kind])  # switch off the server's own extra samplers
         if messages is not None:
             resp = call_with_retries(
                 lambda: self.client.chat.completions.create(messages=messages, **kwargs),

@@ -132,6 +132,8 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
             "sampling": sampling.to_dict(),
             "reward": reward.manifest(),
         }
+        if hasattr(backend, "sampler"):  # everything the sampler applies, the server's own defaults included
+            manifest["sampler"] = backend.sampler(sampling)
         if reward.executes_code:
             from qprobe import sandbox
 
@@ -170,8 +172,9 @@ def _open_writer(cfg: CollectConfig, manifest: dict[str, Any]) -> RunWriter:
             f"expected the run's features {sorted(stored)} to resume {cfg.out}, got {sorted(wanted)}; "
             "repeat the original --feature options or write to a new --out"
         )
+    extra = {"sampler": manifest["sampler"]} if "sampler" in manifest else {}
     writer.update_manifest(versions=library_versions(), n=max(cfg.n, int(writer.manifest.get("n", 0))),
-                           complete=False)
+                           complete=False, **extra)
     return writer
 
 
