@@ -228,8 +228,11 @@ def test_spec_mismatch_is_refused_naming_both(tmp_path: Path) -> None:
 def test_corrupt_files_raise_one_clear_error(tmp_path: Path) -> None:
     x, r, g = toy()
     LinearProbe(train=FAST).fit(x, r, g).save_pretrained(tmp_path / "p")
-    with pytest.raises(DataError, match="config.json and model.safetensors"):
+    with pytest.raises(DataError, match="does not exist"):
         Probe.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="config.json and model.safetensors"):
+        Probe.from_pretrained(tmp_path / "empty")
     (tmp_path / "p" / "model.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(DataError, match="corrupt"):
         Probe.from_pretrained(tmp_path / "p")
@@ -254,3 +257,63 @@ def test_importing_probes_does_not_import_torch() -> None:
     code = "import sys, qprobe.probes, qprobe.probes.io; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_missing_local_path_is_an_error_not_a_hub_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'probes/pg' used to become an unpinned download of huggingface.co/probes/pg."""
+    hub = pytest.importorskip("huggingface_hub")
+    calls: list = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda **kw: calls.append(kw))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="'probes/pg' which does not exist.*hf://ORG/NAME"):
+        Probe.from_pretrained("probes/pg")
+    assert calls == []
+
+
+def test_hub_probes_load_pinned_through_huggingface_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf://org/name@rev goes through huggingface_hub.snapshot_download with that revision (and
+    local_files_only), and the commit it resolved is recorded; push uploads with HfApi.upload_folder."""
+    hub = pytest.importorskip("huggingface_hub")
+    x, r, g = toy()
+    probe = LinearProbe(train=FAST).fit(x, r, g, spec=SPEC)
+    snap = tmp_path / "cache" / "snapshots" / ("c0ffee" * 6 + "abcd")
+    probe.save_pretrained(snap)
+    calls: list = []
+
+    def snapshot_download(**kw):
+        calls.append(kw)
+        return str(snap)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    loaded = Probe.from_pretrained("hf://org/probe@v1", local_files_only=True)
+    assert calls[0]["repo_id"] == "org/probe" and calls[0]["revision"] == "v1" and calls[0]["local_files_only"] is True
+    assert loaded.source_["hub"] == {"repo": "org/probe", "revision": "v1", "commit": snap.name}
+    assert np.array_equal(loaded.score(x), probe.score(x))
+    Probe.from_pretrained("hf://org/probe")
+    assert calls[1]["revision"] is None and calls[1]["local_files_only"] is False
+    with pytest.raises(ConfigError, match="hf://ORG/NAME"):
+        Probe.from_pretrained("hf://not-a-repo")
+
+    def offline(**kw):
+        raise hub.errors.LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    with pytest.raises(DataError, match="org/probe at revision v2 in the local cache"):
+        Probe.from_pretrained("hf://org/probe@v2", local_files_only=True)
+
+    uploads: list = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, **kw):
+            uploads.append(("create", repo_id, kw))
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            uploads.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            return type("CommitInfo", (), {"oid": "deadbeef"})()
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    assert probe.push_to_hub("hf://org/probe") == "hf://org/probe@deadbeef"
+    assert uploads[1] == ("upload", "org/probe", ["README.md", "config.json", "model.safetensors"])

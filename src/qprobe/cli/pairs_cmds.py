@@ -89,7 +89,7 @@ def embed_cmd(pairs_path, fmt, split, fields, offset, limit, max_chars, ids_file
 
 @pairs.command("eval")
 @click.option("--run", "run_path", required=True, type=click.Path(path_type=Path), help="A pairs run (qprobe pairs embed).")
-@click.option("--probe", "probes", multiple=True, required=True, type=click.Path(path_type=Path), help="Probe directory (repeatable).")
+@click.option("--probe", "probes", multiple=True, required=True, help="Probe directory or hf://ORG/NAME[@REVISION] (repeatable).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
 def eval_cmd(run_path, probes, json_out):
     """Pairwise accuracy of each probe (ties 1/2) with a 95% bootstrap interval over pairs; with
@@ -161,7 +161,7 @@ def probe_factories(loss: str, width: int = 256) -> dict[str, Any]:
 @_pair_options
 @click.option("--samples", "samples_path", type=click.Path(path_type=Path), default=None,
               help="A run of the model's samples for the pairs' prompts (qprobe collect --task pairs); without it the dataset's rejected response is judged (a judge sanity check).")
-@click.option("--probe", "probe_path", type=click.Path(path_type=Path), default=None, help="Pick each prompt's sample by this probe (argmax); without it, sample 0 (a random pick).")
+@click.option("--probe", "probe_path", default=None, help="Probe directory or hf://ORG/NAME[@REVISION]. Pick each prompt's sample by this probe (argmax); without it, sample 0 (a random pick).")
 @click.option("-k", "k", type=int, default=None, help="Candidates per prompt (the first k samples; default all).")
 @click.option("--judge-model", default="", help="Model name at the judge endpoint.")
 @click.option("--base-url", default=None, help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL, then the OpenAI API).")

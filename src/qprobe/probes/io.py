@@ -135,26 +135,51 @@ def save_probe(probe: Any, path: str | os.PathLike[str]) -> None:
     fsync_dir(path.parent)
 
 
-def _resolve(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    if p.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        return p
-    hub = require("huggingface_hub", "hub")  # a Hub repo id, e.g. user/mbpp-pg-probe
+HUB_PREFIX = "hf://"
+
+
+def parse_hub(name: str) -> tuple[str, str | None]:
+    """'hf://org/name@revision' -> ('org/name', 'revision'); the revision is optional (a branch, tag or commit)."""
+    rest = name[len(HUB_PREFIX):]
+    repo, _, revision = rest.partition("@")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or (_ and not revision):
+        raise ConfigError(f"expected a Hub probe as hf://ORG/NAME or hf://ORG/NAME@REVISION, got '{name}'")
+    return repo, revision or None
+
+
+def _resolve(path: str | os.PathLike[str], local_files_only: bool = False) -> tuple[Path, dict[str, Any]]:
+    """A local probe directory as given, or `hf://org/name[@revision]` downloaded through
+    huggingface_hub's own cache (`snapshot_download`); returns the folder and, for the Hub, where it
+    came from (repo, revision asked, commit got)."""
+    text = str(path)
+    if not text.startswith(HUB_PREFIX):
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"expected a probe directory, got '{text}' which does not exist; pass the --out of "
+                            f"`qprobe train`, or a Hub probe as {HUB_PREFIX}ORG/NAME[@REVISION]")
+        return p, {}
+    repo, revision = parse_hub(text)
+    hub = require("huggingface_hub", "hub")
     try:
-        return Path(hub.snapshot_download(repo_id=str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
-    except Exception as exc:  # network, auth, missing repo: one clear line
-        raise DataError(f"expected a probe directory or a reachable Hub repo, got '{path}' ({exc})") from None
+        folder = Path(hub.snapshot_download(repo_id=repo, revision=revision, local_files_only=local_files_only,
+                                            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
+    except Exception as exc:  # network, auth, missing repo or revision, not cached offline: one clear line
+        where = "in the local cache (local_files_only)" if local_files_only else "on the Hub"
+        raise DataError(f"expected the probe {repo} at revision {revision or 'main'} {where}, got "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return folder, {"repo": repo, "revision": revision, "commit": folder.name}
 
 
-def load_probe(path: str | os.PathLike[str]) -> Any:
-    """Rebuild a probe from its directory (or a Hub repo id); corrupt files raise DataError."""
+def load_probe(path: str | os.PathLike[str], local_files_only: bool = False) -> Any:
+    """Rebuild a probe from its directory or `hf://org/name[@revision]` (`local_files_only`: the Hub
+    cache only, no network); corrupt files raise DataError."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     from qprobe.probes.models import ARCHITECTURES
     from qprobe.probes.train import TrainConfig
 
-    root = _resolve(path)
+    root, hub_source = _resolve(path, local_files_only)
     cpath, wpath = root / CONFIG_NAME, root / WEIGHTS_NAME
     if not (cpath.is_file() and wpath.is_file()):
         raise DataError(
@@ -195,16 +220,26 @@ def load_probe(path: str | os.PathLike[str]) -> Any:
                        config.get("history") or {})
     probe.feature_spec_ = spec
     probe.source_ = config.get("source") or {}
+    if hub_source:
+        probe.source_ = {**probe.source_, "hub": hub_source}
     return probe
 
 
 def push_probe(probe: Any, repo_id: str, *, private: bool = False, token: str | None = None,
                commit_message: str = "Upload Q-probe") -> str:
-    """Save to a temporary directory and upload it as a Hub model repo; returns the repo URL."""
+    """Save to a temporary directory and upload it as a Hub model repo (`org/name` or
+    `hf://org/name`) with `HfApi.upload_folder`; returns `hf://org/name@COMMIT`, the pinned name
+    that loads exactly this upload."""
+    if repo_id.startswith(HUB_PREFIX):
+        repo_id, revision = parse_hub(repo_id)
+        if revision:
+            raise ConfigError(f"expected hf://ORG/NAME to push to (the revision is the new commit), got '@{revision}'")
     hub = require("huggingface_hub", "hub")
     with tempfile.TemporaryDirectory() as tmp:
         save_probe(probe, Path(tmp) / "probe")
         api = hub.HfApi(token=token)
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(Path(tmp) / "probe"), repo_id=repo_id, commit_message=commit_message)
-    return str(url)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(Path(tmp) / "probe"), repo_id=repo_id, repo_type="model",
+                                 commit_message=commit_message)
+    commit = getattr(info, "oid", None)
+    return f"{HUB_PREFIX}{repo_id}" + (f"@{commit}" if commit else "")

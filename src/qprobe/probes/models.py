@@ -134,11 +134,14 @@ class Probe:
         save_probe(self, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], spec: FeatureSpec | None = None) -> Probe:
-        """Load a probe directory; with `spec`, refuse features of another model/layer/pooling."""
+    def from_pretrained(cls, path: str | os.PathLike[str], spec: FeatureSpec | None = None, *,
+                        local_files_only: bool = False) -> Probe:
+        """Load a probe directory, or a Hub probe `hf://org/name[@revision]` (needs qprobe[hub];
+        `local_files_only`: from the Hub cache, no network); with `spec`, refuse features of another
+        model/layer/pooling. A path that does not exist is an error, never a Hub look-up."""
         from qprobe.probes.io import load_probe
 
-        probe = load_probe(path)
+        probe = load_probe(path, local_files_only=local_files_only)
         if cls is not Probe and not isinstance(probe, cls):
             raise ConfigError(f"expected a {cls.__name__} in {path}, got a {type(probe).__name__}; use Probe.from_pretrained")
         if spec is not None:
@@ -146,7 +149,8 @@ class Probe:
         return probe
 
     def push_to_hub(self, repo_id: str, **options: Any) -> str:
-        """Upload the probe directory to the Hugging Face Hub (needs qprobe[hub]); returns the URL."""
+        """Upload the probe directory to the Hugging Face Hub (needs qprobe[hub]); returns the pinned
+        name `hf://org/name@COMMIT` that `from_pretrained` loads."""
         from qprobe.probes.io import push_probe
 
         return push_probe(self, repo_id, **options)
