@@ -69,3 +69,25 @@ def test_collect_with_shots_records_them_and_resumes(train_run, tmp_path, capsys
     with pytest.raises(SystemExit) as exc:
         main([*args[:-3], "--shots", "3", "--no-progress"])
     assert exc.value.code == 2 and "solved examples" in capsys.readouterr().err
+
+
+def test_a_prompt_never_sees_its_own_problem_among_its_examples(train_run, tmp_path) -> None:
+    """--shots-from a run of the same split: a drawn example that is one of the collected prompts is
+    replaced, for that prompt only, by a spare example of another problem."""
+    out = tmp_path / "same"
+    run = collect(CollectConfig(task="fake", split="train", out=out, n=1, limit=12, task_options={"size": 30},
+                                shots_from=str(train_run.path), shots=3), progress=False)
+    shots = run.manifest["task"]["shots"]
+    assert len(shots) == 4 and shots[-1].get("spare") is True and not any(s.get("spare") for s in shots[:3])
+    by_id = {s.source["prompt_id"]: s for s in shots_from_run(str(train_run.path), k=3, keep=shots)}
+    rows = run.table(["prompt_id", "prompt"]).to_pylist()
+    for row in rows:
+        own = by_id.get(row["prompt_id"])
+        if own is not None:  # its own solved example is not in its context ...
+            assert own.completion + SEPARATOR not in row["prompt"]
+        # ... and it has exactly 3 examples
+        assert row["prompt"].count(SEPARATOR) == 3
+    # a resume keeps the same examples, spare included
+    again = collect(CollectConfig(task="fake", split="train", out=out, n=2, limit=12, task_options={"size": 30},
+                                  shots_from=str(train_run.path), shots=3), progress=False)
+    assert again.manifest["task"]["shots"] == shots and len(again) == 24

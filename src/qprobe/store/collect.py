@@ -104,7 +104,8 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
 
         manifest_path = Path(cfg.out) / "manifest.json"
         kept = json.loads(manifest_path.read_text()).get("task", {}).get("shots") if manifest_path.is_file() else None
-        task = FewShotTask(task, shots_from_run(cfg.shots_from, cfg.shots, cfg.shots_seed, keep=kept))
+        task = FewShotTask(task, shots_from_run(cfg.shots_from, cfg.shots, cfg.shots_seed, keep=kept,
+                                                avoid=task.prompts(cfg.split), avoid_task=cfg.task))
     indexed = list(enumerate(task.prompts(cfg.split)))  # the index is the prompt's place in the split
     if cfg.limit is not None:
         indexed = indexed[: cfg.limit]
