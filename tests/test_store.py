@@ -52,8 +52,8 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     collect(fake_cfg(tmp_path / "r", limit=1), progress=False)
     with pytest.raises(StoreError, match="sampling"):
         collect(fake_cfg(tmp_path / "r", sampling=SamplingConfig(temperature=0.1)), progress=False)
-    with pytest.raises(StoreError, match="features"):
-        collect(fake_cfg(tmp_path / "r", features=("-1:last",)), progress=False)
+    with pytest.raises(StoreError, match="features among the run's"):
+        collect(fake_cfg(tmp_path / "r", features=("-1:last", "3:last")), progress=False)
 
 
 def test_orphan_files_are_removed_and_ignored(tmp_path: Path) -> None:
@@ -206,3 +206,74 @@ def test_a_writer_reads_the_manifest_under_its_lock(tmp_path: Path, monkeypatch:
 def test_manifest_records_what_the_sampler_applies(tmp_path: Path) -> None:
     run = collect(fake_cfg(tmp_path / "r", limit=1), progress=False)
     assert run.manifest["sampler"] == {"server": None, "chain": "seeded uniform draw", "stop": ["\n\n"], "max_tokens": 300}
+
+
+def test_resume_after_embed_keeps_every_feature_without_listing_them(tmp_path: Path) -> None:
+    """`qprobe embed` adds a feature; resuming collect (CLI: no --feature; Python: a subset) writes
+    every feature of the run into the new shards, instead of asking for them all again."""
+    from click.testing import CliRunner
+
+    from qprobe.cli.main import cli
+    from qprobe.store.embed import add_features
+
+    out = tmp_path / "r"
+    args = ["collect", "--task", "fake", "--backend", "fake", "--task-option", "size=6", "--out", str(out),
+            "--no-progress", "--shard-samples", "4"]
+    assert CliRunner().invoke(cli, [*args, "--n", "2", "--feature", "-1:last"]).exit_code == 0
+    add_features(str(out), ["2:mean"], progress=False)
+    res = CliRunner().invoke(cli, [*args, "--n", "3"])
+    assert res.exit_code == 0, res.output
+    run = Run.open(out)
+    assert len(run) == 18 and sorted(run.feature_keys) == ["L-1_last", "L2_mean"]
+    whole = collect(fake_cfg(tmp_path / "w", features=("-1:last", "2:mean")), progress=False)
+    order = run.sorted_order()
+    np.testing.assert_allclose(run.features("L2_mean")[order], whole.features("L2_mean")[whole.sorted_order()])
+    # the library: asking for part of the run's features resumes with all of them
+    run = collect(fake_cfg(out, n=4, features=("2:mean",)), progress=False)
+    assert len(run) == 24 and run.features("L-1_last").shape == (24, 16)
+
+
+def test_unscored_rows_are_scored_again_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reward that failed (null, as a sandbox error) is retried on the stored completion when the
+    collection resumes: no new sample, the same rows, now scored."""
+    (tmp_path / "flaky_reward.py").write_text(
+        "from pathlib import Path\n"
+        f"FLAG = Path({str(tmp_path / 'down')!r})\n"
+        "def score(prompt, completion):\n"
+        "    return None if FLAG.exists() else float(len(completion) % 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}"}) + "\n" for i in range(3)))
+    cfg = CollectConfig(task="jsonl", split="all", out=tmp_path / "r", n=2, backend="fake", features=("-1:last",),
+                        task_options={"data": str(data), "reward": "flaky_reward:score"})
+    (tmp_path / "down").touch()
+    run = collect(cfg, progress=False)
+    assert run.manifest["verdicts"]["unscored"] == 6 and all(r is None for r in run.table(["reward"]).column(0).to_pylist())
+    before = run.table(["prompt_id", "sample_index", "completion"]).to_pylist()
+    (tmp_path / "down").unlink()
+    run = collect(cfg, progress=False)
+    t = run.table(["prompt_id", "sample_index", "completion", "reward"]).to_pylist()
+    assert [{k: r[k] for k in ("prompt_id", "sample_index", "completion")} for r in t] == before
+    assert [r["reward"] for r in t] == [float(len(r["completion"]) % 2) for r in t]
+    assert run.manifest["verdicts"] == {"scored": 6, "unscored": 0, "timeouts": 0, "timeout_rate": 0.0}
+
+
+def test_timeout_rate_is_recorded_and_inspected(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qprobe.store.summary import summarize
+
+    out = tmp_path / "r"
+    run = collect(fake_cfg(out, limit=2), progress=False)  # 6 rows
+    shard = out / "rows" / f"{run.shards[0].name}.parquet"
+    t = pq.read_table(shard)
+    details = t.column("details").to_pylist()
+    rewards = t.column("reward").to_pylist()
+    for i in (0, 1):  # two samples hit the time limit (reward 0, status timeout)
+        details[i], rewards[i] = json.dumps({"status": "timeout"}), 0.0
+    t = t.set_column(t.schema.get_field_index("details"), "details", pa.array(details, pa.string()))
+    pq.write_table(t.set_column(t.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64())), shard)
+    run = collect(fake_cfg(out, limit=2), progress=False)  # nothing to add: the counts are taken again
+    assert run.manifest["verdicts"] == {"scored": 6, "unscored": 0, "timeouts": 2, "timeout_rate": round(2 / 6, 6)}
+    assert summarize(out)["timeout rate"].startswith("0.3333 (2 of 6 scored samples hit the time limit)")

@@ -18,7 +18,7 @@ from qprobe.cli.options import parse_kv
 @click.option("--n", "n", default=16, show_default=True, help="Samples per prompt.")
 @click.option("--backend", default="llamacpp", show_default=True, help="Generation back-end (see `qprobe ls`).")
 @click.option("--model", default=None, help="Model: a GGUF path, a Hugging Face id or path, or a server's model name. Default: the back-end's default.")
-@click.option("--feature", "features", multiple=True, help="Features to store, LAYER:POOLING (e.g. -1:last, 18:mean) or embed=NAME:POOLING; repeatable. Default -1:last.")
+@click.option("--feature", "features", multiple=True, help="Features to store, LAYER:POOLING (e.g. -1:last, 18:mean) or embed=NAME:POOLING; repeatable. Default -1:last; resuming a run: every feature it holds (also those `qprobe embed` added).")
 @click.option("--layer", type=int, default=None, help="Shorthand for one --feature LAYER:POOLING.")
 @click.option("--pooling", type=click.Choice(["last", "mean", "tokens"]), default=None, help="Pooling for --layer.")
 @click.option("--limit", type=int, default=None, help="Only the first N prompts of the split.")
@@ -58,6 +58,9 @@ def collect(task, split, n, backend, model, features, layer, pooling, limit, out
     feats = list(features)
     if layer is not None or pooling is not None:
         feats.append(f"{layer if layer is not None else -1}:{pooling or 'last'}")
+    if not feats and (out / "manifest.json").is_file():  # a resume: the run's own features, `embed`'s included
+        feats = [f"{s['layer']}:{s['pooling']}" if not s.get("embedder") else f"embed={s['embedder']}:{s['pooling']}"
+                 for s in json.loads((out / "manifest.json").read_text()).get("features", {}).values()]
     cfg = CollectConfig(
         task=task, split=split, out=out, n=n, backend=backend, model=model,
         features=tuple(feats or ["-1:last"]),

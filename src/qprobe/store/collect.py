@@ -140,10 +140,10 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
 
             manifest["reward"]["sandbox"] = sandbox.isolation_level()
         is_new = not (Path(cfg.out) / "manifest.json").exists()
-        writer = _open_writer(cfg, manifest)
+        writer, requests = _open_writer(cfg, manifest)
         try:
             with writer:
-                return _collect_into(writer, cfg, indexed, backend, reward, sampling, progress, on_shard)
+                return _collect_into(writer, cfg, requests, indexed, backend, reward, sampling, progress, on_shard)
         except BaseException:
             if is_new and not writer.shards:  # nothing collected: leave nothing half-made behind
                 import shutil
@@ -154,7 +154,10 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
         backend.close()
 
 
-def _open_writer(cfg: CollectConfig, manifest: dict[str, Any]) -> RunWriter:
+def _open_writer(cfg: CollectConfig, manifest: dict[str, Any]) -> tuple[RunWriter, list[FeatureRequest]]:
+    """The writer, and the features every new shard gets: the requested ones for a new run; for a
+    resumed run, every feature it holds (those `qprobe embed` added too), of which the requested
+    ones must be a part."""
     writer = RunWriter.create_or_open(cfg.out, manifest)
     old, new = fingerprint(writer.manifest), fingerprint(json.loads(json.dumps(manifest, default=str)))
     if old != new:
@@ -167,30 +170,35 @@ def _open_writer(cfg: CollectConfig, manifest: dict[str, Any]) -> RunWriter:
         )
     stored = writer.manifest.get("features")
     wanted = [r.key for r in cfg.requests]
-    if stored and sorted(stored) != sorted(wanted):
+    requests = cfg.requests
+    if stored and not set(wanted) <= set(stored):
         writer.close()
         raise StoreError(
-            f"expected the run's features {sorted(stored)} to resume {cfg.out}, got {sorted(wanted)}; "
-            "repeat the original --feature options or write to a new --out"
+            f"expected features among the run's {sorted(stored)} to resume {cfg.out}, got {sorted(set(wanted) - set(stored))}; "
+            "drop --feature to resume with the run's own, or write to a new --out (`qprobe embed` adds features)"
         )
+    if stored:
+        specs = [writer.feature_spec(k) for k in stored]
+        requests = [FeatureRequest(layer=sp.layer, pooling=sp.pooling, embedder=sp.embedder) for sp in specs]
     extra = {"sampler": manifest["sampler"]} if "sampler" in manifest else {}
     writer.update_manifest(versions=library_versions(), n=max(cfg.n, int(writer.manifest.get("n", 0))),
                            complete=False, **extra)
-    return writer
+    return writer, requests
 
 
 def _collect_into(
-    writer: RunWriter, cfg: CollectConfig, prompts: list[tuple[int, Prompt]], backend: Any, reward: Any,
-    sampling: SamplingConfig, progress: bool, on_shard: Callable[[Run], None] | None,
+    writer: RunWriter, cfg: CollectConfig, requests: list[FeatureRequest], prompts: list[tuple[int, Prompt]],
+    backend: Any, reward: Any, sampling: SamplingConfig, progress: bool, on_shard: Callable[[Run], None] | None,
 ) -> Run:
     from qprobe.store.progress import CollectProgress
 
+    _rescore_unscored(writer, {p.id: p for _, p in prompts}, reward, progress)
     done = writer.pairs()
     todo = [(i, p, [j for j in range(cfg.n) if (p.id, j) not in done]) for i, p in prompts]
     todo = [t for t in todo if t[2]]
     total = len(prompts) * cfg.n
     groups: dict[str, list[FeatureRequest]] = {}
-    for req in cfg.requests:
+    for req in requests:
         groups.setdefault(req.embedder, []).append(req)
     embedders = {name: make_embedder(backend, name) for name in groups}
     pending: list[_Pending] = []
@@ -218,8 +226,39 @@ def _collect_into(
         for e in embedders.values():
             e.close()
     complete = len(writer) >= len(prompts) * cfg.n
-    writer.update_manifest(complete=complete, n_prompts=len(prompts))
+    from qprobe.store.summary import verdict_counts
+
+    writer.update_manifest(complete=complete, n_prompts=len(prompts), verdicts=verdict_counts(writer))
     return Run.open(writer.path)
+
+
+def _rescore_unscored(writer: RunWriter, prompts: dict[str, Prompt], reward: Any, progress: bool) -> None:
+    """Score again the stored completions whose reward came back null (a sandbox error), without
+    regenerating them; rows unscored by design (status "unscored", e.g. the pairs task) stay."""
+    import pyarrow.parquet as pq
+
+    todo = 0
+    for shard in writer.shards:
+        rows = pq.read_table(writer.path / "rows" / f"{shard.name}.parquet",
+                             columns=["prompt_id", "completion", "reward", "details"]).to_pylist()
+        by_prompt: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            status = json.loads(row["details"]).get("status") if row["details"] else None
+            if row["reward"] is None and status != "unscored" and row["prompt_id"] in prompts:
+                by_prompt.setdefault(row["prompt_id"], []).append(i)
+        if not by_prompt:
+            continue
+        updates: dict[int, tuple[float | None, str]] = {}
+        for pid, idx in by_prompt.items():
+            results = reward.score(prompts[pid], [rows[i]["completion"] for i in idx])
+            for i, r in zip(idx, results, strict=True):
+                updates[i] = (None if r.reward is None else float(r.reward), json.dumps(r.details, sort_keys=True, default=str))
+        writer.replace_rewards(shard, updates)
+        todo += len(updates)
+    if todo and progress:
+        import sys
+
+        print(f"{writer.path}: scored again {todo} stored samples that came back unscored", file=sys.stderr)
 
 
 def _specs(embedders: dict[str, Any], groups: dict[str, list[FeatureRequest]], feats: dict[str, Any],

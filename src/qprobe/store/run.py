@@ -293,6 +293,23 @@ class RunWriter(Run):
         write_json_atomic(self.path / "manifest.json", self.manifest)
         return shard
 
+    def replace_rewards(self, shard: Shard, updates: dict[int, tuple[float | None, str]]) -> None:
+        """Rewrite the reward and details of some rows of a committed shard (row within the shard ->
+        (reward, details JSON)), e.g. rows that came back unscored and were scored again. The
+        shard's rows file is replaced atomically, as every write: readers see old or new rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self.path / "rows" / f"{shard.name}.parquet"
+        table = pq.read_table(path)
+        rewards, details = table.column("reward").to_pylist(), table.column("details").to_pylist()
+        for i, (reward, detail) in updates.items():
+            rewards[i], details[i] = reward, detail
+        table = table.set_column(table.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64()))
+        table = table.set_column(table.schema.get_field_index("details"), "details", pa.array(details, pa.string()))
+        write_atomic(path, lambda f: pq.write_table(table, f))
+        self.update_manifest()
+
     def update_manifest(self, **fields: Any) -> None:
         self.manifest.update(fields)
         self.manifest["updated"] = now()

@@ -12,6 +12,18 @@ import numpy as np
 from qprobe.store.run import Run
 
 
+def verdict_counts(run: Run) -> dict[str, Any]:
+    """Scored and unscored rows, and the timeouts among the scored (details status "timeout"):
+    what collect records in the manifest and `qprobe inspect` shows."""
+    t = run.table(["reward", "details"])
+    rewards = t.column("reward").to_pylist()
+    statuses = [json.loads(d).get("status") if d else None for d in t.column("details").to_pylist()]
+    scored = sum(r is not None for r in rewards)
+    timeouts = sum(1 for r, s in zip(rewards, statuses, strict=True) if r is not None and s == "timeout")
+    return {"scored": scored, "unscored": len(rewards) - scored, "timeouts": timeouts,
+            "timeout_rate": round(timeouts / scored, 6) if scored else None}
+
+
 def summarize(path: str | Path) -> dict[str, Any]:
     run = Run.open(path)
     m = run.manifest
@@ -44,6 +56,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "complete": m.get("complete"),
         "reward rate": f"{scored.mean():.4f} over {len(scored)} scored" if len(scored) else "n/a",
         "unscored": int(np.isnan(rewards).sum()),
+        "timeout rate": _timeout_line(verdict_counts(run), m.get("verdicts")),
         "prompts with mixed rewards": mixed,
         "mean tokens": round(float(np.mean(t.column("n_tokens").to_numpy())), 1) if len(run) else 0,
         "finish reasons": dict(Counter(t.column("finish_reason").to_pylist())),
@@ -53,3 +66,12 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "shards": len(run.shards),
         "provenance": {"created": m.get("created"), "updated": m.get("updated"), **m.get("versions", {})},
     }
+
+
+def _timeout_line(now: dict[str, Any], recorded: dict[str, Any] | None) -> str:
+    if not now["scored"]:
+        return "n/a"
+    line = f"{now['timeout_rate']:.4f} ({now['timeouts']} of {now['scored']} scored samples hit the time limit)"
+    if recorded is not None and recorded != now:
+        line += f"; the manifest recorded {recorded.get('timeouts')} of {recorded.get('scored')}"
+    return line
