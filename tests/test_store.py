@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qprobe.collection.collect import CollectConfig, collect
 from qprobe.errors import StoreError
 from qprobe.store import Run, RunWriter
-from qprobe.store.collect import CollectConfig, collect
 
 
 def fake_cfg(out: Path, **kw) -> CollectConfig:
@@ -105,7 +105,7 @@ def test_token_features_round_trip(tmp_path: Path) -> None:
 
 
 def test_embed_adds_features_to_an_existing_run(tmp_path: Path) -> None:
-    from qprobe.store.embed import add_features
+    from qprobe.collection.embed import add_features
 
     collect(fake_cfg(tmp_path / "r", features=("-1:last",)), progress=False)
     run = add_features(str(tmp_path / "r"), ["5:mean", "-1:last"], progress=False)

@@ -28,15 +28,15 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, json
     gains are paired against pass@1 on the same prompts. With --consensus W the score depends on the
     candidate set, and the expectation enumerates every k-subset (sampled past 200,000 subsets).
     """
-    from qprobe.evaluation.consensus import consensus_values
+    from qprobe.evaluation.consensus_return import consensus_values
     from qprobe.evaluation.evaluate import (
         RunData,
         format_table,
         mean_reward_values,
+        method_result,
         pass_at_k_values,
         probe_scores,
         probe_values,
-        summarize,
     )
     from qprobe.policy.select import PolicyConfig
     from qprobe.probes.models import Probe
@@ -47,10 +47,10 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, json
     if prompt_file is not None:
         wanted = {line.strip() for line in prompt_file.read_text().splitlines() if line.strip()}
         prompts = [p for p in prompts if p in wanted]
-    results = [summarize("pass@1", mean_reward_values(data), prompts)]
+    results = [method_result("pass@1", mean_reward_values(data), prompts)]
     if greedy_run is not None:
         g = mean_reward_values(RunData.load(greedy_run))
-        results.append(summarize("greedy", g, [p for p in prompts if p in g]))
+        results.append(method_result("greedy", g, [p for p in prompts if p in g]))
     texts = None
     if consensus:
         import numpy as np
@@ -60,17 +60,17 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, json
     for path in probes:
         probe = Probe.from_pretrained(path)
         scores = probe_scores(data, probe)
-        results.append(summarize(f"{Path(path).name} (k={k})", probe_values(data, scores, k, beta), prompts))
+        results.append(method_result(f"{Path(path).name} (k={k})", probe_values(data, scores, k, beta), prompts))
         if texts is not None:
             values = consensus_values(data.prompt_ids, texts, scores, data.rewards, k, beta, consensus, rng)
-            results.append(summarize(f"{Path(path).name} + {consensus:g} x consensus (k={k})", values, prompts))
+            results.append(method_result(f"{Path(path).name} + {consensus:g} x consensus (k={k})", values, prompts))
     if texts is not None:
         values = consensus_values(data.prompt_ids, texts, np.zeros(len(texts)), data.rewards, k, beta, consensus, rng)
-        results.append(summarize(f"consensus alone (k={k})", values, prompts))
-    results.append(summarize(f"pass@{k}", pass_at_k_values(data, k), prompts))
+        results.append(method_result(f"consensus alone (k={k})", values, prompts))
+    results.append(method_result(f"pass@{k}", pass_at_k_values(data, k), prompts))
     click.echo(format_table(results, baseline=results[0]))
     if json_out is not None:
-        from qprobe.store.files import write_json_atomic
+        from qprobe.core.files import write_json_atomic
 
         write_json_atomic(json_out, {"run": str(run_path), "k": k, "beta": beta, "consensus": consensus,
                                      "methods": {r.name: [r.mean, r.low, r.high] for r in results}})
@@ -98,11 +98,11 @@ def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, consens
     """Answer prompts with the Q-probe policy: sample k, score each with the probe, pick one."""
     import numpy as np
 
+    from qprobe.catalog import BACKENDS
     from qprobe.errors import ConfigError
     from qprobe.generation.base import SamplingConfig
     from qprobe.policy.select import PolicyConfig, QProbePolicy
     from qprobe.probes.models import Probe
-    from qprobe.registry import BACKENDS
 
     if (prompt_text is None) == (prompt_file is None):
         raise ConfigError("expected exactly one of --prompt TEXT or --prompts FILE, got " + ("both" if prompt_text else "neither"))
@@ -126,8 +126,8 @@ def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, consens
 
 
 def _read_prompts(text: str | None, path: Path | None, raw: bool) -> list:
+    from qprobe.core.types import Prompt
     from qprobe.errors import DataError
-    from qprobe.tasks.base import Prompt
 
     def make(pid: str, t: str) -> Prompt:
         return Prompt(id=pid, text=t, messages=None if raw else ({"role": "user", "content": t},))

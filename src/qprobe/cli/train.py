@@ -79,7 +79,7 @@ def _row(name: str, m: dict[str, float], k: int) -> str:
               help="fast: standardised features, L-BFGS, L2 chosen on held-out prompts; paper: the authors' AdamW recipe.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the splits and the initialisation (same seed, same probe).")
 @click.option("--feature", "features", multiple=True, help="Feature key (L-1_last) or LAYER:POOLING; repeat to let held-out prompts pick the best. Default: every pooled feature of the run.")
-@click.option("--model", "arch", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="Probe architecture.")
+@click.option("--arch", "arch", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="Probe architecture.")
 @click.option("--depth", default=2, show_default=True, help="MLP hidden layers.")
 @click.option("--width", default=256, show_default=True, help="MLP hidden units.")
 @click.option("--k", default=4, show_default=True, help="Candidates per prompt for the expected-return metric (clipped to the samples a prompt has).")
@@ -99,7 +99,7 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
     random (pass@1) and an oracle (pass@k)). With several --feature keys, part of the training
     prompts picks the best one first.
     """
-    from qprobe.probes import ARCHITECTURES, TrainConfig, evaluate, select_feature
+    from qprobe.probes import ARCHITECTURES, TrainConfig, rerank_metrics, select_feature
     from qprobe.probes.data import split_prompts
     from qprobe.probes.train import resolve_loss
 
@@ -109,7 +109,7 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
         raise ConfigError("expected exactly one of --run RUN or --pairs PAIRS_RUN, got "
                           f"{'both' if run_path is not None else 'neither'}")
     if pairs_path is not None:
-        from qprobe.store.pairs import read_pairs
+        from qprobe.collection.pairs import read_pairs
 
         read_pairs(pairs_path)  # a clear error when it is not a pairs run
         run_path = pairs_path
@@ -146,10 +146,10 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
     detail = f", L2 {hist['l2']:g} chosen on held-out training prompts" if "l2" in hist else ""
     click.echo(f"trained {arch} probe, loss {loss}, recipe {recipe}, feature {key} ({x.shape[1]} dims) in "
                f"{seconds:.2f} s{detail}; final training loss {hist['train_loss']:.4f}")
-    results = {"train": evaluate(probe, x[keep], data.rewards[keep], codes[keep], k, beta)}
+    results = {"train": rerank_metrics(probe, x[keep], data.rewards[keep], codes[keep], k, beta)}
     click.echo(_row(f"train ({int(results['train']['prompts'])} prompts)", results["train"], k))
     if held.size:
-        results["held_out"] = evaluate(probe, x[held], data.rewards[held], codes[held], k, beta)
+        results["held_out"] = rerank_metrics(probe, x[held], data.rewards[held], codes[held], k, beta)
         click.echo(_row(f"held out ({int(results['held_out']['prompts'])} prompts)", results["held_out"], k))
     probe.source_["validation"] = {f"{part} {name}": value for part, m in results.items()
                                    for name, value in m.items() if name in ("expected_return", "pass@1", "pass@k")}

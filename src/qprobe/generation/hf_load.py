@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.types import Completion
 from qprobe.errors import BackendError, ConfigError, require
-from qprobe.generation.base import Completion
 
 DTYPES = ("bfloat16", "float16", "float32")
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}

@@ -21,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.types import Completion, Prompt
 from qprobe.errors import BackendError, ConfigError, require
-from qprobe.generation.base import Backend, Completion, SamplingConfig
-from qprobe.tasks.base import Prompt
+from qprobe.generation.base import Backend, SamplingConfig
 
 VLLM_VERSION = "0.33.0"
 

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def save_probe(probe: Any, path: str | os.PathLike[str]) -> None:
             shutil.rmtree(tmp)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    from qprobe.store.files import fsync_dir
+    from qprobe.core.files import fsync_dir
 
     fsync_dir(path.parent)
 
@@ -146,12 +147,13 @@ def _resolve(path: str | os.PathLike[str]) -> Path:
         raise DataError(f"expected a probe directory or a reachable Hub repo, got '{path}' ({exc})") from None
 
 
-def load_probe(path: str | os.PathLike[str]) -> Any:
-    """Rebuild a probe from its directory (or a Hub repo id); corrupt files raise DataError."""
+def load_probe(path: str | os.PathLike[str], architectures: Mapping[str, Callable[..., Any]]) -> Any:
+    """Rebuild a probe from its directory (or a Hub repo id) with the class its config names among
+    `architectures` (name -> probe class, `qprobe.probes.models.architectures`); corrupt files raise
+    DataError."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from qprobe.probes.models import ARCHITECTURES
     from qprobe.probes.train import TrainConfig
 
     root = _resolve(path)
@@ -169,9 +171,9 @@ def load_probe(path: str | os.PathLike[str]) -> Any:
                 f"{cpath}; upgrade qprobe or retrain the probe"
             )
         arch = config["architecture"]
-        if arch not in ARCHITECTURES:
-            raise DataError(f"expected an architecture in {sorted(ARCHITECTURES)}, got {arch!r} in {cpath}")
-        probe = ARCHITECTURES[arch](
+        if arch not in architectures:
+            raise DataError(f"expected an architecture in {sorted(architectures)}, got {arch!r} in {cpath}")
+        probe = architectures[arch](
             loss=config["loss"], loss_options=config["loss_options"], train=TrainConfig.from_dict(config["train"]),
             standardize=config["standardize"], seed=config["seed"], **config["hyper_parameters"],
         )

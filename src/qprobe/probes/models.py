@@ -138,7 +138,7 @@ class Probe:
         """Load a probe directory; with `spec`, refuse features of another model/layer/pooling."""
         from qprobe.probes.io import load_probe
 
-        probe = load_probe(path)
+        probe = load_probe(path, ARCHITECTURES)
         if cls is not Probe and not isinstance(probe, cls):
             raise ConfigError(f"expected a {cls.__name__} in {path}, got a {type(probe).__name__}; use Probe.from_pretrained")
         if spec is not None:

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.files import fsync_dir, write_json_atomic
 from qprobe.errors import StoreError
-from qprobe.store.files import fsync_dir, write_json_atomic
 from qprobe.store.run import Run, now
 
 

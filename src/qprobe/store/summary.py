@@ -12,7 +12,7 @@ import numpy as np
 from qprobe.store.run import Run
 
 
-def summarize(path: str | Path) -> dict[str, Any]:
+def run_summary(path: str | Path) -> dict[str, Any]:
     run = Run.open(path)
     m = run.manifest
     t = run.table(["prompt_id", "reward", "n_tokens", "finish_reason", "details"])
