@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +139,10 @@ def curve_cmd(train_path, test_path, feature, loss, fractions, seeds, width, out
                             probe_factories(loss, width), seeds=seeds, spec=spec)
     for name, ys in result["curves"].items():
         click.echo(f"{name:<22} " + "  ".join(f"{f:g}: {y:.4f}" for f, y in zip(result["fractions"], ys, strict=True)))
+    from qprobe.core.files import write_json_atomic
+
     plotted = plot_learning_curve(result, out, f"{Path(train_path).name} -> {Path(test_path).name}, loss {loss}")
-    Path(out).with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(Path(out).with_suffix(".json"), result)
     click.echo(f"wrote {out if plotted else '(no matplotlib: no figure)'} and {Path(out).with_suffix('.json')}")
 
 

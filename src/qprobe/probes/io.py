@@ -4,7 +4,8 @@ Format version 1. config.json holds the architecture and its hyper-parameters, t
 options, the training config, whether features are standardised, the feature spec the probe
 expects and where it was trained; model.safetensors holds the weights ("layers.{i}.weight",
 "layers.{i}.bias") and the standardisation statistics ("standardize.mean", "standardize.scale").
-No pickle. Writes go to a temporary directory beside the target, which is renamed into place.
+No pickle. Writes go to a temporary directory beside the target, which is swapped into place
+(`qprobe.core.files.replace_dir`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.core.files import replace_dir
 from qprobe.errors import ConfigError, DataError, require
 from qprobe.features.spec import FeatureSpec
 
@@ -97,13 +98,6 @@ def model_card(config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_probe(probe: Any, path: str | os.PathLike[str]) -> None:
     """Write the probe directory atomically: a complete new directory replaces any old one."""
     from safetensors.numpy import save
@@ -115,25 +109,14 @@ def save_probe(probe: Any, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if path.exists() and not (path / CONFIG_NAME).is_file() and (not path.is_dir() or any(path.iterdir())):
         raise ConfigError(f"expected a new directory or an existing probe for --out, got '{path}' which holds other files")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    old = None
-    try:
-        _write(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "np"}))
-        _write(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-        _write(tmp / CARD_NAME, model_card(config).encode())
-        if path.exists():
-            old = path.with_name(f".old-{path.name}-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    from qprobe.core.files import fsync_dir
+    weights = save(tensors, metadata={"format": "np"})
 
-    fsync_dir(path.parent)
+    def build(tmp: Path) -> None:
+        (tmp / WEIGHTS_NAME).write_bytes(weights)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_NAME).write_text(model_card(config), encoding="utf-8")
+
+    replace_dir(path, build)
 
 
 def _resolve(path: str | os.PathLike[str]) -> Path:
