@@ -26,7 +26,7 @@ MBPP = REPO.parent / "shared" / "data" / "mbpp" / "mbpp_test.jsonl"
 
 
 def mbpp_prompts(n: int):
-    from qprobe.tasks.base import Prompt
+    from qprobe.core.types import Prompt
 
     out = []
     with open(MBPP) as f:
@@ -169,8 +169,8 @@ def bench_collect(backend, args: argparse.Namespace) -> dict:
     import tempfile
 
     from qprobe.catalog import TASKS
+    from qprobe.collection.collect import CollectConfig, collect
     from qprobe.generation.base import SamplingConfig, sample_seed
-    from qprobe.store.collect import CollectConfig, collect
 
     os.environ.setdefault("QPROBE_ALLOW_CODE_EXECUTION", "1")  # rewards run in the sandbox
     n, features = max(args.k), ("-1:last", "-1:mean", f"{args.collect_layer}:mean")

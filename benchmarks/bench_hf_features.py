@@ -51,12 +51,12 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from qprobe.core.types import Prompt
     from qprobe.features.hf import TransformersEmbedder
     from qprobe.features.spec import FeatureRequest
     from qprobe.generation.base import SamplingConfig, sample_seed
     from qprobe.generation.hf import TransformersBackend
     from qprobe.generation.hf_load import encode_prompt
-    from qprobe.tasks.base import Prompt
 
     t0 = time.perf_counter()
     backend = TransformersBackend(args.model, dtype=args.dtype)

@@ -37,7 +37,7 @@ def main() -> None:
 
     import torch
 
-    from qprobe.probes import LinearProbe, MLPProbe, TrainConfig, evaluate
+    from qprobe.probes import LinearProbe, MLPProbe, TrainConfig, rerank_metrics
     from qprobe.probes.data import split_prompts
 
     torch.set_num_threads(args.threads)
@@ -57,7 +57,7 @@ def main() -> None:
             start = time.perf_counter()
             probe.fit(x[keep], r[keep], g[keep])
             seconds = time.perf_counter() - start
-            m = evaluate(probe, x[held], r[held], g[held], k=args.k)
+            m = rerank_metrics(probe, x[held], r[held], g[held], k=args.k)
             rows[(loss, recipe, arch)].append({"seconds": seconds, "expected_return": m["expected_return"],
                                                "l2": probe.history_.get("l2")})
             print(f"seed {seed} {arch:6} {loss:9} {recipe:5} {seconds:6.2f} s  E[r]@{args.k} "

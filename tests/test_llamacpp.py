@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qprobe.core.types import Prompt
 from qprobe.errors import ConfigError, DataError, MissingDependencyError
 from qprobe.generation import models
 from qprobe.generation.base import SamplingConfig
 from qprobe.generation.llamacpp_text import find_stop as _find_stop
 from qprobe.generation.llamacpp_text import prefix_tokens as _prefix_tokens
-from qprobe.tasks.base import Prompt
 
 # ---------------------------------------------------------------- model files (no llama.cpp)
 

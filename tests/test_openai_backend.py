@@ -14,12 +14,12 @@ pytest.importorskip("openai")
 
 from openai_stub import completion, send_json  # noqa: E402
 
+from qprobe.core.types import Prompt  # noqa: E402
 from qprobe.errors import BackendError, ConfigError  # noqa: E402
 from qprobe.features.spec import FeatureRequest  # noqa: E402
 from qprobe.generation.base import SamplingConfig  # noqa: E402
 from qprobe.generation.openai_api import OpenAIBackend, chat_json, parse_chat, plain_text  # noqa: E402
 from qprobe.generation.server import free_port  # noqa: E402
-from qprobe.tasks.base import Prompt  # noqa: E402
 
 
 def test_chat_json_round_trip() -> None:
@@ -168,7 +168,7 @@ def test_real_llama_server(llama_server_info, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_collect_with_openai_backend(llama_server_info, tmp_path) -> None:
-    from qprobe.store.collect import CollectConfig, collect
+    from qprobe.collection.collect import CollectConfig, collect
 
     srv = llama_server_info
     cfg = CollectConfig(

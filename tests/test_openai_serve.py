@@ -24,14 +24,14 @@ pytest.importorskip("openai")
 from openai_stub import completion, send_json  # noqa: E402
 
 from qprobe.cli.main import cli  # noqa: E402
+from qprobe.collection import embed as collection_embed  # noqa: E402
+from qprobe.collection.embed import backend_for, prompt_for  # noqa: E402
+from qprobe.core.types import Prompt  # noqa: E402
 from qprobe.errors import ConfigError, StoreError  # noqa: E402
 from qprobe.generation import models, server  # noqa: E402
 from qprobe.generation.openai_api import OpenAIBackend, chat_json  # noqa: E402
 from qprobe.generation.server import ServerInfo  # noqa: E402
 from qprobe.store import Run  # noqa: E402
-from qprobe.store import embed as store_embed  # noqa: E402
-from qprobe.store.embed import backend_for, prompt_for  # noqa: E402
-from qprobe.tasks.base import Prompt  # noqa: E402
 
 
 class _Stub(BaseHTTPRequestHandler):
@@ -196,7 +196,7 @@ REMOTE = {"backend": {"name": "openai", "options": {"base_url": "http://h/v1"}},
 
 def test_backend_for_served_run_checks_the_weights(monkeypatch) -> None:
     reg = _Reg("abc")
-    monkeypatch.setattr(store_embed, "BACKENDS", reg)
+    monkeypatch.setattr(collection_embed, "BACKENDS", reg)
     b = backend_for(_FakeRun(SERVED), None, "llamacpp", n_threads=1)  # type: ignore[arg-type]
     assert reg.made[-1][0] == "llamacpp" and b.model == "/w/m.gguf" and b.options == {"n_threads": 1}
     b = backend_for(_FakeRun(SERVED))  # type: ignore[arg-type]  # the run's own: serve again, same alias
@@ -209,7 +209,7 @@ def test_backend_for_served_run_checks_the_weights(monkeypatch) -> None:
 
 def test_backend_for_remote_api_run(monkeypatch) -> None:
     reg = _Reg("w1")
-    monkeypatch.setattr(store_embed, "BACKENDS", reg)
+    monkeypatch.setattr(collection_embed, "BACKENDS", reg)
     with pytest.raises(StoreError, match="--model PATH"):
         backend_for(_FakeRun(REMOTE), None, "llamacpp")  # type: ignore[arg-type]
     b = backend_for(_FakeRun(REMOTE), "/w/x.gguf", "llamacpp")  # type: ignore[arg-type]  # vouched for

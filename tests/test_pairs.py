@@ -11,6 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from qprobe.cli.main import cli
+from qprobe.collection.collect import CollectConfig, collect
+from qprobe.collection.pairs import PairsConfig, embed_pairs, pairs_from_run, read_pairs
+from qprobe.core.types import Completion
 from qprobe.errors import ConfigError, DataError, StoreError
 from qprobe.evaluation.preferences import (
     accuracy,
@@ -22,12 +25,9 @@ from qprobe.evaluation.preferences import (
 )
 from qprobe.features.fake import FakeEmbedder
 from qprobe.features.spec import FeatureRequest
-from qprobe.generation.base import Completion
 from qprobe.generation.fake import FakeBackend
 from qprobe.probes import LinearProbe, TrainConfig
 from qprobe.store import Run
-from qprobe.store.collect import CollectConfig, collect
-from qprobe.store.pairs import PairsConfig, embed_pairs, pairs_from_run, read_pairs
 from qprobe.tasks.pairs import PairsTask, hh_messages, load_pairs, split_hh
 
 DATA = Path(__file__).parent / "data" / "pairs"

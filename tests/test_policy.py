@@ -5,12 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qprobe.core.types import Prompt
 from qprobe.errors import ConfigError, SpecMismatchError
 from qprobe.features.spec import FeatureSpec
 from qprobe.generation.base import SamplingConfig
 from qprobe.generation.fake import FakeBackend
-from qprobe.policy.select import PolicyConfig, QProbePolicy, selection_probs
-from qprobe.tasks.base import Prompt
+from qprobe.metrics import selection_probs
+from qprobe.policy.select import PolicyConfig, QProbePolicy
 
 
 class DotProbe:
@@ -182,7 +183,7 @@ def test_demo_on_fake_end_to_end(tmp_path: Path) -> None:
 
 
 def test_jaccard_and_agreement_literal() -> None:
-    from qprobe.policy.consensus import agreement, jaccard_matrix
+    from qprobe.policy.agreement import agreement, jaccard_matrix
 
     s = jaccard_matrix(["a = b + 1", "a = b", "x", ""])
     assert s[0, 1] == pytest.approx(3 / 5) and s[0, 2] == 0.0 and s[3, 3] == 0.0
@@ -194,7 +195,7 @@ def test_jaccard_and_agreement_literal() -> None:
 
 
 def test_consensus_policy_adds_agreement_to_the_probe_value() -> None:
-    from qprobe.policy.consensus import agreement, jaccard_matrix
+    from qprobe.policy.agreement import agreement, jaccard_matrix
 
     be = FakeBackend()
     plain = QProbePolicy(be, DotProbe(spec()), PolicyConfig(k=5), SamplingConfig(), rng=np.random.default_rng(0))
@@ -221,7 +222,7 @@ def test_consensus_return_against_brute_force(k: int, beta: float) -> None:
     """Exact enumeration of every k-subset, written out the slow way; lam = 0 is the plain probe."""
     from itertools import combinations
 
-    from qprobe.evaluation.consensus import consensus_return
+    from qprobe.evaluation.consensus_return import consensus_return
     from qprobe.metrics import expected_return
 
     rng = np.random.default_rng(k)
@@ -246,7 +247,7 @@ def test_consensus_return_against_brute_force(k: int, beta: float) -> None:
 
 def test_consensus_sampled_subsets_estimate_the_exact_value() -> None:
     """Past max_subsets the subsets are drawn at random: an unbiased estimate of the exact value."""
-    from qprobe.evaluation.consensus import candidate_sets, consensus_return
+    from qprobe.evaluation.consensus_return import candidate_sets, consensus_return
 
     rng = np.random.default_rng(0)
     n, k = 10, 4

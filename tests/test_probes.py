@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 
 from qprobe.errors import ConfigError, DataError, NotFittedError, SpecMismatchError  # noqa: E402
 from qprobe.features.spec import FeatureSpec  # noqa: E402
-from qprobe.probes import LinearProbe, MLPProbe, Probe, TrainConfig, evaluate, select_feature  # noqa: E402
+from qprobe.probes import LinearProbe, MLPProbe, Probe, TrainConfig, rerank_metrics, select_feature  # noqa: E402
 from qprobe.probes.data import (  # noqa: E402
     fold_prompts,
     full_groups,
@@ -73,7 +73,7 @@ def test_penalty_chosen_by_folds_is_the_best_mean_held_out_return() -> None:
     assert [p["l2"] for p in path] == [10.0, 1.0, 0.1, 0.01]  # patience 4: the whole grid is tried
     best = max(path, key=lambda p: p["select_return"])  # max keeps the first (stronger) of ties
     assert probe.history_["l2"] == best["l2"]
-    m = evaluate(probe, xt, rt, gt, k=4)
+    m = rerank_metrics(probe, xt, rt, gt, k=4)
     assert m["expected_return"] > m["pass@1"] + 0.05, m
     with pytest.raises(ConfigError, match="select_folds"):
         TrainConfig(select_folds=0)
@@ -146,7 +146,7 @@ def test_every_loss_learns_to_rerank_with_the_fast_recipe(loss: str) -> None:
     x, r, g = toy(seed=1)
     xt, rt, gt = toy(seed=2)
     probe = LinearProbe(loss=loss, train=FAST).fit(x, r, g)
-    m = evaluate(probe, xt, rt, gt, k=4)
+    m = rerank_metrics(probe, xt, rt, gt, k=4)
     assert m["expected_return"] > m["pass@1"] + 0.05, m
     assert probe.history_["l2"] in FAST.l2_grid and probe.standardized_
 

@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("torch")
 
+from qprobe.collection.collect import CollectConfig, collect  # noqa: E402
 from qprobe.generation.base import SamplingConfig  # noqa: E402
 from qprobe.store import Run  # noqa: E402
-from qprobe.store.collect import CollectConfig, collect  # noqa: E402
 
 REPRO = Path(__file__).resolve().parents[1] / "benchmarks" / "repro"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from qprobe import sandbox
+from qprobe.catalog import REWARDS, TASKS
+from qprobe.core.types import Prompt
 from qprobe.errors import CodeExecutionNotAllowed, ConfigError
-from qprobe.registry import REWARDS, TASKS
 from qprobe.rewards.code import build_program, extract_code
 from qprobe.rewards.math import extract_answer
-from qprobe.tasks.base import Prompt
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 

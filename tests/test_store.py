@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qprobe.collection.collect import CollectConfig, collect
 from qprobe.errors import StoreError
 from qprobe.store import Run, RunWriter
-from qprobe.store.collect import CollectConfig, collect
 
 
 def fake_cfg(out: Path, **kw) -> CollectConfig:
@@ -105,7 +105,7 @@ def test_token_features_round_trip(tmp_path: Path) -> None:
 
 
 def test_embed_adds_features_to_an_existing_run(tmp_path: Path) -> None:
-    from qprobe.store.embed import add_features
+    from qprobe.collection.embed import add_features
 
     collect(fake_cfg(tmp_path / "r", features=("-1:last",)), progress=False)
     run = add_features(str(tmp_path / "r"), ["5:mean", "-1:last"], progress=False)
@@ -169,7 +169,7 @@ def test_features_refuse_rows_outside_the_run(tmp_path: Path) -> None:
 
 _COMMIT = """
 import sys
-from qprobe.store.collect import CollectConfig, collect
+from qprobe.collection.collect import CollectConfig, collect
 collect(CollectConfig(task="fake", split="train", out=sys.argv[1], n=3, backend="fake", shard_samples=4,
                       task_options={"size": 6}, features=("-1:last", "2:mean"), limit=4), progress=False)
 """
@@ -214,7 +214,7 @@ def test_resume_after_embed_keeps_every_feature_without_listing_them(tmp_path: P
     from click.testing import CliRunner
 
     from qprobe.cli.main import cli
-    from qprobe.store.embed import add_features
+    from qprobe.collection.embed import add_features
 
     out = tmp_path / "r"
     args = ["collect", "--task", "fake", "--backend", "fake", "--task-option", "size=6", "--out", str(out),
@@ -262,7 +262,7 @@ def test_timeout_rate_is_recorded_and_inspected(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qprobe.store.summary import summarize
+    from qprobe.store.summary import run_summary as summarize
 
     out = tmp_path / "r"
     run = collect(fake_cfg(out, limit=2), progress=False)  # 6 rows

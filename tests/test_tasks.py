@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from qprobe.catalog import TASKS
 from qprobe.errors import ConfigError, DataError, UnknownNameError
-from qprobe.registry import TASKS
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 

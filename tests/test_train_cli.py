@@ -11,9 +11,9 @@ from click.testing import CliRunner
 pytest.importorskip("torch")
 
 from qprobe.cli.main import cli, main  # noqa: E402
+from qprobe.collection.collect import CollectConfig, collect  # noqa: E402
 from qprobe.probes import Probe  # noqa: E402
 from qprobe.store import Run  # noqa: E402
-from qprobe.store.collect import CollectConfig, collect  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_train_picks_a_feature_and_is_deterministic(fake_run: Path, tmp_path: Pa
 
 
 def test_train_paper_recipe_mlp_and_pairwise(fake_run: Path, tmp_path: Path) -> None:
-    res = invoke(["train", "--run", str(fake_run), "--loss", "bt", "--recipe", "paper", "--model", "mlp",
+    res = invoke(["train", "--run", str(fake_run), "--loss", "bt", "--recipe", "paper", "--arch", "mlp",
                   "--depth", "1", "--width", "8", "--feature", "L-1_last", "--out", str(tmp_path / "p")])
     assert res.exit_code == 0, res.output
     config = json.loads((tmp_path / "p" / "config.json").read_text())
@@ -75,7 +75,7 @@ def test_select_answers_with_the_trained_probe(fake_run: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """`qprobe select` end to end on the fake back-end: k candidates scored, the argmax chosen, with
     and without the consensus term; a bad combination is one line and exit 2."""
-    from qprobe.policy.consensus import agreement, jaccard_matrix
+    from qprobe.policy.agreement import agreement, jaccard_matrix
 
     probe = tmp_path / "probe"
     assert invoke(["train", "--run", str(fake_run), "--loss", "pg", "--out", str(probe), "--feature", "-1:last"]).exit_code == 0
@@ -102,7 +102,7 @@ def test_eval_with_consensus_rows(fake_run: Path, tmp_path: Path) -> None:
     exact per-prompt value averaged over prompts (checked against the library functions)."""
     import numpy as np
 
-    from qprobe.evaluation.consensus import consensus_values
+    from qprobe.evaluation.consensus_return import consensus_values
     from qprobe.evaluation.evaluate import RunData, probe_scores, probe_values
 
     test_run = tmp_path / "test"

@@ -8,11 +8,11 @@ decoding). The score of candidate i in the candidate set S is
 and the policy picks by softmax(score / beta) (argmax at beta = 0) as for a plain Q-probe. Because
 the score depends on the set, the closed forms of `qprobe.metrics` do not apply: the expected return
 over random k-subsets of a prompt's n samples is computed exactly by enumerating all C(n, k) subsets
-(12,870 for 8 of 16; `qprobe.evaluation.consensus`). `sim` is the Jaccard similarity of the
+(12,870 for 8 of 16; `qprobe.evaluation.consensus_return`). `sim` is the Jaccard similarity of the
 completions' token sets ("text") or the cosine of within-prompt centred features (a feature key).
 lam and sim are chosen by cross-validation over MBPP-train prompts with out-of-fold probe values,
 never on test numbers. The policy's side of
-it (`PolicyConfig(consensus=lam)`, `qprobe select --consensus LAM`) is `qprobe.policy.consensus`.
+it (`PolicyConfig(consensus=lam)`, `qprobe select --consensus LAM`) is `qprobe.policy.agreement`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from qprobe.evaluation.consensus import consensus_return
-from qprobe.policy.consensus import jaccard_matrix
+from qprobe.evaluation.consensus_return import consensus_return
+from qprobe.policy.agreement import jaccard_matrix
 
 LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 ONLY = 100.0  # "consensus only": the probe value is a tie-breaker

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from qprobe.store.files import write_json_atomic
+from qprobe.core.files import write_json_atomic
 
 SPLITS = {"mbpp_test": "MBPP-test", "humaneval": "HumanEval"}
 # Table 1 of the paper (Code-LLaMA-7B, k=48, beta=0.1, 464 MBPP-train problems): MBPP-test, HumanEval

@@ -28,7 +28,7 @@ import visible  # noqa: E402
 from methods import LOSSES, Fits, Method, Split, cv_return, mean_reward_values, pass_k_values  # noqa: E402
 from render import write_outputs  # noqa: E402
 
-from qprobe.evaluation.evaluate import paired_difference, summarize  # noqa: E402
+from qprobe.evaluation.evaluate import method_result, paired_difference  # noqa: E402
 
 TESTS = {"mbpp_test": "mbpp-test", "humaneval": "humaneval"}
 GREEDY = {"mbpp_test": "mbpp-test-greedy", "humaneval": "humaneval-greedy"}
@@ -106,8 +106,8 @@ class Experiment:
         common = [p for p in {**self.prompts, **self.api_prompts}[split] if p in values]
         if len(common) < 2:
             return None
-        res = summarize("m", values, common)
-        base = summarize("pass@1", self.p1[split], common)
+        res = method_result("m", values, common)
+        base = method_result("pass@1", self.p1[split], common)
         d, lo, hi = paired_difference(res, base)
         gap = np.mean([self.pk[(split, k)][p] for p in common]) - base.mean
         closed = [d / gap, lo / gap, hi / gap] if gap > 0 else None
@@ -123,7 +123,7 @@ class Experiment:
         common = [p for p in a if p in b]
         if len(common) < 2:
             return None
-        return list(paired_difference(summarize("a", a, common), summarize("b", b, common)))
+        return list(paired_difference(method_result("a", a, common), method_result("b", b, common)))
 
     def cv(self, m: Method) -> float:
         return cv_return(m, self.train, self.k, self.args.beta, self.args.cv_folds, self.args.cv_seeds)

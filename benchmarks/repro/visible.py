@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qprobe.registry import TASKS
+from qprobe.catalog import TASKS
 
 
 def passed_visible(split: Any) -> np.ndarray | None:

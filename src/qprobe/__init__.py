@@ -1,8 +1,24 @@
 """qprobe: Q-probing (Li et al., 2024) — best-of-k selection with a linear probe on a frozen model.
 
-The pipeline, one sub-package each: tasks -> generation -> features -> rewards -> store -> probes
--> policy -> evaluation -> cli. Names below are imported lazily: `import qprobe` stays light
-(no torch, no llama.cpp).
+Layers, lowest first. A module imports only from its own layer or a lower one, with no import
+cycle; lazy imports inside functions count, and so does a look-up in one of `qprobe.catalog`'s
+registries (it imports that registry's targets). tests/test_layers.py reads this list and checks it.
+
+  1. core        qprobe.errors, qprobe.core, qprobe.registry, qprobe.catalog, qprobe.metrics, qprobe.intervals
+                 (the data types Prompt, Completion, RewardResult; the atomic file writer; registries
+                 of components by import path; maths on arrays)
+  2. rewards     qprobe.rewards, qprobe.sandbox, qprobe._sandbox_* (judge text)
+  3. tasks       qprobe.tasks (prompts paired with a reward)
+  4. generation  qprobe.generation (back-ends that sample completions)
+  5. features    qprobe.features (hidden states and embedders)
+  6. store       qprobe.store (runs on disk, nothing else)
+  7. collection  qprobe.collection (the pipeline that writes runs)
+  8. probes      qprobe.probes (probes, their losses, training and files)
+  9. policy      qprobe.policy (best-of-k selection with a probe)
+ 10. evaluation  qprobe.evaluation (expected returns, tables, judges, reports)
+ 11. cli         qprobe.cli
+
+The names below are imported lazily: `import qprobe` stays light (no torch, no llama.cpp).
 """
 
 from __future__ import annotations
@@ -18,15 +34,15 @@ _EXPORTS = {
     "StoreError": "qprobe.errors", "SpecMismatchError": "qprobe.errors", "NotFittedError": "qprobe.errors",
     "BackendError": "qprobe.errors", "CodeExecutionNotAllowed": "qprobe.errors",
     # components
-    "Prompt": "qprobe.tasks.base", "Task": "qprobe.tasks.base", "Reward": "qprobe.tasks.base",
-    "RewardResult": "qprobe.tasks.base",
-    "Backend": "qprobe.generation.base", "Completion": "qprobe.generation.base",
+    "Prompt": "qprobe.core.types", "Completion": "qprobe.core.types", "RewardResult": "qprobe.core.types",
+    "Reward": "qprobe.rewards.base", "Task": "qprobe.tasks.base",
+    "Backend": "qprobe.generation.base",
     "SamplingConfig": "qprobe.generation.base",
     "Embedder": "qprobe.features", "FeatureRequest": "qprobe.features", "FeatureSpec": "qprobe.features",
     "make_embedder": "qprobe.features",
-    "TASKS": "qprobe.registry", "BACKENDS": "qprobe.registry", "REWARDS": "qprobe.registry",
+    "TASKS": "qprobe.catalog", "BACKENDS": "qprobe.catalog", "REWARDS": "qprobe.catalog", "LOSSES": "qprobe.catalog",
     # store
-    "Run": "qprobe.store", "RunWriter": "qprobe.store", "CollectConfig": "qprobe.store.collect", "collect": "qprobe.store.collect",
+    "Run": "qprobe.store", "RunWriter": "qprobe.store", "CollectConfig": "qprobe.collection.collect", "collect": "qprobe.collection.collect",
     # probes
     "Probe": "qprobe.probes", "LinearProbe": "qprobe.probes", "MLPProbe": "qprobe.probes",
     "TrainConfig": "qprobe.probes",

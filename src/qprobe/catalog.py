@@ -1,10 +1,20 @@
-"""Every built-in component, registered lazily by import path (so `qprobe ls` stays light)."""
+"""The registries of named components, each with every built-in entry, registered by import path.
+
+Targets are "module:attribute" strings imported on first use, so importing this module (and
+`qprobe ls`) stays light: it imports nothing of qprobe but the `Registry` class."""
 
 from __future__ import annotations
 
-from qprobe.registry import BACKENDS, EMBEDDERS, EXTERNAL_EMBEDDERS, REWARDS, TASKS, Registry
+from typing import Any
 
-LOSS_NAMES: Registry[object] = Registry("loss")
+from qprobe.registry import Registry
+
+TASKS: Registry[Any] = Registry("task")
+BACKENDS: Registry[Any] = Registry("back-end")
+REWARDS: Registry[Any] = Registry("reward")
+LOSSES: Registry[Any] = Registry("loss")
+EMBEDDERS: Registry[Any] = Registry("embedder")
+EXTERNAL_EMBEDDERS: Registry[Any] = Registry("external embedder")
 
 TASKS.add("fake", "qprobe.tasks.fake:FakeTask", "deterministic fake prompts whose reward is learnable from fake features")
 TASKS.add("mbpp", "qprobe.tasks.mbpp:MBPPTask", "MBPP (train 601-974 + 511-600, test 11-510, prompt 1-10); reward: unit tests in the sandbox")
@@ -26,13 +36,13 @@ REWARDS.add("answer-match", "qprobe.rewards.math:AnswerMatchReward", "1 if the l
 REWARDS.add("program-answer", "qprobe.rewards.math:ProgramAnswerReward", "1 if solution() run in the sandbox returns the reference number")
 REWARDS.add("callable", "qprobe.rewards.custom:CallableReward", "a user's module:function returning a float (or None) per completion")
 
-LOSS_NAMES.add("mse", "qprobe.probes.losses:mse_loss", "Eq. 2: mean squared error between Q and the reward (L_Q)")
-LOSS_NAMES.add("ce", "qprobe.probes.losses:ce_loss", "Eq. 3: binary cross-entropy of sigmoid(Q) against the reward (L_CE)")
-LOSS_NAMES.add("pg", "qprobe.probes.losses:pg_loss", "Eq. 4-5: importance-weighted policy gradient, softmax(Q/beta) within each prompt's group (L_PG)")
-LOSS_NAMES.add("bt", "qprobe.probes.losses:bt_loss", "Eq. 6-7: Bradley-Terry on preference pairs (L_QP)")
-LOSS_NAMES.add("dpo", "qprobe.probes.losses:dpo_loss", "App. B Eq. 17-21: DPO-style loss over a softmax of the candidates")
-LOSS_NAMES.add("margin_bt", "qprobe.probes.losses:margin_bt_loss", "Q-RM: -log sigmoid(beta (Q_w - Q_l) - gamma)")
-LOSS_NAMES.add("listwise", "qprobe.probes.losses:listwise_loss", "ours: KL from softmax(r/tau) to softmax(Q/beta) within each prompt, weighted by its reward range")
+LOSSES.add("mse", "qprobe.probes.losses:mse_loss", "Eq. 2: mean squared error between Q and the reward (L_Q)")
+LOSSES.add("ce", "qprobe.probes.losses:ce_loss", "Eq. 3: binary cross-entropy of sigmoid(Q) against the reward (L_CE)")
+LOSSES.add("pg", "qprobe.probes.losses:pg_loss", "Eq. 4-5: importance-weighted policy gradient, softmax(Q/beta) within each prompt's group (L_PG)")
+LOSSES.add("bt", "qprobe.probes.losses:bt_loss", "Eq. 6-7: Bradley-Terry on preference pairs (L_QP)")
+LOSSES.add("dpo", "qprobe.probes.losses:dpo_loss", "App. B Eq. 17-21: DPO-style loss over a softmax of the candidates")
+LOSSES.add("margin_bt", "qprobe.probes.losses:margin_bt_loss", "Q-RM: -log sigmoid(beta (Q_w - Q_l) - gamma)")
+LOSSES.add("listwise", "qprobe.probes.losses:listwise_loss", "ours: KL from softmax(r/tau) to softmax(Q/beta) within each prompt, weighted by its reward range")
 
 # Feature extractors. Keyed by back-end name: the back-end's own hidden states.
 EMBEDDERS.add("fake", "qprobe.features.fake:FakeEmbedder", "the fake back-end's features")

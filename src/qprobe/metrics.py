@@ -119,20 +119,21 @@ def pass_at_k_many(ns, cs, k: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ policy over k
-def _policy_probs(subset_scores: np.ndarray, beta: float) -> np.ndarray:
-    """Selection probabilities within each row of candidates [B, k]: softmax(Q/beta), or uniform over
-    the tied maxima at beta = 0 (the beta -> 0 limit)."""
-    top = subset_scores.max(axis=1, keepdims=True)  # [B, 1]
+def selection_probs(scores: np.ndarray, beta: float) -> np.ndarray:
+    """Probability of picking each candidate along the last axis ([k] or [B, k]): softmax(Q/beta), or
+    uniform over the tied maxima at beta = 0 (the beta -> 0 limit)."""
+    q = np.asarray(scores, dtype=np.float64)  # [..., k]
+    top = q.max(axis=-1, keepdims=True)  # [..., 1]
     if beta == 0.0:
-        w = (subset_scores == top).astype(np.float64)  # [B, k]
+        w = (q == top).astype(np.float64)  # [..., k]
     else:
-        w = np.exp((subset_scores - top) / beta)  # [B, k], log-sum-exp shift
-    return w / w.sum(axis=1, keepdims=True)
+        w = np.exp((q - top) / beta)  # [..., k], log-sum-exp shift
+    return w / w.sum(axis=-1, keepdims=True)  # Sec. 4.1, pi(a_i) = exp(Q_i / beta) / sum_j exp(Q_j / beta)
 
 
 def _subset_returns(s: np.ndarray, r: np.ndarray, idx: np.ndarray, beta: float) -> np.ndarray:
     """Exact reward of the policy on each candidate set idx [B, k] (PAPER.md Evaluation)."""
-    return (_policy_probs(s[idx], beta) * r[idx]).sum(axis=1)  # [B]
+    return (selection_probs(s[idx], beta) * r[idx]).sum(axis=1)  # [B]
 
 
 # ---------------------------------------------------------------------------- expected return

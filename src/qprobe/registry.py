@@ -1,7 +1,8 @@
 """Registries of named components, with "did you mean" errors.
 
 Entries are registered lazily as "module:attribute" strings so that listing them
-(`qprobe ls`) never imports a heavy optional dependency.
+(`qprobe ls`) never imports a heavy optional dependency. The registries themselves, with every
+built-in entry, are in `qprobe.catalog`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,6 @@ class Entry:
     summary: str  # one line for `qprobe ls`
 
 
-def _load_catalog() -> None:
-    """The built-in entries live in `qprobe.catalog`; import it on first look-up."""
-    import qprobe.catalog  # noqa: F401
-
-
 class Registry(Generic[T]):
     """A name -> component mapping for one family (tasks, back-ends, rewards, losses)."""
 
@@ -48,7 +44,6 @@ class Registry(Generic[T]):
         return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
     def entry(self, name: str) -> Entry:
-        _load_catalog()
         if name not in self._entries:
             close = difflib.get_close_matches(name, list(self._entries), n=1)
             hint = f"did you mean '{close[0]}'?" if close else "run `qprobe ls` to see them"
@@ -58,11 +53,9 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def names(self) -> list[str]:
-        _load_catalog()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        _load_catalog()
         return name in self._entries
 
     def __iter__(self) -> Iterator[Entry]:
@@ -72,9 +65,3 @@ class Registry(Generic[T]):
         factory: Callable[..., Any] = self.get(name)  # type: ignore[assignment]
         return factory(*args, **kwargs)
 
-
-TASKS: Registry[Any] = Registry("task")
-BACKENDS: Registry[Any] = Registry("back-end")
-REWARDS: Registry[Any] = Registry("reward")
-EMBEDDERS: Registry[Any] = Registry("embedder")
-EXTERNAL_EMBEDDERS: Registry[Any] = Registry("external embedder")

@@ -33,17 +33,17 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, allo
     is an error). A probe trained on some of the evaluated prompts is refused unless --allow-overlap.
     The skyline is pass@k for 0/1 rewards and the exact oracle best-of-k for other rewards.
     """
-    from qprobe.evaluation.consensus import consensus_values
+    from qprobe.evaluation.consensus_return import consensus_values
     from qprobe.evaluation.evaluate import (
         RunData,
         check_overlap,
         format_table,
         mean_reward_values,
+        method_result,
         pass_at_k_values,
         probe_scores,
         probe_values,
         skyline_name,
-        summarize,
     )
     from qprobe.policy.select import PolicyConfig
     from qprobe.probes.models import Probe
@@ -64,11 +64,11 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, allo
         note = check_overlap(probe, data, str(path), allow_overlap)
         if note:
             click.echo(note, err=True)
-    results = [summarize("pass@1", mean_reward_values(data), prompts)]
+    results = [method_result("pass@1", mean_reward_values(data), prompts)]
     if greedy_run is not None:
         greedy = RunData.load(greedy_run)
         _say_dropped(greedy_run, greedy)
-        results.append(summarize("greedy", mean_reward_values(greedy), prompts))
+        results.append(method_result("greedy", mean_reward_values(greedy), prompts))
     texts = None
     if consensus:
         import numpy as np
@@ -77,17 +77,17 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, allo
         rng = np.random.default_rng(0)
     for path, probe in loaded:
         scores = probe_scores(data, probe)
-        results.append(summarize(f"{Path(path).name} (k={k})", probe_values(data, scores, k, beta), prompts))
+        results.append(method_result(f"{Path(path).name} (k={k})", probe_values(data, scores, k, beta), prompts))
         if texts is not None:
             values = consensus_values(data.prompt_ids, texts, scores, data.rewards, k, beta, consensus, rng)
-            results.append(summarize(f"{Path(path).name} + {consensus:g} x consensus (k={k})", values, prompts))
+            results.append(method_result(f"{Path(path).name} + {consensus:g} x consensus (k={k})", values, prompts))
     if texts is not None:
         values = consensus_values(data.prompt_ids, texts, np.zeros(len(texts)), data.rewards, k, beta, consensus, rng)
-        results.append(summarize(f"consensus alone (k={k})", values, prompts))
-    results.append(summarize(skyline_name(data, k), pass_at_k_values(data, k), prompts))
+        results.append(method_result(f"consensus alone (k={k})", values, prompts))
+    results.append(method_result(skyline_name(data, k), pass_at_k_values(data, k), prompts))
     click.echo(format_table(results, baseline=results[0]))
     if json_out is not None:
-        from qprobe.store.files import write_json_atomic
+        from qprobe.core.files import write_json_atomic
 
         write_json_atomic(json_out, {"run": str(run_path), "k": k, "beta": beta, "consensus": consensus,
                                      "methods": {r.name: [r.mean, r.low, r.high] for r in results}})
@@ -130,11 +130,11 @@ def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, q_max, 
     """Answer prompts with the Q-probe policy: sample k, score each with the probe, pick one."""
     import numpy as np
 
+    from qprobe.catalog import BACKENDS
     from qprobe.errors import ConfigError
     from qprobe.generation.base import SamplingConfig
     from qprobe.policy.select import PolicyConfig, QProbePolicy
     from qprobe.probes.models import Probe
-    from qprobe.registry import BACKENDS
 
     if (prompt_text is None) == (prompt_file is None):
         raise ConfigError("expected exactly one of --prompt TEXT or --prompts FILE, got " + ("both" if prompt_text else "neither"))
@@ -173,8 +173,8 @@ def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, q_max, 
 
 
 def _read_prompts(text: str | None, path: Path | None, raw: bool) -> list:
+    from qprobe.core.types import Prompt
     from qprobe.errors import DataError
-    from qprobe.tasks.base import Prompt
 
     def make(pid: str, t: str) -> Prompt:
         return Prompt(id=pid, text=t, messages=None if raw else ({"role": "user", "content": t},))

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +75,7 @@ def embed_cmd(pairs_path, fmt, split, fields, offset, limit, max_chars, ids_file
               feature_dtype, out, progress):
     """Embed prompt+chosen and prompt+rejected of each pair into a run (sample 0 chosen, reward 1;
     sample 1 rejected, reward 0). Resumable: re-running skips pairs already stored."""
-    from qprobe.store.pairs import PairsConfig, embed_pairs
+    from qprobe.collection.pairs import PairsConfig, embed_pairs
 
     items = _load(pairs_path, fmt, split, fields, offset, limit, max_chars, ids_file)
     source = {"data": str(pairs_path), "format": fmt, "split": split or "all", "fields": list(fields), "offset": offset,
@@ -112,7 +111,7 @@ def eval_cmd(run_path, probes, json_out):
         click.echo(line)
         results[str(path)] = acc.to_dict()
     if json_out is not None:
-        from qprobe.store.files import write_json_atomic
+        from qprobe.core.files import write_json_atomic
 
         write_json_atomic(json_out, {"run": str(run_path), "probes": results})
 
@@ -129,8 +128,8 @@ def eval_cmd(run_path, probes, json_out):
 def curve_cmd(train_path, test_path, feature, loss, fractions, seeds, width, out):
     """Figure 6: test accuracy against the fraction of training pairs, for a linear probe and
     2- and 3-layer MLPs (one and two hidden layers)."""
+    from qprobe.collection.pairs import read_pairs
     from qprobe.evaluation.preferences import learning_curve, plot_learning_curve
-    from qprobe.store.pairs import read_pairs
 
     train, test = read_pairs(train_path), read_pairs(test_path)
     key = feature or train.run.feature_keys[0]
@@ -140,8 +139,10 @@ def curve_cmd(train_path, test_path, feature, loss, fractions, seeds, width, out
                             probe_factories(loss, width), seeds=seeds, spec=spec)
     for name, ys in result["curves"].items():
         click.echo(f"{name:<22} " + "  ".join(f"{f:g}: {y:.4f}" for f, y in zip(result["fractions"], ys, strict=True)))
+    from qprobe.core.files import write_json_atomic
+
     plotted = plot_learning_curve(result, out, f"{Path(train_path).name} -> {Path(test_path).name}, loss {loss}")
-    Path(out).with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(Path(out).with_suffix(".json"), result)
     click.echo(f"wrote {out if plotted else '(no matplotlib: no figure)'} and {Path(out).with_suffix('.json')}")
 
 
@@ -205,7 +206,7 @@ def judge_cmd(pairs_path, fmt, split, fields, offset, limit, max_chars, ids_file
         result = win_rate(judge, items)
     click.echo(f"{what}: win rate {result}")
     if json_out is not None:
-        from qprobe.store.files import write_json_atomic
+        from qprobe.core.files import write_json_atomic
 
         write_json_atomic(json_out, {
             "what": what, "pairs": str(pairs_path), "samples": str(samples_path) if samples_path else None,

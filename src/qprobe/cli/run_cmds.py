@@ -46,10 +46,10 @@ def collect(task, split, n, backend, model, features, layer, pooling, limit, out
     Crash-safe and resumable: rows are committed in shards, and re-running the same command
     (or --resume) continues where it stopped without duplicating or skipping samples.
     """
+    from qprobe.collection.collect import CollectConfig
+    from qprobe.collection.collect import collect as run_collect
     from qprobe.errors import StoreError
     from qprobe.generation.base import SamplingConfig
-    from qprobe.store.collect import CollectConfig
-    from qprobe.store.collect import collect as run_collect
 
     if allow_code_execution:
         os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
@@ -93,7 +93,7 @@ def embed(run, features, model, feature_dtype, backend_option, backend_name, pro
     collected through a served GGUF gets that model's own hidden states (chat prompts re-rendered
     with its chat template). Resumable shard by shard.
     """
-    from qprobe.store.embed import add_features
+    from qprobe.collection.embed import add_features
 
     r = add_features(str(run), list(features), model=model, dtype=feature_dtype, progress=progress,
                      backend_options=parse_kv(backend_option, "--backend-option"), backend_name=backend_name)
@@ -105,8 +105,8 @@ def embed(run, features, model, feature_dtype, backend_option, backend_name, pro
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output JSONL file (default: stdout).")
 def export(run, out):
     """Write a run's sample rows as JSONL (no features), in prompt and sample order."""
+    from qprobe.core.files import write_atomic
     from qprobe.store import Run
-    from qprobe.store.files import write_atomic
 
     r = Run.open(run)
     table = r.table().take(r.sorted_order())
@@ -142,9 +142,9 @@ def copy_cmd(run, out, features, replace):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_run(run, as_json):
     """What a stored run holds: task, model, samples, reward rate, features, provenance."""
-    from qprobe.store.summary import summarize
+    from qprobe.store.summary import run_summary
 
-    info = summarize(run)
+    info = run_summary(run)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -160,11 +160,10 @@ def inspect_run(run, as_json):
 @click.command()
 def ls():
     """List the registered tasks, back-ends, embedders, rewards and losses, one line each."""
-    from qprobe.catalog import LOSS_NAMES
-    from qprobe.registry import BACKENDS, EXTERNAL_EMBEDDERS, REWARDS, TASKS
+    from qprobe.catalog import BACKENDS, EXTERNAL_EMBEDDERS, LOSSES, REWARDS, TASKS
 
     for title, reg in (("tasks", TASKS), ("back-ends", BACKENDS), ("external embedders", EXTERNAL_EMBEDDERS),
-                       ("rewards", REWARDS), ("losses", LOSS_NAMES)):
+                       ("rewards", REWARDS), ("losses", LOSSES)):
         click.echo(f"{title}:")
         for e in reg:
             click.echo(f"  {e.name:<14} {e.summary}")

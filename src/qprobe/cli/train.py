@@ -79,13 +79,13 @@ def _cross_validate(make_probe: Any, x: np.ndarray, rewards: np.ndarray, codes: 
                     beta: float, seed: int) -> dict[str, float]:
     """Out-of-fold validation: each prompt's numbers come from a probe fitted without it; the means
     are over all prompts (each fold weighted by its prompt count)."""
-    from qprobe.probes import evaluate
+    from qprobe.probes import rerank_metrics
     from qprobe.probes.data import fold_prompts
 
     total: dict[str, float] = {}
     for fit, held in fold_prompts(codes, folds, np.random.default_rng(seed)):
         probe = make_probe().fit(x[fit], rewards[fit], codes[fit])
-        m = evaluate(probe, x[held], rewards[held], codes[held], k, beta)
+        m = rerank_metrics(probe, x[held], rewards[held], codes[held], k, beta)
         for name in ("expected_return", "pass@1", "pass@k"):
             total[name] = total.get(name, 0.0) + m[name] * m["prompts"]
         total["prompts"] = total.get("prompts", 0.0) + m["prompts"]
@@ -103,7 +103,7 @@ def _cross_validate(make_probe: Any, x: np.ndarray, rewards: np.ndarray, codes: 
               help="fast: standardised features, L-BFGS, L2 chosen on held-out prompts; paper: the authors' AdamW recipe.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the splits and the initialisation (same seed, same probe).")
 @click.option("--feature", "features", multiple=True, help="Feature key (L-1_last) or LAYER:POOLING; repeat to let held-out prompts pick the best. Default: every pooled feature of the run.")
-@click.option("--model", "arch", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="Probe architecture.")
+@click.option("--arch", "arch", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="Probe architecture.")
 @click.option("--depth", default=2, show_default=True, help="MLP hidden layers.")
 @click.option("--width", default=256, show_default=True, help="MLP hidden units.")
 @click.option("--k", default=4, show_default=True, help="Candidates per prompt for the expected-return metric (clipped to the samples a prompt has).")
@@ -130,7 +130,7 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
     records the hashes of the prompts it was trained on (`qprobe eval` refuses overlapping runs),
     and the range of its scores on them (the bound of `select --rejection`).
     """
-    from qprobe.probes import ARCHITECTURES, TrainConfig, evaluate, select_feature
+    from qprobe.probes import ARCHITECTURES, TrainConfig, rerank_metrics, select_feature
     from qprobe.probes.data import split_prompts
     from qprobe.probes.train import resolve_loss
 
@@ -140,7 +140,7 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
         raise ConfigError("expected exactly one of --run RUN or --pairs PAIRS_RUN, got "
                           f"{'both' if run_path is not None else 'neither'}")
     if pairs_path is not None:
-        from qprobe.store.pairs import read_pairs
+        from qprobe.collection.pairs import read_pairs
 
         read_pairs(pairs_path)  # a clear error when it is not a pairs run
         run_path = pairs_path
@@ -188,10 +188,10 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
     detail = f", L2 {hist['l2']:g} chosen on held-out training prompts" if "l2" in hist else ""
     click.echo(f"trained {arch} probe, loss {loss}, recipe {recipe}, feature {key} ({x.shape[1]} dims) in "
                f"{seconds:.2f} s{detail}; final training loss {hist['train_loss']:.4f}")
-    results = {"train": evaluate(probe, x[keep], data.rewards[keep], codes[keep], k, beta)}
+    results = {"train": rerank_metrics(probe, x[keep], data.rewards[keep], codes[keep], k, beta)}
     click.echo(_row(f"train ({int(results['train']['prompts'])} prompts)", results["train"], k))
     if held.size:
-        results["held_out"] = evaluate(probe, x[held], data.rewards[held], codes[held], k, beta)
+        results["held_out"] = rerank_metrics(probe, x[held], data.rewards[held], codes[held], k, beta)
         click.echo(_row(f"held out ({int(results['held_out']['prompts'])} prompts)", results["held_out"], k))
     elif cv_folds > 1 and n_prompts >= 2:
         results["cv"] = _cross_validate(make_probe, x, data.rewards, codes, min(cv_folds, n_prompts), k, beta, seed)

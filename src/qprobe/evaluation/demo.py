@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.collection.collect import CollectConfig, collect
+from qprobe.core.files import write_json_atomic
 from qprobe.errors import ConfigError
 from qprobe.evaluation.evaluate import (
     MethodResult,
@@ -22,16 +24,14 @@ from qprobe.evaluation.evaluate import (
     feature_key_for,
     format_table,
     mean_reward_values,
+    method_result,
     pass_at_k_values,
     probe_values,
-    summarize,
 )
 from qprobe.features.spec import FeatureRequest
 from qprobe.generation.base import SamplingConfig
-from qprobe.store.collect import CollectConfig, collect
-from qprobe.store.files import write_json_atomic
 
-LOSSES = ("mse", "ce", "pg")
+DEMO_LOSSES = ("mse", "ce", "pg")
 
 
 @dataclass(frozen=True)
@@ -132,22 +132,22 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, progress: bool
     results: dict[str, MethodResult] = {}
     sub_test = np.isin(data.prompt_ids, test_ids)
     test_data = RunData(run, data.rows[sub_test], data.prompt_ids[sub_test], data.rewards[sub_test])
-    results["pass@1"] = summarize("pass@1", mean_reward_values(test_data), test_ids)
+    results["pass@1"] = method_result("pass@1", mean_reward_values(test_data), test_ids)
     if cfg.greedy:
         say(f"[2/5] greedy decoding of the {len(test_ids)} test problems")
         greedy = RunData.load(collect(cfg.collect_config(greedy=True, prompt_ids=tuple(test_ids)), progress=progress))
-        results["greedy"] = summarize("greedy", mean_reward_values(greedy), test_ids)
+        results["greedy"] = method_result("greedy", mean_reward_values(greedy), test_ids)
     else:
         say("[2/5] greedy decoding skipped (--no-greedy)")
     key = feature_key_for(run, run.feature_spec(run.feature_keys[0]))
-    say(f"[3/5] training linear probes ({', '.join(LOSSES)}) x {cfg.seeds} seeds on {key}")
+    say(f"[3/5] training linear probes ({', '.join(DEMO_LOSSES)}) x {cfg.seeds} seeds on {key}")
     curves: dict[str, list[float]] = {}
     scores_by_loss = {}
-    for loss in LOSSES:
+    for loss in DEMO_LOSSES:
         scores, _ = train_and_score(data, key, train_ids, loss, cfg.seeds, cfg.k, cfg.beta)
         scores_by_loss[loss] = scores
-        results[loss] = summarize(f"Q-probe {loss} (k={cfg.k})", seed_averaged_values(data, scores, test_ids, cfg.k, cfg.beta), test_ids)
-    results["pass@k"] = summarize(f"pass@{cfg.k}", pass_at_k_values(test_data, cfg.k), test_ids)
+        results[loss] = method_result(f"Q-probe {loss} (k={cfg.k})", seed_averaged_values(data, scores, test_ids, cfg.k, cfg.beta), test_ids)
+    results["pass@k"] = method_result(f"pass@{cfg.k}", pass_at_k_values(test_data, cfg.k), test_ids)
     say("[4/5] return against k")
     ks = list(range(1, cfg.n + 1))
     for loss, scores in scores_by_loss.items():

@@ -166,8 +166,8 @@ class MethodResult:
         return [self.name, self.mean, self.low, self.high, self.n_prompts]
 
 
-def summarize(name: str, per_prompt: dict[str, float], prompts: list[str] | None = None,
-              rng: np.random.Generator | None = None) -> MethodResult:
+def method_result(name: str, per_prompt: dict[str, float], prompts: list[str] | None = None,
+                  rng: np.random.Generator | None = None) -> MethodResult:
     """Mean over prompts with a 95% bootstrap interval (prompts: the common set to use)."""
     keys = prompts if prompts is not None else list(per_prompt)
     missing = [p for p in keys if p not in per_prompt]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.files import write_atomic
+
 
 def new_axes() -> tuple[Any, Any] | None:
     """(figure, axes) on the non-interactive Agg back-end, or None when matplotlib is missing."""
@@ -26,5 +28,5 @@ def save(fig: Any, ax: Any, title: str, path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(fig)

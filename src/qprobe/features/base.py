@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.core.types import Completion
 from qprobe.features.spec import FeatureRequest, FeatureSpec
-from qprobe.generation.base import Completion
 
 
 class Embedder(ABC):

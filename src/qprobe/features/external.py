@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.core.types import Completion
 from qprobe.errors import BackendError, ConfigError, require
 from qprobe.features.base import Embedder
 from qprobe.features.spec import FeatureRequest
-from qprobe.generation.base import Completion
 from qprobe.generation.openai_api import call_with_retries, make_client, plain_text
 
 

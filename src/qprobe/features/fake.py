@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.core.types import Completion
 from qprobe.features.base import Embedder
 from qprobe.features.spec import FeatureRequest
-from qprobe.generation.base import Completion
 from qprobe.generation.fake import FakeBackend
 from qprobe.tasks.fake import fake_state, text_rng
 

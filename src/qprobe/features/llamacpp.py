@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.core.types import Completion
 from qprobe.errors import ConfigError
 from qprobe.features.base import Embedder, pool
 from qprobe.features.spec import FeatureRequest
-from qprobe.generation.base import Completion
 from qprobe.generation.llamacpp import LlamaCppBackend
 from qprobe.generation.llamacpp_capture import resolve_layer
 

@@ -8,11 +8,11 @@ Embeddings of prompt+completion are computed by an `Embedder` (`qprobe.features`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from qprobe.core.types import Completion, Prompt
 from qprobe.errors import ConfigError
-from qprobe.tasks.base import Prompt
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,6 @@ class SamplingConfig:
         d = asdict(self)
         d["stop"] = list(self.stop)
         return d
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One sample: `text` is exactly what the reward and the embedding see (stop removed)."""
-
-    text: str
-    n_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
-    seed: int
-    # Token ids of the completion when the back-end has them (lets features reuse them).
-    token_ids: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
 
 def sample_seed(run_seed: int, prompt_id: str, index: int) -> int:

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from qprobe.generation.base import Backend, Completion, SamplingConfig
+from qprobe.core.types import Completion
+from qprobe.generation.base import Backend, SamplingConfig
 from qprobe.tasks.fake import FAKE_DIM
 
 

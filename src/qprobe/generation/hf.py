@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from qprobe.core.types import Completion, Prompt
 from qprobe.errors import ConfigError
-from qprobe.generation.base import Backend, Completion, SamplingConfig
+from qprobe.generation.base import Backend, SamplingConfig
 from qprobe.generation.hf_load import LoadedLM, encode_prompt, kv_cache, load_causal_lm
-from qprobe.tasks.base import Prompt
 
 TOP_K = 512  # candidates sorted for nucleus sampling before any full sort
 END_TOKENS = (

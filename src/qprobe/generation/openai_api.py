@@ -49,9 +49,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.types import Completion, Prompt
 from qprobe.errors import BackendError, ConfigError, require
-from qprobe.generation.base import Backend, Completion, SamplingConfig
-from qprobe.tasks.base import Prompt
+from qprobe.generation.base import Backend, SamplingConfig
 
 OPENAI_API = "https://api.openai.com/v1"
 SERVER_KINDS = ("auto", "llama_cpp", "vllm", "openai")

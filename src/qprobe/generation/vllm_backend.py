@@ -21,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.types import Completion, Prompt
 from qprobe.errors import BackendError, ConfigError, require
-from qprobe.generation.base import Backend, Completion, SamplingConfig
-from qprobe.tasks.base import Prompt
+from qprobe.generation.base import Backend, SamplingConfig
 
 VLLM_VERSION = "0.33.0"
 
@@ -71,11 +71,12 @@ class VLLMBackend(Backend):
 
     def identity(self) -> dict[str, Any]:
         if self._identity is None:
-            from qprobe.generation.hf_load import file_sha256, folder_sha256
+            from qprobe.generation.hf_load import folder_sha256
+            from qprobe.generation.models import file_sha256
 
             p = Path(self.model_path)
             if self.gguf_file:
-                sha = file_sha256(p / self.gguf_file)
+                sha = file_sha256(p / self.gguf_file, write_sidecar=False)
             else:
                 sha = folder_sha256(p) if p.is_dir() else f"hub:{self.model_path}"
             name = str(p / self.gguf_file) if self.gguf_file else self.model_path

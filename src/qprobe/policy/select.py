@@ -11,23 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.core.types import Prompt
 from qprobe.errors import ConfigError
 from qprobe.features import make_embedder
 from qprobe.features.spec import FeatureRequest, FeatureSpec
 from qprobe.generation.base import SamplingConfig, sample_seed
-from qprobe.policy.consensus import consensus_scores
-from qprobe.tasks.base import Prompt
-
-
-def selection_probs(scores: np.ndarray, beta: float) -> np.ndarray:
-    """Probability of picking each of k candidates: softmax(Q/beta); argmax at beta = 0, ties shared."""
-    q = np.asarray(scores, dtype=np.float64)  # [k]
-    if beta == 0:
-        top = q == q.max()
-        return top / top.sum()
-    z = (q - q.max()) / beta
-    w = np.exp(z)
-    return w / w.sum()  # Sec. 4.1, pi(a_i) = exp(Q_i / beta) / sum_j exp(Q_j / beta)
+from qprobe.metrics import selection_probs
+from qprobe.policy.agreement import consensus_scores
 
 
 @dataclass
@@ -59,7 +49,7 @@ class Selection:
 @dataclass(frozen=True)
 class PolicyConfig:
     """k candidates, temperature beta; mode 'softmax' (4.1) or 'rejection' (4.2); `consensus`: the
-    weight of the candidates' agreement added to Q (policy/consensus.py; softmax mode only)."""
+    weight of the candidates' agreement added to Q (policy/agreement.py; softmax mode only)."""
 
     k: int = 8
     beta: float = 0.0

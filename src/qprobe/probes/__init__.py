@@ -4,6 +4,6 @@ Importing this package does not import torch; training does.
 """
 
 from qprobe.probes.models import ARCHITECTURES, LinearProbe, MLPProbe, Probe
-from qprobe.probes.train import TrainConfig, evaluate, select_feature
+from qprobe.probes.train import TrainConfig, rerank_metrics, select_feature
 
-__all__ = ["ARCHITECTURES", "LinearProbe", "MLPProbe", "Probe", "TrainConfig", "evaluate", "select_feature"]
+__all__ = ["ARCHITECTURES", "LinearProbe", "MLPProbe", "Probe", "TrainConfig", "rerank_metrics", "select_feature"]

@@ -4,7 +4,8 @@ Format version 1. config.json holds the architecture and its hyper-parameters, t
 options, the training config, whether features are standardised, the feature spec the probe
 expects and where it was trained; model.safetensors holds the weights ("layers.{i}.weight",
 "layers.{i}.bias") and the standardisation statistics ("standardize.mean", "standardize.scale").
-No pickle. Writes go to a temporary directory beside the target, which is renamed into place.
+No pickle. Writes go to a temporary directory beside the target, which is swapped into place
+(`qprobe.core.files.replace_dir`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qprobe.core.files import replace_dir
 from qprobe.errors import ConfigError, DataError, require
 from qprobe.features.spec import FeatureSpec
 
@@ -96,13 +98,6 @@ def model_card(config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_probe(probe: Any, path: str | os.PathLike[str]) -> None:
     """Write the probe directory atomically: a complete new directory replaces any old one."""
     from safetensors.numpy import save
@@ -114,25 +109,14 @@ def save_probe(probe: Any, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if path.exists() and not (path / CONFIG_NAME).is_file() and (not path.is_dir() or any(path.iterdir())):
         raise ConfigError(f"expected a new directory or an existing probe for --out, got '{path}' which holds other files")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    old = None
-    try:
-        _write(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "np"}))
-        _write(tmp / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-        _write(tmp / CARD_NAME, model_card(config).encode())
-        if path.exists():
-            old = path.with_name(f".old-{path.name}-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    from qprobe.store.files import fsync_dir
+    weights = save(tensors, metadata={"format": "np"})
 
-    fsync_dir(path.parent)
+    def build(tmp: Path) -> None:
+        (tmp / WEIGHTS_NAME).write_bytes(weights)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_NAME).write_text(model_card(config), encoding="utf-8")
+
+    replace_dir(path, build)
 
 
 HUB_PREFIX = "hf://"
@@ -170,13 +154,14 @@ def _resolve(path: str | os.PathLike[str], local_files_only: bool = False) -> tu
     return folder, {"repo": repo, "revision": revision, "commit": folder.name}
 
 
-def load_probe(path: str | os.PathLike[str], local_files_only: bool = False) -> Any:
+def load_probe(path: str | os.PathLike[str], architectures: Mapping[str, Callable[..., Any]],
+               local_files_only: bool = False) -> Any:
     """Rebuild a probe from its directory or `hf://org/name[@revision]` (`local_files_only`: the Hub
-    cache only, no network); corrupt files raise DataError."""
+    cache only, no network) with the class its config names among `architectures` (name -> probe
+    class, `qprobe.probes.models.architectures`); corrupt files raise DataError."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from qprobe.probes.models import ARCHITECTURES
     from qprobe.probes.train import TrainConfig
 
     root, hub_source = _resolve(path, local_files_only)
@@ -194,9 +179,9 @@ def load_probe(path: str | os.PathLike[str], local_files_only: bool = False) -> 
                 f"{cpath}; upgrade qprobe or retrain the probe"
             )
         arch = config["architecture"]
-        if arch not in ARCHITECTURES:
-            raise DataError(f"expected an architecture in {sorted(ARCHITECTURES)}, got {arch!r} in {cpath}")
-        probe = ARCHITECTURES[arch](
+        if arch not in architectures:
+            raise DataError(f"expected an architecture in {sorted(architectures)}, got {arch!r} in {cpath}")
+        probe = architectures[arch](
             loss=config["loss"], loss_options=config["loss_options"], train=TrainConfig.from_dict(config["train"]),
             standardize=config["standardize"], seed=config["seed"], **config["hyper_parameters"],
         )

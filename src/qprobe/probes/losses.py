@@ -1,4 +1,5 @@
-"""Probe training losses: pure functions of scores (and rewards), registered by name.
+"""Probe training losses: pure functions of scores (and rewards), registered by name in
+`qprobe.catalog.LOSSES` (the one registry: `LOSSES.get("pg")`, `qprobe ls`).
 
 Each loss declares how the trainer must feed it through its `kind` attribute, so the trainer
 never branches on a loss's name:
@@ -27,7 +28,7 @@ POINTWISE, GROUPED, PAIRWISE = "pointwise", "grouped", "pairwise"
 KINDS = (POINTWISE, GROUPED, PAIRWISE)
 
 __all__ = [
-    "KINDS", "LOSSES", "bt_loss", "ce_loss", "dpo_loss", "listwise_loss", "loss_kind", "margin_bt_loss",
+    "KINDS", "bt_loss", "ce_loss", "dpo_loss", "listwise_loss", "loss_kind", "margin_bt_loss",
     "mse_loss", "pg_loss",
 ]
 
@@ -203,13 +204,3 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, others: torch.Tensor 
     rho = _masked_softmax(cand / beta, mask)  # Eq. 19/21, rho_theta(a, {others}); [P, 2 + m]
     return -F.logsigmoid(alpha * (rho[:, 0] - rho[:, 1])).mean()  # Eq. 18/20, -E log p~
 
-
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "mse": mse_loss,
-    "ce": ce_loss,
-    "pg": pg_loss,
-    "listwise": listwise_loss,
-    "bt": bt_loss,
-    "dpo": dpo_loss,
-    "margin_bt": margin_bt_loss,
-}

@@ -141,7 +141,7 @@ class Probe:
         model/layer/pooling. A path that does not exist is an error, never a Hub look-up."""
         from qprobe.probes.io import load_probe
 
-        probe = load_probe(path, local_files_only=local_files_only)
+        probe = load_probe(path, ARCHITECTURES, local_files_only=local_files_only)
         if cls is not Probe and not isinstance(probe, cls):
             raise ConfigError(f"expected a {cls.__name__} in {path}, got a {type(probe).__name__}; use Probe.from_pretrained")
         if spec is not None:

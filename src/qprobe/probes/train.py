@@ -82,10 +82,10 @@ class TrainConfig:
 # -------------------------------------------------------------------------------- the loss
 def resolve_loss(name: str, options: dict[str, Any]) -> tuple[Callable[..., Any], str]:
     """The registered loss function and its kind; unknown options are refused by name."""
-    from qprobe.catalog import LOSS_NAMES
+    from qprobe.catalog import LOSSES
     from qprobe.probes.losses import loss_kind
 
-    fn = LOSS_NAMES.get(name)
+    fn = LOSSES.get(name)
     kind = loss_kind(fn)
     allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(allowed))
@@ -284,7 +284,7 @@ def fit_probe(probe: Any, ex: Examples) -> None:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def evaluate(probe: Any, features: np.ndarray, rewards: np.ndarray, groups: np.ndarray, k: int,
+def rerank_metrics(probe: Any, features: np.ndarray, rewards: np.ndarray, groups: np.ndarray, k: int,
              beta: float = 0.0) -> dict[str, float]:
     """The numbers that matter for reranking on some prompts: the probe's expected return at k,
     the mean reward (what a random pick gets, pass@1) and the best of k (pass@k for 0/1 rewards)."""
@@ -318,6 +318,6 @@ def select_feature(candidates: dict[str, np.ndarray], rewards: np.ndarray, group
     table = {}
     for key, feats in candidates.items():
         probe = make_probe().fit(feats[keep], rewards[keep], codes[keep])
-        table[key] = evaluate(probe, feats[held], rewards[held], codes[held], k, beta)["expected_return"]
+        table[key] = rerank_metrics(probe, feats[held], rewards[held], codes[held], k, beta)["expected_return"]
     best = max(table, key=lambda key: table[key])
     return best, table

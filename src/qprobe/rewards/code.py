@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from qprobe.core.types import Prompt, RewardResult
 from qprobe.errors import ConfigError
-from qprobe.tasks.base import Prompt, Reward, RewardResult
+from qprobe.rewards.base import Reward
 
 # The first fenced block, preferring one labelled python; an unterminated block runs to the end.
 _FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL | re.IGNORECASE)

@@ -7,8 +7,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from qprobe.core.types import Prompt, RewardResult
 from qprobe.errors import ConfigError
-from qprobe.tasks.base import Prompt, Reward, RewardResult
+from qprobe.rewards.base import Reward
 
 
 def load_callable(target: str) -> Callable[..., Any]:

@@ -6,9 +6,10 @@ import re
 from fractions import Fraction
 from typing import Any
 
+from qprobe.core.types import Prompt, RewardResult
 from qprobe.errors import ConfigError
+from qprobe.rewards.base import Reward
 from qprobe.rewards.code import build_program, results_from
-from qprobe.tasks.base import Prompt, Reward, RewardResult
 
 # A number, optionally negative, with thousands commas and a $ sign (both ignored) and decimals.
 NUMBER_REGEX = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"

@@ -2,8 +2,8 @@
 
 Runs grow with every feature a collection stores (the reproduction keeps seven per sample); the copy
 that is shared or committed often needs only the rows and the chosen feature. The copy is built
-under a temp name beside OUT, every file fsynced, and renamed into place, so OUT is either absent,
-the old run, or the whole new copy. The source is only read.
+under a temp name beside OUT, every file fsynced, and swapped into place
+(`qprobe.core.files.replace_dir`), so OUT is either absent, the old run, or the whole new copy. The source is only read.
 """
 
 from __future__ import annotations
@@ -13,15 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.files import replace_dir, write_json_atomic
 from qprobe.errors import StoreError
-from qprobe.store.files import fsync_dir, write_json_atomic
 from qprobe.store.run import Run, now
-
-
-def _copy_file(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    with open(dst, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def copy_run(src: str | os.PathLike[str], out: str | os.PathLike[str], features: list[str] | tuple[str, ...] = (),
@@ -45,14 +39,11 @@ def copy_run(src: str | os.PathLike[str], out: str | os.PathLike[str], features:
     if out.exists() and not (out / "manifest.json").is_file():
         raise StoreError(f"expected --replace to name an existing run, got '{out}' which holds other files; "
                          "choose another OUT")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-copy-{os.getpid()}-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "rows").mkdir(parents=True)
+
+    def build(tmp: Path) -> None:
+        (tmp / "rows").mkdir()
         for s in run.shards:
-            _copy_file(run.path / "rows" / f"{s.name}.parquet", tmp / "rows" / f"{s.name}.parquet")
-        fsync_dir(tmp / "rows")
+            shutil.copyfile(run.path / "rows" / f"{s.name}.parquet", tmp / "rows" / f"{s.name}.parquet")
         (tmp / "features").mkdir()
         for key in keys:
             folder = tmp / "features" / key
@@ -61,23 +52,13 @@ def copy_run(src: str | os.PathLike[str], out: str | os.PathLike[str], features:
                 for suffix in (".npy", ".offsets.npy"):
                     f = run.path / "features" / key / f"{s.name}{suffix}"
                     if suffix == ".npy" or f.exists():
-                        _copy_file(f, folder / f.name)
-            fsync_dir(folder)
-        fsync_dir(tmp / "features")
+                        shutil.copyfile(f, folder / f.name)
         manifest: dict[str, Any] = dict(run.manifest)
         manifest["features"] = {k: v for k, v in run.manifest.get("features", {}).items() if k in keys}
         dropped = [k for k in run.feature_keys if k not in keys]
         manifest["copied_from"] = {"run": str(run.path), "features_dropped": dropped, "at": now(),
                                    "restore": "qprobe embed RUN --feature LAYER:POOLING (or embed=NAME:POOLING)"}
         write_json_atomic(tmp / "manifest.json", manifest)
-        if out.exists():
-            old = out.with_name(f".tmp-old-{os.getpid()}-{out.name}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    replace_dir(out, build)
     return Run.open(out)

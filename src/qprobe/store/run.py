@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.core.files import fsync_dir, write_atomic, write_json_atomic
 from qprobe.errors import StoreError
 from qprobe.features.spec import FeatureSpec
-from qprobe.store.files import fsync_dir, write_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 ROW_COLUMNS = (

@@ -24,7 +24,7 @@ def verdict_counts(run: Run) -> dict[str, Any]:
             "timeout_rate": round(timeouts / scored, 6) if scored else None}
 
 
-def summarize(path: str | Path) -> dict[str, Any]:
+def run_summary(path: str | Path) -> dict[str, Any]:
     run = Run.open(path)
     m = run.manifest
     t = run.table(["prompt_id", "reward", "n_tokens", "finish_reason", "details"])

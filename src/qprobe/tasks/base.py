@@ -3,51 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any
 
+from qprobe.core.types import Prompt
 from qprobe.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One problem. `text` is a completion-style prompt; `messages` (optional) the chat form.
-
-    The back-end decides which form it renders (`Backend.render`) and the rendered string is
-    what gets stored, generated from and embedded. `meta` carries what the reward needs
-    (tests, entry point, reference answer) and must be JSON-serialisable.
-    """
-
-    id: str
-    text: str
-    messages: tuple[dict[str, str], ...] | None = None
-    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    # Text the back-end must prepend to a completion before it is rewarded (e.g. the
-    # function signature of a HumanEval prompt when the model continues its body).
-    reward_prefix: str = ""
-
-
-@dataclass(frozen=True)
-class RewardResult:
-    """A scored completion: `reward` is None when it could not be scored."""
-
-    reward: float | None
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-class Reward(ABC):
-    """Scores the completions of one prompt."""
-
-    #: Whether scoring runs model-written code (then it needs the user's opt-in).
-    executes_code: bool = False
-
-    @abstractmethod
-    def score(self, prompt: Prompt, completions: list[str]) -> list[RewardResult]:
-        """One result per completion, in order."""
-
-    def manifest(self) -> dict[str, Any]:
-        """What to record in a run's manifest about how rewards were computed."""
-        return {"reward": type(self).__name__}
+from qprobe.rewards.base import Reward
 
 
 class Task(ABC):

@@ -10,7 +10,9 @@ import hashlib
 
 import numpy as np
 
-from qprobe.tasks.base import Prompt, Reward, RewardResult, Task
+from qprobe.core.types import Prompt, RewardResult
+from qprobe.rewards.base import Reward
+from qprobe.tasks.base import Task
 
 FAKE_DIM = 16
 

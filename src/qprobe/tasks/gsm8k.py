@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.types import Prompt
 from qprobe.errors import ConfigError, DataError, require
+from qprobe.rewards.base import Reward
 from qprobe.tasks._data import is_local, read_jsonl
-from qprobe.tasks.base import Prompt, Reward, Task
+from qprobe.tasks.base import Task
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 PLAIN_STOP = ("\n\nQuestion:", "\nQuestion:")

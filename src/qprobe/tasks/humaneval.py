@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from qprobe.core.types import Prompt
 from qprobe.errors import ConfigError, require
+from qprobe.rewards.base import Reward
 from qprobe.tasks._data import read_jsonl
-from qprobe.tasks.base import Prompt, Reward, Task
+from qprobe.tasks.base import Task
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop sequences
 CHAT_TEMPLATE = "Complete the following Python function. Answer with the whole function in a ```python code block.\n\n{prompt}"

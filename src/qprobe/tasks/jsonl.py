@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from qprobe.core.types import Prompt
 from qprobe.errors import ConfigError, DataError
+from qprobe.rewards.base import Reward
 from qprobe.tasks._data import read_jsonl
-from qprobe.tasks.base import Prompt, Reward, Task
+from qprobe.tasks.base import Task
 
 
 class JsonlTask(Task):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.types import Prompt
 from qprobe.errors import ConfigError, DataError
+from qprobe.rewards.base import Reward
 from qprobe.tasks._data import is_local, load_hf, read_jsonl
-from qprobe.tasks.base import Prompt, Reward, Task
+from qprobe.tasks.base import Task
 
 # Paper / q_probe code: train = MBPP train + validation (464), test = 500, prompt = few-shot pool.
 SPLIT_IDS = {"train": range(511, 975), "test": range(11, 511), "prompt": range(1, 11)}

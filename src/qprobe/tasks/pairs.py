@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qprobe.core.types import Prompt, RewardResult
 from qprobe.errors import ConfigError, DataError, require
-from qprobe.tasks.base import Prompt, Reward, RewardResult, Task
+from qprobe.rewards.base import Reward
+from qprobe.tasks.base import Task
 
 FORMATS = ("auto", "hh", "columns", "qrm")
 HH_ASSISTANT = "\n\nAssistant:"

@@ -1,4 +1,4 @@
-"""Expected return of the consensus policy (`PolicyConfig(consensus=w)`, policy/consensus.py).
+"""Expected return of the consensus policy (`PolicyConfig(consensus=w)`, policy/agreement.py).
 
 The score of a candidate depends on the other members of its set (Q + w x mean similarity to them),
 so the closed forms of `qprobe.metrics` do not apply. The expected reward over a uniformly random
@@ -16,8 +16,8 @@ from itertools import combinations
 import numpy as np
 
 from qprobe.errors import ConfigError
-from qprobe.metrics import _policy_probs
-from qprobe.policy.consensus import agreement, jaccard_matrix
+from qprobe.metrics import selection_probs
+from qprobe.policy.agreement import agreement, jaccard_matrix
 
 MAX_SUBSETS = 200_000
 
@@ -46,8 +46,8 @@ def consensus_return(q: np.ndarray, sim: np.ndarray, rewards: np.ndarray, k: int
     q, r = np.asarray(q, dtype=np.float64), np.asarray(rewards, dtype=np.float64)
     idx, _ = candidate_sets(q.size, k, rng, max_subsets)  # [M, k]
     agree = agreement(sim[idx[:, :, None], idx[:, None, :]]) if weight else 0.0  # [M, k]
-    score = q[idx] + weight * agree  # [M, k], policy.consensus.consensus_scores on each set
-    return float((_policy_probs(score, beta) * r[idx]).sum(axis=1).mean())
+    score = q[idx] + weight * agree  # [M, k], policy.agreement.consensus_scores on each set
+    return float((selection_probs(score, beta) * r[idx]).sum(axis=1).mean())
 
 
 def consensus_values(prompt_ids: np.ndarray, texts: list[str], q: np.ndarray, rewards: np.ndarray, k: int,

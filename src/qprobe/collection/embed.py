@@ -22,15 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.catalog import BACKENDS
+from qprobe.core.files import write_atomic
+from qprobe.core.types import Completion, Prompt
 from qprobe.errors import StoreError
 from qprobe.features import make_embedder
 from qprobe.features.spec import FeatureRequest
-from qprobe.generation.base import Completion
 from qprobe.generation.openai_api import parse_chat
-from qprobe.registry import BACKENDS
-from qprobe.store.files import write_atomic
 from qprobe.store.run import Run, RunWriter
-from qprobe.tasks.base import Prompt
 
 
 def backend_for(run: Run, model: str | None = None, backend: str | None = None, **options: Any) -> Any:
@@ -121,7 +120,7 @@ def _embed_shards(writer: RunWriter, requests: list[FeatureRequest], embedders: 
                   progress: bool, own_prompt: Callable[[str], str]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from qprobe.store.progress import CollectProgress
+    from qprobe.collection.progress import CollectProgress
 
     specs: dict[str, Any] = {}
     with CollectProgress(total=len(writer), done=0, enabled=progress) as bar:

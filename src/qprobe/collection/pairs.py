@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.catalog import BACKENDS
+from qprobe.collection.collect import library_versions
+from qprobe.core.types import Completion
 from qprobe.errors import ConfigError, DataError, StoreError
 from qprobe.features import make_embedder
 from qprobe.features.spec import FeatureRequest
-from qprobe.generation.base import Completion
-from qprobe.registry import BACKENDS
-from qprobe.store.collect import library_versions
 from qprobe.store.run import ROW_COLUMNS, Run, RunWriter
 from qprobe.tasks.pairs import Pair
 
@@ -118,7 +118,7 @@ def embed_pairs(pairs: list[Pair], cfg: PairsConfig, progress: bool = True,
 
 def _embed_into(writer: RunWriter, pairs: list[Pair], requests: list[FeatureRequest], embedders: dict[str, Any],
                 backend: Any, cfg: PairsConfig, progress: bool, on_shard: Callable[[Run], None] | None) -> None:
-    from qprobe.store.progress import CollectProgress
+    from qprobe.collection.progress import CollectProgress
 
     done = {pid for pid, _ in writer.pairs()}
     todo = [(i, p) for i, p in enumerate(pairs) if p.id not in done]

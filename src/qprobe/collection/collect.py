@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.catalog import BACKENDS, TASKS
+from qprobe.core.types import Completion, Prompt, RewardResult
 from qprobe.errors import ConfigError, StoreError
 from qprobe.features import make_embedder
 from qprobe.features.spec import FeatureRequest, FeatureSpec
-from qprobe.generation.base import Completion, SamplingConfig, sample_seed
-from qprobe.registry import BACKENDS, TASKS
+from qprobe.generation.base import SamplingConfig, sample_seed
 from qprobe.store.run import Run, RunWriter
-from qprobe.tasks.base import Prompt, RewardResult
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
     task = TASKS.create(cfg.task, **cfg.task_options)
     task.check_split(cfg.split)
     if cfg.shots_from is not None:
-        from qprobe.tasks.fewshot import FewShotTask, shots_from_run
+        from qprobe.collection.fewshot import shots_from_run
+        from qprobe.tasks.fewshot import FewShotTask
 
         manifest_path = Path(cfg.out) / "manifest.json"
         kept = json.loads(manifest_path.read_text()).get("task", {}).get("shots") if manifest_path.is_file() else None
@@ -190,7 +191,7 @@ def _collect_into(
     writer: RunWriter, cfg: CollectConfig, requests: list[FeatureRequest], prompts: list[tuple[int, Prompt]],
     backend: Any, reward: Any, sampling: SamplingConfig, progress: bool, on_shard: Callable[[Run], None] | None,
 ) -> Run:
-    from qprobe.store.progress import CollectProgress
+    from qprobe.collection.progress import CollectProgress
 
     _rescore_unscored(writer, {p.id: p for _, p in prompts}, reward, progress)
     done = writer.pairs()

@@ -7,7 +7,7 @@ decoding). With `PolicyConfig(consensus=lam)` the policy scores candidate i of t
 
 where sim is the Jaccard similarity of the completions' token sets (words and punctuation), then
 picks by softmax(score / beta) as usual. The score depends on the whole set, so the expected return
-over random k-subsets has no closed form; qprobe.evaluation.consensus computes it by enumeration.
+over random k-subsets has no closed form; qprobe.evaluation.consensus_return computes it by enumeration.
 On the 0.5B default model this closes about a third of the pass@1 -> pass@8 gap on HumanEval
 (benchmarks/repro/REPORT.md), more than any probe alone.
 """
