@@ -328,3 +328,40 @@ def test_other_layers_can_come_from_transformers(backend) -> None:
     assert cos(hf_last, feats["L-1_last"]).min() > 0.99  # same weights (dequantised), same tokens
     assert cos(native, feats["L12_mean"]).min() > 0.99  # llama.cpp's capture agrees with transformers
     assert emb.transformers().identity()["sha256"] == backend.identity()["sha256"]
+
+
+def test_llama_log_keeps_errors_only_unless_verbose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ggml.h levels: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous piece."""
+    from qprobe.generation import llamacpp_lib as lib
+
+    monkeypatch.delenv("QPROBE_VERBOSE", raising=False)
+    lib.set_verbose(None)
+    assert [lib.keep_line(level, False) for level in (1, 2, 3, 4)] == [False, False, False, True]
+    assert lib.keep_line(5, True) and not lib.keep_line(5, False)
+    monkeypatch.setenv("QPROBE_VERBOSE", "1")
+    assert lib.keep_line(3, False)
+    lib.set_verbose(False)
+    assert not lib.keep_line(3, False)
+    lib.set_verbose(None)
+
+
+_LOAD = "from qprobe.generation.llamacpp import LlamaCppBackend; LlamaCppBackend(n_ctx=256).close()"
+
+
+@pytest.mark.smoke
+def test_model_load_prints_none_of_llama_cpp_s_warnings() -> None:
+    import os
+    import subprocess
+
+    pytest.importorskip("llama_cpp")
+    try:
+        models.default_model_path()
+    except Exception as exc:  # noqa: BLE001 - no model parts installed
+        pytest.skip(f"default model unavailable: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "QPROBE_VERBOSE"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    quiet = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-500:]
+    loud = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True, timeout=300,
+                          env={**env, "QPROBE_VERBOSE": "1"})
+    assert loud.returncode == 0 and "pooling_type" in loud.stderr

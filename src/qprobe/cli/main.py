@@ -40,7 +40,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qprobe")
-def cli() -> None:
+@click.option("--verbose", is_flag=True, help="Also print the model libraries' own log (llama.cpp's warnings); same as QPROBE_VERBOSE=1.")
+def cli(verbose: bool) -> None:
     """Q-probing: sample k completions, score each with a linear probe on the model's own
     hidden states, keep the best. Typical flow:
 
@@ -49,6 +50,10 @@ def cli() -> None:
       qprobe train --run runs/mbpp-train --loss pg --out probes/pg
       qprobe eval ...        qprobe select --probe probes/pg --prompt "..."
     """
+    if verbose:
+        import os
+
+        os.environ["QPROBE_VERBOSE"] = "1"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from qprobe.core.types import Completion
 from qprobe.errors import BackendError, ConfigError
 from qprobe.generation.base import Backend, SamplingConfig
 from qprobe.generation.llamacpp_capture import LayerCapture, resolve_layer
-from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load
+from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load, set_verbose
 from qprobe.generation.llamacpp_text import LlamaText, find_stop
 from qprobe.generation.models import file_sha256, model_name, resolve_model
 
@@ -63,9 +63,8 @@ class LlamaCppBackend(LlamaText, Backend):
                 f"n_seq_max={n_seq_max}, batch_size={batch_size}"
             )
         lib = load()
-        import llama_cpp._logger as llog
-
-        llog.set_verbose(verbose)
+        if verbose:
+            set_verbose(True)  # else QPROBE_VERBOSE (`qprobe --verbose`) decides
         self.path = resolve_model(model, cache_dir)
         self.chat = bool(chat)
         self.n_seq_max = int(n_seq_max)

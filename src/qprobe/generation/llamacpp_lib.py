@@ -1,7 +1,11 @@
 """Loading llama-cpp-python: lazily, once, and safely on CPUs whose AMX kernels fault.
 
 `load()` imports `llama_cpp` (a one-line error naming `pip install 'qprobe[llamacpp]'` when it
-is missing) and initialises its back-end once. `extra_buffers_default()` decides whether
+is missing), installs qprobe's log callback and initialises its back-end once. The callback
+prints llama.cpp's errors only, unless `set_verbose(True)` or QPROBE_VERBOSE=1 (`qprobe
+--verbose`): llama-cpp-python's own callback maps ggml's levels wrongly (ggml.h: 1 debug, 2 info,
+3 warn, 4 error; it reads 3 as error), so every model load printed internal warnings such as
+"control-looking token" and "pooling_type" to a user who asked for nothing verbose. `extra_buffers_default()` decides whether
 models may use ggml's extra CPU buffer types; `disable_extra_buffers()` applies that decision
 to llama-cpp-python's own `Llama(...)` class and server too.
 """
@@ -14,6 +18,44 @@ from typing import Any
 from qprobe.errors import require
 
 _BACKEND_READY = False
+GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5  # ggml.h enum ggml_log_level
+_VERBOSE: bool | None = None  # None: QPROBE_VERBOSE decides
+_LOG = {"callback": None, "printing": False}  # the ctypes callback must outlive every model
+
+
+def verbose() -> bool:
+    if _VERBOSE is not None:
+        return _VERBOSE
+    return os.environ.get("QPROBE_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_verbose(flag: bool | None) -> None:
+    """Print all of llama.cpp's log (True), its errors only (False), or as QPROBE_VERBOSE says (None)."""
+    global _VERBOSE
+    _VERBOSE = flag
+
+
+def keep_line(level: int, printing: bool) -> bool:
+    """Whether a log piece of `level` is printed (CONT continues the previous piece's choice)."""
+    if level == GGML_LOG_CONT:
+        return printing
+    return verbose() or level >= GGML_LOG_ERROR
+
+
+def _install_log(llama_cpp: Any) -> None:
+    import ctypes
+    import sys
+
+    import llama_cpp._logger  # noqa: F401  (its import installs its own callback: replaced below)
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        _LOG["printing"] = keep_line(int(level), bool(_LOG["printing"]))
+        if _LOG["printing"]:
+            print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)
+
+    _LOG["callback"] = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 def load() -> Any:
@@ -21,8 +63,7 @@ def load() -> Any:
     global _BACKEND_READY
     llama_cpp = require("llama_cpp", "llamacpp")
     if not _BACKEND_READY:
-        import llama_cpp._logger  # noqa: F401  (installs the log callback that honours verbosity)
-
+        _install_log(llama_cpp)
         llama_cpp.llama_backend_init()
         _BACKEND_READY = True
     return llama_cpp
