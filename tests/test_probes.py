@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from qprobe.catalog import LOSSES  # noqa: E402
 from qprobe.errors import ConfigError, DataError, NotFittedError, SpecMismatchError  # noqa: E402
 from qprobe.features.spec import FeatureSpec  # noqa: E402
 from qprobe.probes import LinearProbe, MLPProbe, Probe, TrainConfig, rerank_metrics, select_feature  # noqa: E402
@@ -141,7 +142,7 @@ def test_mlp_seed_changes_the_init() -> None:
     assert not np.array_equal(a.params_["layers.0.weight"], b.params_["layers.0.weight"])
 
 
-@pytest.mark.parametrize("loss", ["mse", "ce", "pg", "listwise", "bt", "dpo", "margin_bt"])
+@pytest.mark.parametrize("loss", LOSSES.names())  # every registered loss, not a hand-picked list
 def test_every_loss_learns_to_rerank_with_the_fast_recipe(loss: str) -> None:
     x, r, g = toy(seed=1)
     xt, rt, gt = toy(seed=2)

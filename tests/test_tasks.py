@@ -9,13 +9,16 @@ import pytest
 
 from qprobe.catalog import TASKS
 from qprobe.errors import ConfigError, DataError, UnknownNameError
+from qprobe.tasks.base import Task
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 
 
 def test_registered():
-    for name in ("mbpp", "humaneval", "gsm8k", "gsm8k-pal", "jsonl"):
-        assert TASKS.entry(name).summary
+    for name in ("mbpp", "humaneval", "gsm8k", "gsm8k-pal", "jsonl"):  # the README's tasks are registered
+        assert name in TASKS.names()
+    for entry in TASKS:  # and every registered task has a summary and a class that is a Task
+        assert entry.summary and issubclass(TASKS.get(entry.name), Task), entry.name
     with pytest.raises(UnknownNameError, match="did you mean 'humaneval'"):
         TASKS.entry("humaneva")
 

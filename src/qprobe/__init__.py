@@ -33,6 +33,7 @@ _EXPORTS = {
     "QProbeError": "qprobe.errors", "ConfigError": "qprobe.errors", "DataError": "qprobe.errors",
     "StoreError": "qprobe.errors", "SpecMismatchError": "qprobe.errors", "NotFittedError": "qprobe.errors",
     "BackendError": "qprobe.errors", "CodeExecutionNotAllowed": "qprobe.errors",
+    "UnknownNameError": "qprobe.errors", "MissingDependencyError": "qprobe.errors",
     # components
     "Prompt": "qprobe.core.types", "Completion": "qprobe.core.types", "RewardResult": "qprobe.core.types",
     "Reward": "qprobe.rewards.base", "Task": "qprobe.tasks.base",
@@ -48,6 +49,7 @@ _EXPORTS = {
     "TrainConfig": "qprobe.probes",
     # policy and evaluation
     "QProbePolicy": "qprobe.policy.select", "PolicyConfig": "qprobe.policy.select",
+    "Selection": "qprobe.policy.select", "Candidate": "qprobe.policy.select",
     "pass_at_k": "qprobe.metrics", "expected_return": "qprobe.metrics", "bootstrap_ci": "qprobe.intervals",
     "paired_bootstrap_ci": "qprobe.intervals",
 }
