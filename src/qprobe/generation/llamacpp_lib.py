@@ -5,8 +5,8 @@ is missing), installs qprobe's log callback and initialises its back-end once. T
 prints llama.cpp's errors only, unless `set_verbose(True)` or QPROBE_VERBOSE=1 (`qprobe
 --verbose`): llama-cpp-python's own callback maps ggml's levels wrongly (ggml.h: 1 debug, 2 info,
 3 warn, 4 error; it reads 3 as error), so every model load printed internal warnings such as
-"control-looking token" and "pooling_type" to a user who asked for nothing verbose. `extra_buffers_default()` decides whether
-models may use ggml's extra CPU buffer types; `disable_extra_buffers()` applies that decision
+"control-looking token" and "pooling_type" to a user who asked for nothing verbose.
+`extra_buffers_default()` decides whether models may use ggml's extra CPU buffer types; `disable_extra_buffers()` applies that decision
 to llama-cpp-python's own `Llama(...)` class and server too.
 """
 
@@ -15,24 +15,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from qprobe.core.verbosity import set_verbose, verbose
 from qprobe.errors import require
+
+__all__ = ["default_threads", "disable_extra_buffers", "extra_buffers_default", "keep_line", "load", "set_verbose"]
 
 _BACKEND_READY = False
 GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5  # ggml.h enum ggml_log_level
-_VERBOSE: bool | None = None  # None: QPROBE_VERBOSE decides
 _LOG = {"callback": None, "printing": False}  # the ctypes callback must outlive every model
-
-
-def verbose() -> bool:
-    if _VERBOSE is not None:
-        return _VERBOSE
-    return os.environ.get("QPROBE_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def set_verbose(flag: bool | None) -> None:
-    """Print all of llama.cpp's log (True), its errors only (False), or as QPROBE_VERBOSE says (None)."""
-    global _VERBOSE
-    _VERBOSE = flag
 
 
 def keep_line(level: int, printing: bool) -> bool:
