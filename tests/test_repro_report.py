@@ -143,9 +143,10 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     shutil.copytree(runs, root)
     feats = ("-1:last", "-2:mean")
     common = dict(task="fake", backend="fake", features=feats, shard_samples=32, split="test")
-    collect(CollectConfig(out=root / "mbpp-test-5shot", n=8, task_options={"size": 10}, **common),
+    # the 5-shot runs cover the first 6 of the 10 test problems (as the real ones cover 64 of 500)
+    collect(CollectConfig(out=root / "mbpp-test-5shot", n=8, task_options={"size": 6}, **common),
             progress=False)
-    collect(CollectConfig(out=root / "mbpp-test-5shot-greedy", n=1, task_options={"size": 10},
+    collect(CollectConfig(out=root / "mbpp-test-5shot-greedy", n=1, task_options={"size": 6},
                           sampling=SamplingConfig(temperature=0.0), **common), progress=False)
     collect(CollectConfig(out=root / "humaneval-api", n=4, task_options={"size": 10}, **common), progress=False)
     report = load_report()
@@ -153,7 +154,18 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     r = report.main(["--runs", str(root), "--out", str(out), "--results", str(tmp_path / "mbpp.json"), "--k", "4",
                      "--seeds", "2", "--sweep-seeds", "1", "--cv-folds", "2", "--cv-seeds", "1",
                      "--feature", "L-1_last", "--external", "L-2_mean", "--no-figures"], say=lambda *_: None)
-    rows = r["table1"]["rows"]["4"]
+    assert not [name for name in r["table1"]["rows"]["4"] if name.startswith("5-shot")]  # never beside full-set rows
+    block = r["table1"]["fewshot"]["4"]
+    assert block["problems"] == {"mbpp_test": 6}
+    rows = block["rows"]
+    assert all(row["mbpp_test"]["n_prompts"] == 6 for row in rows.values())  # every row on the same problems
+    zero = per_prompt_rewards(root / "mbpp-test")
+    shot_ids = set(per_prompt_rewards(root / "mbpp-test-5shot"))
+    assert rows["zero-shot pass@1"]["mbpp_test"]["mean"] == pytest.approx(np.mean([np.mean(zero[p]) for p in shot_ids]))
+    full = r["table1"]["rows"]["4"]["pass@1"]["mbpp_test"]
+    assert full["n_prompts"] == 10 and full["mean"] != pytest.approx(rows["zero-shot pass@1"]["mbpp_test"]["mean"])
+    gain = rows["5-shot pass@1"]["mbpp_test"]["gain"][0]
+    assert gain == pytest.approx(rows["5-shot pass@1"]["mbpp_test"]["mean"] - rows["zero-shot pass@1"]["mbpp_test"]["mean"])
     shot = per_prompt_rewards(root / "mbpp-test-5shot")
     greedy = per_prompt_rewards(root / "mbpp-test-5shot-greedy")
     assert rows["5-shot pass@1"]["mbpp_test"]["mean"] == pytest.approx(np.mean([np.mean(v) for v in shot.values()]))
@@ -161,7 +173,7 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     pk = np.mean([1 - math.comb(8 - int(sum(v)), 4) / math.comb(8, 4) for v in shot.values()])
     assert rows["5-shot pass@4"]["mbpp_test"]["mean"] == pytest.approx(pk)
     assert rows["5-shot + pg"]["mbpp_test"] is not None and rows["5-shot + pg"].get("humaneval") is None
-    assert r["table1"]["rows"]["8"]["5-shot + pg"]["mbpp_test"] is not None  # k = n = 8 of the 5-shot run
+    assert r["table1"]["fewshot"]["8"]["rows"]["5-shot + pg"]["mbpp_test"]["n_prompts"] == 6  # k = n = 8 of the 5-shot run
     comp = r["table1"]["comparisons"]
     assert comp["5shot+pg-5shot"]["mbpp_test"] is not None and comp["5shot+pg-5shot"].get("humaneval") is None
 
@@ -179,9 +191,20 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     md = (out / "REPORT.md").read_text()
     assert "## API setting" in md and "HumanEval through the API server" in md
     assert f"| pg, own states (L-1_last) | {he['rows']['pg, own states (L-1_last)']['mean']:.3f} [" in md
-    assert "Few-shot and Q-probe add up** (MBPP-test)" in md
-    summary = json.loads((tmp_path / "mbpp.json").read_text())["methods"]
-    assert {"5-shot greedy", "5-shot pass@1", "5-shot + pg"} <= set(summary)
+    assert "Few-shot and Q-probe add up** (MBPP-test, on the 6 problems of the 5-shot runs)" in md
+    assert "### 5-shot on successes at k=4: on the first 6 MBPP-test problems only" in md
+    main_table = md.split("## Table 1 at k=4")[1].split("### 5-shot")[0]
+    assert "5-shot" not in main_table
+    summary = json.loads((tmp_path / "mbpp.json").read_text())
+    assert not [name for name in summary["methods"] if name.startswith("5-shot")]
+    assert summary["fewshot_subset"]["problems"] == {"mbpp_test": 6}
+    assert {"zero-shot pass@1", "5-shot greedy", "5-shot pass@1", "5-shot + pg"} <= set(summary["fewshot_subset"]["methods"])
+    # RESULTS.md's section: the 5-shot rows in their own table, labelled with the subset
+    section = load_module("results_section")
+    text = section.section(r)
+    head = text.split("5-shot on successes (the paper's few-shot rows)")[0]
+    assert "| 5-shot" not in head and "on the first 6 MBPP-test problems only" in text
+    assert "| zero-shot pass@1 |" in text
 
 
 def test_visible_test_pass_is_read_from_the_failing_assertion(shared_data: Path) -> None:

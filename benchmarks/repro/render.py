@@ -114,13 +114,15 @@ def claims(r: dict[str, Any]) -> list[str]:
                    f"(fraction {frac:.2f}; {f2['seeds']} seeds, each its own random subset).")
     if not any(v is not None for v in comp.get("5shot+pg-5shot", {}).values()):
         out.append("**Few-shot and Q-probe add up**: not collected (no mbpp-test-5shot / humaneval-5shot runs).")
+    shot_problems = fewshot_block(r["table1"], str(r["k"]))[2]
     for s in splits:
         add, over = comp.get("5shot+pg-5shot", {}).get(s), comp.get("5shot+pg-pg", {}).get(s)
         if add is None:
             continue
         g5 = comp.get("5shot greedy-greedy", {}).get(s)
         vs_g5 = comp.get("5shot+pg-5shot greedy", {}).get(s)
-        out.append(f"**Few-shot and Q-probe add up** ({SPLITS[s]}): {combine([verdict(add), verdict(over)])} — "
+        where = f", on the {shot_problems[s]} problems of the 5-shot runs" if s in shot_problems else ""
+        out.append(f"**Few-shot and Q-probe add up** ({SPLITS[s]}{where}): {combine([verdict(add), verdict(over)])} — "
                    f"5-shot + pg minus 5-shot pass@1 {fmt_ci(add, True)}, minus zero-shot pg {fmt_ci(over, True)}"
                    + (f", minus 5-shot greedy (the paper's baseline) {fmt_ci(vs_g5, True)}" if vs_g5 is not None else "")
                    + (f"; 5-shot greedy minus greedy {fmt_ci(g5, True)}" if g5 is not None else "") + ".")
@@ -151,6 +153,32 @@ def claims(r: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- markdown
+def fewshot_block(t1: dict[str, Any], kk: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """(full-set rows, 5-shot block rows, problems per split of the block) of Table 1 at k=kk.
+
+    The 5-shot runs cover a subset of each test split: their rows never sit in a table of full-set
+    rows, only in their own block, beside the zero-shot rows on the same problems. A report.json
+    of the older layout (5-shot rows among the full-set rows) is split the same way; its block then
+    holds the 5-shot rows alone (each still paired with the zero-shot pass@1 of its problems)."""
+    rows = t1["rows"][kk]
+    main = {name: row for name, row in rows.items() if not name.startswith("5-shot")}
+    fewshot = t1.get("fewshot")  # the older layout: a list of the 5-shot splits
+    block = fewshot.get(kk) if isinstance(fewshot, dict) else None
+    if isinstance(block, dict) and "rows" in block:
+        return main, block["rows"], block["problems"]
+    shots = {name: row for name, row in rows.items() if name.startswith("5-shot")}
+    problems: dict[str, int] = {}
+    for row in shots.values():
+        for split, x in row.items():
+            if x is not None:
+                problems[split] = x["n_prompts"]
+    return main, shots, problems
+
+
+def subset_title(problems: dict[str, int], sizes: dict[str, int]) -> str:
+    return ", ".join(f"{'the first ' if n < sizes.get(s, n) else 'all '}{n} {SPLITS[s]}" for s, n in problems.items())
+
+
 def method_table(rows: dict[str, Any], splits: list[str], paper: bool = True, extra: dict[str, str] | None = None,
                  names: dict[str, str] = SPLITS) -> list[str]:
     head = "| method |" + "".join(f" {names[s]} | gain vs pass@1 | gap closed |" for s in splits)
@@ -247,9 +275,16 @@ def markdown(r: dict[str, Any], results: Path) -> str:
           "Commands:", "", "```", COLLECT, f"python benchmarks/repro/report.py {argv}", "```", "", FROM_COPIES, ""]
     md += [f"Note: {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
     md += ["## Claims of the paper on our model", ""] + [f"- {c}" for c in claims(r)] + [""]
-    for kk, rows in t1["rows"].items():
+    for kk in t1["rows"]:
+        main, shots, problems = fewshot_block(t1, kk)
         md += [f"## Table 1 at k={kk}" + (" (headline)" if int(kk) == k else " (all samples)"), ""]
-        md += method_table(rows, splits) + [""]
+        md += method_table(main, splits) + [""]
+        if shots:
+            md += [f"### 5-shot on successes at k={kk}: on {subset_title(problems, r['test_prompts'])} problems only", "",
+                   "The 5-shot runs cover these problems only: every row of this table is on them (compare within "
+                   "it, not with the table above); gains are paired against the zero-shot pass@1 of the same problems.",
+                   ""]
+            md += method_table(shots, [s for s in splits if s in problems]) + [""]
     md += api_markdown(r)
     md += ["The paper's numbers are Code-LLaMA-7B with k=48 of 200 samples (its pass@k column is pass@48); "
            "ours are a 0.5B model with k of 16. Greedy rows use only problems present in the greedy run.", ""]
@@ -363,13 +398,10 @@ def draw_figures(r: dict[str, Any], out: Path) -> list[Path]:
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
     """results/mbpp.json: Table 1 at the headline k, {method: {split: [mean, low, high]}}."""
-    rows = r["table1"]["rows"][str(r["k"])]
+    rows, shots, problems = fewshot_block(r["table1"], str(r["k"]))
     names = {"pass@1": "pass@1", "greedy": "greedy", "mse (fast)": "mse", "ce (fast)": "ce", "pg (fast)": "pg",
              "mse (paper)": "mse (paper recipe)", "ce (paper)": "ce (paper recipe)", "pg (paper)": "pg (paper recipe)",
              f"pass@{r['k']}": "pass@k"}
-    for name in rows:
-        if name.startswith("5-shot"):
-            names[name] = name
 
     def cells(row: dict[str, Any]) -> dict[str, Any]:  # {split: [mean, low, high] or None}
         return {s: None if row.get(s) is None else [row[s]["mean"], *row[s]["ci"]] for s in r["test_prompts"]}
@@ -383,7 +415,10 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
     for name, row in r.get("visible_test", {}).get("rows", {}).items():  # executes code: not a probe
         if any(row.values()):
             methods[f"reference, runs the prompt's visible test (not a probe): {name}"] = cells(row)
-    return {"model": r["model"], "n": r["n"], "k": r["k"], "beta": r["beta"], "methods": methods}
+    out = {"model": r["model"], "n": r["n"], "k": r["k"], "beta": r["beta"], "methods": methods}
+    if shots:  # on a subset of the problems: apart from the full-set methods, with the zero-shot rows it is compared with
+        out["fewshot_subset"] = {"problems": problems, "methods": {name: cells(row) for name, row in shots.items()}}
+    return out
 
 
 def write_outputs(r: dict[str, Any], out: Path, results: Path, figures: bool = True, say: Any = print) -> None:
@@ -399,3 +434,23 @@ def write_outputs(r: dict[str, Any], out: Path, results: Path, figures: bool = T
     say(text.split("## Figure 2")[0])
     say(f"wrote {out / 'report.json'}, {out / 'REPORT.md'}, {results}" + "".join(f", {p}" for p in made))
     json.dumps(r)  # fail loudly here rather than on the next reader
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-render REPORT.md and results/mbpp.json from a report.json without recomputing anything
+    (figures only with --figures): for a change of presentation, not of numbers."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0] if main.__doc__ else None)
+    ap.add_argument("--report", default="benchmarks/repro/report.json")
+    ap.add_argument("--results", default="benchmarks/results/mbpp.json")
+    ap.add_argument("--figures", action="store_true")
+    args = ap.parse_args(argv)
+    path = Path(args.report)
+    write_outputs(json.loads(path.read_text()), path.parent, Path(args.results), figures=args.figures,
+                  say=lambda *_: None)
+    print(f"wrote {path.parent / 'REPORT.md'} and {args.results} from {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from render import PAPER, SPLITS, cell, claims, fmt_ci  # noqa: E402
+from render import PAPER, SPLITS, cell, claims, fewshot_block, fmt_ci, subset_title  # noqa: E402
 
 BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
 
@@ -35,10 +35,10 @@ def _gap(row: dict[str, Any] | None, s: str) -> str:
 def table(r: dict[str, Any]) -> list[str]:
     """Table 1 at the headline k with the best variants beyond the paper, paper's numbers beside."""
     splits, k = list(r["test_prompts"]), r["k"]
-    rows = r["table1"]["rows"][str(k)]
+    rows, shots, problems = fewshot_block(r["table1"], str(k))
     pp, cons, vis = r["push_past"], r.get("consensus", {}), r.get("visible_test", {}).get("rows", {})
-    picked = {name: rows[name] for name in ("pass@1", "greedy", "5-shot greedy", "mse (fast)", "ce (fast)", "pg (fast)",
-                                            "mse (paper)", "ce (paper)", "pg (paper)", "5-shot + pg") if name in rows}
+    picked = {name: rows[name] for name in ("pass@1", "greedy", "mse (fast)", "ce (fast)", "pg (fast)",
+                                            "mse (paper)", "ce (paper)", "pg (paper)") if name in rows}
     picked[f"best probe variant by MBPP-train CV: {pp['best']}"] = pp["rows"][pp["best"]]["test"]
     if cons.get("rows"):
         name = next(iter(cons["rows"]))
@@ -56,6 +56,25 @@ def table(r: dict[str, Any]) -> list[str]:
         name += f" ({', '.join(fewer)} problems)" if fewer else ""
         paper = " / ".join(str(v) for v in PAPER[key]) if key in PAPER else "-"
         cells = " | ".join(f"{cell(row.get(s))} | {_gap(row, s)}" for s in splits)
+        lines.append(f"| {name} | {cells} | {paper} |")
+    return lines + fewshot_table(r, shots, problems)
+
+
+def fewshot_table(r: dict[str, Any], shots: dict[str, Any], problems: dict[str, int]) -> list[str]:
+    """The paper's 5-shot rows, apart: the 5-shot runs cover a subset of the problems, so these rows
+    are compared only with each other and with the zero-shot rows on the same problems."""
+    if not shots:
+        return []
+    splits, k = [s for s in r["test_prompts"] if s in problems], r["k"]
+    lines = ["", f"5-shot on successes (the paper's few-shot rows), on {subset_title(problems, r['test_prompts'])} "
+             "problems only (the 5-shot runs cover those): compare these rows with each other, not with the table "
+             "above; gain = paired difference to the zero-shot pass@1 of the same problems.", "",
+             "| method (same problems) | " + " | ".join(f"{SPLITS[s]} ({problems[s]}) | gain vs zero-shot pass@1" for s in splits)
+             + " | paper MBPP / HE |", "|---" * (2 * len(splits) + 2) + "|"]
+    for name, row in shots.items():
+        key = "pass@k" if name == f"zero-shot pass@{k}" else name
+        paper = " / ".join(str(v) for v in PAPER[key]) if key in PAPER else "-"
+        cells = " | ".join(f"{cell(row.get(s))} | {fmt_ci(row[s]['gain'], True) if row.get(s) else 'n/a'}" for s in splits)
         lines.append(f"| {name} | {cells} | {paper} |")
     return lines
 
