@@ -12,14 +12,14 @@ from click.testing import CliRunner
 pytest.importorskip("torch")
 
 from qprobe.cli.main import cli, main  # noqa: E402
+from qprobe.collection.collect import CollectConfig, collect  # noqa: E402
 from qprobe.evaluation.evaluate import (  # noqa: E402
     RunData,
     mean_reward_values,
+    method_result,
     paired_difference,
     pass_at_k_values,
-    method_result,
 )
-from qprobe.collection.collect import CollectConfig, collect  # noqa: E402
 
 
 def fake_run(out: Path, split: str, size: int, n: int = 6) -> Path:

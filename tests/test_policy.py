@@ -113,7 +113,7 @@ def test_rejection_samples_p0_times_exp_q_over_beta_chi_square() -> None:
                           SamplingConfig(), rng=np.random.default_rng(0))
     draws, fallbacks = 3000, 0
     counts = np.zeros(len(texts))
-    for i in range(draws):
+    for _ in range(draws):
         sel = policy(Prompt(id="p", text="x"))
         counts[texts.index(sel.text)] += 1
         fallbacks += sel.fallback

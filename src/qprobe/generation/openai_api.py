@@ -57,12 +57,12 @@ OPENAI_API = "https://api.openai.com/v1"
 SERVER_KINDS = ("auto", "llama_cpp", "vllm", "openai")
 MAX_OPENAI_STOPS = 4  # the OpenAI API's limit on stop sequences
 # Neutral values of each server's own extra samplers (sent in extra_body), and what it then applies.
-NEUTRAL = {
+NEUTRAL: dict[str, dict[str, Any]] = {
     "llama_cpp": {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0},  # llama_cpp/server/types.py fields
     "vllm": {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0},  # vLLM's SamplingParams names
     "openai": {},
 }
-APPLIED = {
+APPLIED: dict[str, dict[str, Any]] = {
     "llama_cpp": {"top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "presence_penalty": 0.0,
                   "frequency_penalty": 0.0, "mirostat_mode": 0,
                   "chain": "top_k, typical_p, top_p, min_p, temperature, dist(seed) (llama-cpp-python server)"},

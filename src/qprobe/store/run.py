@@ -191,7 +191,7 @@ class Run:
 class RunWriter(Run):
     """A run opened for appending shards. Holds an exclusive lock while open."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> None:
         """Take the run's lock, then read its manifest (`manifest`: only for a run that has none yet).
 
         The order matters: a manifest read before the lock may be older than the shards another
@@ -225,7 +225,7 @@ class RunWriter(Run):
         self._remove_leftovers()
 
     @classmethod
-    def create_or_open(cls, path: Path, manifest: dict[str, Any]) -> RunWriter:
+    def create_or_open(cls, path: str | os.PathLike[str], manifest: dict[str, Any]) -> RunWriter:
         """Open an existing run for appending, or create it with `manifest` (no shards)."""
         path = Path(path)
         if (path / "manifest.json").is_file():
