@@ -96,3 +96,24 @@ def test_main_returns_exit_code_2_in_process(tmp_path: Path, capsys: pytest.Capt
         main(["inspect", str(tmp_path)])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("qprobe: error: expected a run directory")
+
+
+def test_every_option_the_readme_shows_exists() -> None:
+    """README and --help agree: each `qprobe CMD ... --option` the README writes is an option of CMD."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    spans = re.findall(r"`(qprobe [^`]+)`", readme)
+    spans += [line.strip() for line in readme.splitlines() if line.strip().startswith("qprobe ")]
+    checked = 0
+    for span in spans:
+        words = span.split()
+        if len(words) < 2 or words[1] not in COMMANDS:
+            continue
+        sub = [words[2]] if words[1] == "pairs" and len(words) > 2 and not words[2].startswith("-") else []
+        code, text, _ = run([words[1], *sub, "--help"])
+        assert code == 0, span
+        for opt in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span):
+            assert opt in text, f"README: `{span}` uses {opt}, which `qprobe {words[1]} --help` does not list"
+            checked += 1
+    assert checked > 20

@@ -146,3 +146,18 @@ def test_train_and_eval_say_how_many_unscored_rows_they_dropped(tmp_path: Path) 
     assert res.exit_code == 0 and "2 rows left out: unscored" in res.output
     res = CliRunner().invoke(cli, ["eval", "--run", str(run)])
     assert res.exit_code == 0 and "2 of 32 rows left out: unscored" in res.stderr
+
+
+def test_a_greedy_run_missing_prompts_is_refused_not_compared_on_fewer(runs: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from qprobe.generation.base import SamplingConfig
+
+    greedy = tmp_path / "greedy"
+    collect(CollectConfig(task="fake", split="test", out=greedy, n=1, backend="fake", features=("-1:last",),
+                          task_options={"size": 5}, sampling=SamplingConfig(temperature=0.0)), progress=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--run", str(runs["test"]), "--greedy-run", str(greedy)])
+    assert exc.value.code == 2 and "greedy for every prompt compared, got none for 7" in capsys.readouterr().err
+    (tmp_path / "ids.txt").write_text("".join(f"test/{i}\n" for i in range(5)))
+    res = invoke(["eval", "--run", str(runs["test"]), "--greedy-run", str(greedy), "--prompts", str(tmp_path / "ids.txt")])
+    assert res.exit_code == 0 and "greedy" in res.output

@@ -173,7 +173,7 @@ def method_result(name: str, per_prompt: dict[str, float], prompts: list[str] | 
     missing = [p for p in keys if p not in per_prompt]
     if missing:
         raise DataError(f"expected a value of {name} for every prompt compared, got none for {len(missing)} "
-                        f"(e.g. {missing[:3]}); evaluate runs of the same prompts")
+                        f"(e.g. {missing[:3]}); evaluate runs of the same prompts, or list the common ones with --prompts")
     used = {p: per_prompt[p] for p in keys}  # the paired gains use exactly these prompts, too
     v = np.array(list(used.values()), dtype=float)
     if len(v) < 2:

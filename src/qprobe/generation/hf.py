@@ -141,6 +141,14 @@ class TransformersBackend(Backend):
                 pos += 1
         return [self._finish(tokens[i], finish[i], seeds[i], sampling.stop) for i in range(k)]
 
+    def sampler(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """The sampling configuration applied (stored in the run's manifest): nothing but these."""
+        if sampling.temperature == 0:
+            return {"server": None, "chain": "greedy", "stop": list(sampling.stop), "max_tokens": sampling.max_new_tokens}
+        return {"server": None, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
+                "repetition_penalty": 1.0, "chain": "temperature, top_p, multinomial(seed) (torch)",
+                "stop": list(sampling.stop), "max_tokens": sampling.max_new_tokens}
+
     @staticmethod
     def _draw(logits: Any, sampling: SamplingConfig, gens: list[Any]) -> Any:
         """One token per row: greedy at temperature 0, else nucleus sampling with the row's generator."""

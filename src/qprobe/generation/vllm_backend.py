@@ -98,6 +98,13 @@ class VLLMBackend(Backend):
             max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None, seed=seed,
         )  # fmt: skip
 
+    def sampler(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """The sampling configuration applied (stored in the run's manifest): SamplingParams' own
+        defaults for everything not set here (top_k off, min_p 0, no penalties)."""
+        return {"server": None, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": -1,
+                "min_p": 0.0, "repetition_penalty": 1.0, "chain": "vLLM SamplingParams",
+                "stop": list(sampling.stop), "max_tokens": sampling.max_new_tokens}
+
     def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
         return self.generate_many([text], sampling, [seeds])[0]
 
