@@ -90,7 +90,7 @@ def embed_cmd(pairs_path, fmt, split, fields, offset, limit, max_chars, ids_file
 @click.option("--run", "run_path", required=True, type=click.Path(path_type=Path), help="A pairs run (qprobe pairs embed).")
 @click.option("--probe", "probes", multiple=True, required=True, type=click.Path(path_type=Path), help="Probe directory (repeatable).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
-def eval_cmd(run_path, probes, json_out):
+def pairs_eval_cmd(run_path, probes, json_out):
     """Pairwise accuracy of each probe (ties 1/2) with a 95% bootstrap interval over pairs; with
     several probes, the paired difference to the first."""
     from qprobe.evaluation.preferences import accuracy, accuracy_difference, run_outcomes
