@@ -179,3 +179,39 @@ def test_catalog_targets_exist(registry: str) -> None:
     mods = modules()
     for target in registry_targets()[registry]:
         assert target in mods, f"{registry} names {target}, which is not a module of qprobe"
+
+
+# ------------------------------------------------------------------------ one home, clear names
+def _public_defs() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for mod, path in modules().items():
+        if mod.startswith("qprobe._sandbox"):
+            continue  # the sandbox worker's own `main` runs in a child process
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                out.setdefault(node.name, []).append(mod)
+    return out
+
+
+def test_public_functions_and_classes_have_one_home() -> None:
+    assert {name: mods for name, mods in _public_defs().items() if len(mods) > 1} == {}
+
+
+def test_names_say_what_they_do() -> None:
+    defs, mods = _public_defs(), modules()
+    assert "summarize" not in defs and "evaluate" not in defs
+    assert [m for m in mods if m.rpartition(".")[2] == "consensus"] == []
+
+
+def test_one_selection_softmax() -> None:
+    import numpy as np
+
+    from qprobe import metrics
+    from qprobe.evaluation import consensus_return
+    from qprobe.policy import select
+
+    assert select.selection_probs is metrics.selection_probs is consensus_return.selection_probs
+    rows = np.array([[1.0, 3.0, 3.0], [0.0, np.log(3.0), -1e9]])
+    np.testing.assert_allclose(metrics.selection_probs(rows, 0.0), [[0, 0.5, 0.5], [0, 1, 0]])
+    np.testing.assert_allclose(metrics.selection_probs(rows, 1.0)[1], [0.25, 0.75, 0.0])
+    np.testing.assert_allclose(metrics.selection_probs(rows[1], 1.0), [0.25, 0.75, 0.0])
