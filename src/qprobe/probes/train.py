@@ -76,7 +76,8 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"expected train options among {sorted(names)}, got unknown {unknown}")
-        return cls(**{k: tuple(v) if k == "l2_grid" else v for k, v in d.items()})
+        options: dict[str, Any] = {k: tuple(v) if k == "l2_grid" else v for k, v in d.items()}
+        return cls(**options)
 
 
 # -------------------------------------------------------------------------------- the loss
