@@ -17,8 +17,6 @@ from qprobe.features.spec import FeatureSpec
 
 __all__ = ["ARCHITECTURES", "LinearProbe", "MLPProbe", "Probe"]
 
-_EPS = 1e-6  # floor on a feature's standard deviation (constant features are left unscaled)
-
 
 class Probe:
     """Base class. Subclasses define `architecture` and `layer_shapes(dim)`."""

@@ -26,6 +26,8 @@ import numpy as np
 from qprobe.errors import ConfigError
 from qprobe.probes.data import Batch, Examples, epoch_batches, full_batch, split_prompts
 
+STD_FLOOR = 1e-6  # floor on a feature's standard deviation (constant features are left unscaled)
+
 RECIPES = ("fast", "paper")
 
 
@@ -269,7 +271,7 @@ def fit_probe(probe: Any, ex: Examples) -> None:
     z = ex.features
     if standardize:
         mean = z.mean(axis=0, dtype=np.float64).astype(np.float32)  # [d]
-        scale = np.maximum(z.std(axis=0, dtype=np.float64), 1e-6).astype(np.float32)  # [d]
+        scale = np.maximum(z.std(axis=0, dtype=np.float64), STD_FLOOR).astype(np.float32)  # [d]
         z = (z - mean) / scale  # [N, d]
     ex = Examples(np.ascontiguousarray(z, dtype=np.float32), ex.rewards, ex.groups)
     rng = np.random.default_rng(probe.seed)
