@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from qprobe.cli.main import cli
 from qprobe.collection.collect import CollectConfig, collect
-from qprobe.collection.pairs import PairsConfig, embed_pairs, pairs_from_run, read_pairs
+from qprobe.collection.pairs import PairsConfig, embed_pairs
 from qprobe.core.types import Completion
 from qprobe.errors import ConfigError, DataError, StoreError
 from qprobe.evaluation.preferences import (
@@ -28,6 +28,7 @@ from qprobe.features.spec import FeatureRequest
 from qprobe.generation.fake import FakeBackend
 from qprobe.probes import LinearProbe, TrainConfig
 from qprobe.store import Run
+from qprobe.store.pairs import pairs_from_run, read_pairs
 from qprobe.tasks.pairs import PairsTask, hh_messages, load_pairs, split_hh
 
 DATA = Path(__file__).parent / "data" / "pairs"

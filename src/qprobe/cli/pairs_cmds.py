@@ -128,8 +128,8 @@ def pairs_eval_cmd(run_path, probes, json_out):
 def curve_cmd(train_path, test_path, feature, loss, fractions, seeds, width, out):
     """Figure 6: test accuracy against the fraction of training pairs, for a linear probe and
     2- and 3-layer MLPs (one and two hidden layers)."""
-    from qprobe.collection.pairs import read_pairs
     from qprobe.evaluation.preferences import learning_curve, plot_learning_curve
+    from qprobe.store.pairs import read_pairs
 
     train, test = read_pairs(train_path), read_pairs(test_path)
     key = feature or train.run.feature_keys[0]

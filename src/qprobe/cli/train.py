@@ -115,7 +115,7 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
         raise ConfigError("expected exactly one of --run RUN or --pairs PAIRS_RUN, got "
                           f"{'both' if run_path is not None else 'neither'}")
     if pairs_path is not None:
-        from qprobe.collection.pairs import read_pairs
+        from qprobe.store.pairs import read_pairs
 
         read_pairs(pairs_path)  # a clear error when it is not a pairs run
         run_path = pairs_path
