@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from qprobe.cli.pairs_cmds import probe_factories
-from qprobe.collection.pairs import PairRows, read_pairs
 from qprobe.evaluation.preferences import (
     accuracy,
     accuracy_difference,
@@ -32,6 +31,7 @@ from qprobe.evaluation.preferences import (
 )
 from qprobe.probes import LinearProbe, TrainConfig
 from qprobe.store import Run
+from qprobe.store.pairs import PairRows, read_pairs
 
 LOSSES = ("bt", "dpo", "margin_bt")
 # name: (train run, {test name: test run}); a test run of None = a random 40% of the train run's pairs

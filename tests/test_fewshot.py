@@ -32,7 +32,7 @@ def test_with_shots_chat_and_text_forms() -> None:
 
 @pytest.fixture()
 def train_run(tmp_path):
-    return collect(CollectConfig(task="fake", split="train", out=tmp_path / "train", n=4, limit=12,
+    return collect(CollectConfig(task="fake", backend="fake", split="train", out=tmp_path / "train", n=4, limit=12,
                                  task_options={"size": 30}), progress=False)
 
 
@@ -61,7 +61,7 @@ def test_collect_with_shots_records_them_and_resumes(train_run, tmp_path, capsys
     first = shots_from_run(str(train_run.path), k=2)
     assert all(first[i].completion + SEPARATOR in p for p in run.table().column("prompt").to_pylist() for i in (0, 1))
     # the train run grows: a resume keeps the examples the run was started with
-    collect(CollectConfig(task="fake", split="train", out=train_run.path, n=4, task_options={"size": 30}),
+    collect(CollectConfig(task="fake", backend="fake", split="train", out=train_run.path, n=4, task_options={"size": 30}),
             progress=False)
     assert len(Run.open(train_run.path)) == 120
     res = CliRunner().invoke(cli, args)

@@ -100,7 +100,7 @@ def test_items_from_pairs_and_samples(tmp_path: Path) -> None:
     assert (items[0].candidate, items[0].reference) == ("Buy some.", pairs[0].chosen)
     assert items[0].conversation == "User: How do I bake bread?"
     assert conversation_text(None, "  plain ") == "plain"
-    run = collect(CollectConfig(task="pairs", split="all", out=tmp_path / "s", n=3,
+    run = collect(CollectConfig(task="pairs", backend="fake", split="all", out=tmp_path / "s", n=3,
                                 task_options={"data": str(DATA / "hh.jsonl")}), progress=False)
     first = sample_items(pairs, run)
     t = run.table(["prompt_id", "sample_index", "completion"]).to_pylist()

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from qprobe.cli.main import cli
 from qprobe.collection.collect import CollectConfig, collect
-from qprobe.collection.pairs import PairsConfig, embed_pairs, pairs_from_run, read_pairs
+from qprobe.collection.pairs import PairsConfig, embed_pairs
 from qprobe.core.types import Completion
 from qprobe.errors import ConfigError, DataError, StoreError
 from qprobe.evaluation.preferences import (
@@ -28,6 +28,7 @@ from qprobe.features.spec import FeatureRequest
 from qprobe.generation.fake import FakeBackend
 from qprobe.probes import LinearProbe, TrainConfig
 from qprobe.store import Run
+from qprobe.store.pairs import pairs_from_run, read_pairs
 from qprobe.tasks.pairs import PairsTask, hh_messages, load_pairs, split_hh
 
 DATA = Path(__file__).parent / "data" / "pairs"
@@ -191,14 +192,14 @@ def test_hh_sep_is_used_for_completion_style_prompts(tmp_path: Path) -> None:
 
 
 def test_read_pairs_refuses_a_sampled_run(tmp_path: Path) -> None:
-    run = collect(CollectConfig(task="fake", split="train", out=tmp_path / "s", n=3, task_options={"size": 4}),
+    run = collect(CollectConfig(task="fake", backend="fake", split="train", out=tmp_path / "s", n=3, task_options={"size": 4}),
                   progress=False)
     with pytest.raises(StoreError, match="pairs run"):
         read_pairs(run)
 
 
 def test_pairs_from_run_are_within_prompt_better_worse(tmp_path: Path) -> None:
-    run = collect(CollectConfig(task="fake", split="train", out=tmp_path / "s", n=6, task_options={"size": 8}),
+    run = collect(CollectConfig(task="fake", backend="fake", split="train", out=tmp_path / "s", n=6, task_options={"size": 8}),
                   progress=False)
     t = run.table(["prompt_id", "reward"]).to_pylist()
     rows = pairs_from_run(run)
@@ -218,7 +219,7 @@ def test_pairs_task_serves_prompts_unscored(tmp_path: Path) -> None:
     assert [p.id for p in task.prompts("all")] == ["0", "1", "2"]
     assert [p.id for p in PairsTask(data=str(DATA / "hh.jsonl"), offset="1", limit="1").prompts("all")] == ["1"]
     assert [p.id for p in load_pairs(DATA / "columns.jsonl", ids={"c", "a"})] == ["a", "c"]
-    run = collect(CollectConfig(task="pairs", split="all", out=tmp_path / "s", n=2,
+    run = collect(CollectConfig(task="pairs", backend="fake", split="all", out=tmp_path / "s", n=2,
                                 task_options={"data": str(DATA / "hh.jsonl")}), progress=False)
     assert run.table(["reward"]).column("reward").null_count == 6
 
@@ -278,7 +279,7 @@ def test_cli_embed_train_eval_curve(tmp_path: Path) -> None:
 def test_cli_train_needs_run_or_pairs(tmp_path: Path) -> None:
     code, out = cli_run(["train", "--out", str(tmp_path / "p")])
     assert code != 0 and "exactly one of --run" in out
-    sampled = collect(CollectConfig(task="fake", split="train", out=tmp_path / "s", n=2, task_options={"size": 3}),
+    sampled = collect(CollectConfig(task="fake", backend="fake", split="train", out=tmp_path / "s", n=2, task_options={"size": 3}),
                       progress=False)
     code, out = cli_run(["train", "--pairs", str(sampled.path), "--out", str(tmp_path / "p")])
     assert code != 0 and "pairs run" in out

@@ -63,6 +63,7 @@ def test_errors_are_one_line(fake_run: Path, tmp_path: Path, capsys: pytest.Capt
         (["--loss", "pgg"], "did you mean 'pg'"),
         (["--loss", "pg", "--loss-option", "tau=1"], "options of loss 'pg'"),
         (["--feature", "5:last"], "expected a feature among"),
+        (["--model", "mlp"], "expected --arch linear|mlp"),  # --model means weights elsewhere
     ]:
         with pytest.raises(SystemExit) as exc:
             main(["train", "--run", str(fake_run), "--out", str(tmp_path / "x"), *args])

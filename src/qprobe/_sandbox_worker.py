@@ -34,6 +34,8 @@ def _load_sibling(name: str) -> types.ModuleType:
 
     spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                      f"{name}.py"))
+    if spec is None or spec.loader is None:
+        raise ImportError(f"expected {name}.py beside {__file__}, got nothing to load")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -133,10 +135,12 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     os.write(nonce_w, nonce.encode())
     os.close(nonce_w)
     t0 = time.monotonic()
+    b: int | None  # B's pid: set in A (the child), read back here from A's pipe
     a = os.fork()
     if a == 0:
         try:
-            os.close(rep_r), os.close(out_r), os.close(pid_r), os.close(sync_w)
+            for fd in (rep_r, out_r, pid_r, sync_w):
+                os.close(fd)
             if feats["pid"]:
                 unshare(CLONE_NEWPID | CLONE_NEWNS)
             b = os.fork()
@@ -166,7 +170,7 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     deadline = t0 + float(cfg["timeout"])
     out, out_total, rep, timed_out, too_much, status = bytearray(), 0, bytearray(), False, False, None
     early = False
-    pidfd = os.pidfd_open(b) if b else None
+    pidfd = os.pidfd_open(b) if b else -1
     open_fds = [fd for fd in (rep_r, out_r) if fd is not None]
     while b:
         left = deadline - time.monotonic()
@@ -238,7 +242,7 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
-    return verdict(nonce, rep, status, timed_out, too_much, duration, out.decode("utf-8", "replace"), cfg, early)
+    return verdict(nonce, bytes(rep), status, timed_out, too_much, duration, out.decode("utf-8", "replace"), cfg, early)
 
 
 def verdict(nonce: str, rep: bytes, status, timed_out: bool, too_much: bool, duration: float, tail: str,

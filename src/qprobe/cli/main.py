@@ -11,7 +11,7 @@ from qprobe.errors import QProbeError
 
 # name -> "module:attribute" of a click command; one line per capability.
 COMMANDS = {
-    "collect": "qprobe.cli.run_cmds:collect",
+    "collect": "qprobe.cli.run_cmds:collect_cmd",
     "copy": "qprobe.cli.run_cmds:copy_cmd",
     "demo": "qprobe.cli.demo:demo",
     "embed": "qprobe.cli.run_cmds:embed",

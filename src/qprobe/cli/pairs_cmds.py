@@ -90,7 +90,7 @@ def embed_cmd(pairs_path, fmt, split, fields, offset, limit, max_chars, ids_file
 @click.option("--run", "run_path", required=True, type=click.Path(path_type=Path), help="A pairs run (qprobe pairs embed).")
 @click.option("--probe", "probes", multiple=True, required=True, help="Probe directory or hf://ORG/NAME[@REVISION] (repeatable).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
-def eval_cmd(run_path, probes, json_out):
+def pairs_eval_cmd(run_path, probes, json_out):
     """Pairwise accuracy of each probe (ties 1/2) with a 95% bootstrap interval over pairs; with
     several probes, the paired difference to the first."""
     from qprobe.evaluation.preferences import accuracy, accuracy_difference, run_outcomes
@@ -128,8 +128,8 @@ def eval_cmd(run_path, probes, json_out):
 def curve_cmd(train_path, test_path, feature, loss, fractions, seeds, width, out):
     """Figure 6: test accuracy against the fraction of training pairs, for a linear probe and
     2- and 3-layer MLPs (one and two hidden layers)."""
-    from qprobe.collection.pairs import read_pairs
     from qprobe.evaluation.preferences import learning_curve, plot_learning_curve
+    from qprobe.store.pairs import read_pairs
 
     train, test = read_pairs(train_path), read_pairs(test_path)
     key = feature or train.run.feature_keys[0]

@@ -9,68 +9,57 @@ from pathlib import Path
 
 import click
 
+from qprobe.cli.config_options import config_options
 from qprobe.cli.options import parse_kv
+from qprobe.collection.collect import CollectConfig
 
 
-@click.command()
-@click.option("--task", required=True, help="Task name (see `qprobe ls`), e.g. mbpp, humaneval, gsm8k, jsonl, fake.")
-@click.option("--split", default="train", show_default=True, help="Split of the task, e.g. train or test.")
-@click.option("--n", "n", default=16, show_default=True, help="Samples per prompt.")
-@click.option("--backend", default="llamacpp", show_default=True, help="Generation back-end (see `qprobe ls`).")
-@click.option("--model", default=None, help="Model: a GGUF path, a Hugging Face id or path, or a server's model name. Default: the back-end's default.")
-@click.option("--feature", "features", multiple=True, help="Features to store, LAYER:POOLING (e.g. -1:last, 18:mean) or embed=NAME:POOLING; repeatable. Default -1:last; resuming a run: every feature it holds (also those `qprobe embed` added).")
-@click.option("--layer", type=int, default=None, help="Shorthand for one --feature LAYER:POOLING.")
+@click.command("collect")
+@config_options(CollectConfig)
+@click.option("--layer", type=int, default=None, help="Shorthand for one more --feature LAYER:POOLING.")
 @click.option("--pooling", type=click.Choice(["last", "mean", "tokens"]), default=None, help="Pooling for --layer.")
-@click.option("--limit", type=int, default=None, help="Only the first N prompts of the split.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (created, or resumed if it exists).")
 @click.option("--resume", is_flag=True, help="Require --out to be an existing run and continue it (re-running the same command does the same).")
-@click.option("--temperature", default=0.8, show_default=True)
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--max-new-tokens", default=300, show_default=True)
-@click.option("--stop", multiple=True, help="Stop sequence (repeatable). Default: the task's.")
-@click.option("--seed", default=0, show_default=True, help="Run seed; each sample's seed derives from it.")
-@click.option("--task-option", multiple=True, metavar="KEY=VALUE", help="Task option, e.g. data=path/to/mbpp.jsonl or prompt_format=chat.")
-@click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Back-end option, e.g. n_ctx=4096.")
-@click.option("--shots-from", type=click.Path(path_type=Path), default=None, help="A collected run (e.g. the training split): put --shots of its successful completions in front of every prompt (the paper's few-shot on successes).")
-@click.option("--shots", default=5, show_default=True, help="How many solved examples --shots-from puts in context.")
-@click.option("--shots-seed", default=0, show_default=True, help="Seed of the random choice of solved examples.")
-@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--shard-samples", default=64, show_default=True, help="Commit a shard every this many samples.")
 @click.option("--allow-code-execution", is_flag=True, help="Allow running model-written code in the sandbox (needed for code tasks).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def collect(task, split, n, backend, model, features, layer, pooling, limit, out, resume, temperature, top_p,
-            max_new_tokens, stop, seed, task_option, backend_option, shots_from, shots, shots_seed, feature_dtype,
-            shard_samples, allow_code_execution, progress):
+@click.pass_context
+def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool, layer: int | None, pooling: str | None,
+                resume: bool, allow_code_execution: bool, progress: bool) -> None:
     """Sample N completions per prompt, embed and reward them, and store them in a run.
 
     Crash-safe and resumable: rows are committed in shards, and re-running the same command
-    (or --resume) continues where it stopped without duplicating or skipping samples.
+    (or --resume) continues where it stopped without duplicating or skipping samples. The
+    options from --task to --shard-seconds are the fields of `qprobe.CollectConfig`: --dump-config
+    prints them as JSON, --config reads such a file back (options given with it win), and the run's
+    manifest keeps them under "config".
     """
-    from qprobe.collection.collect import CollectConfig
+    from qprobe.cli import config_options as co
     from qprobe.collection.collect import collect as run_collect
     from qprobe.errors import StoreError
-    from qprobe.generation.base import SamplingConfig
 
+    base = co.read_config_file(config_file) if config_file is not None else {}
+    if layer is not None or pooling is not None:
+        shorthand = f"{layer if layer is not None else -1}:{pooling or 'last'}"
+        given = co.given_values(ctx)
+        given["features"] = (*given.get("features", ()), shorthand)
+        ctx.meta[co.META] = {**ctx.meta[co.META], "features": given["features"]}
+        ctx.set_parameter_source("features", click.core.ParameterSource.COMMANDLINE)
+    cfg = co.config_from_cli(CollectConfig, ctx, base)
+    manifest = Path(cfg.out) / "manifest.json"
+    if "features" not in co.given_values(ctx) and "features" not in base and manifest.is_file():
+        # a resume without --feature: every feature the run holds, those `qprobe embed` added included
+        import dataclasses
+
+        stored = json.loads(manifest.read_text()).get("features", {}).values()
+        feats = tuple(f"embed={s['embedder']}:{s['pooling']}" if s.get("embedder") else f"{s['layer']}:{s['pooling']}"
+                      for s in stored)
+        cfg = dataclasses.replace(cfg, features=feats or cfg.features)
+    if dump_config:
+        click.echo(co.dump_config(cfg), nl=False)
+        return
     if allow_code_execution:
         os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
-    if resume and not (out / "manifest.json").is_file():
-        raise StoreError(f"expected an existing run to --resume, got '{out}' with no manifest.json; drop --resume to start it")
-    feats = list(features)
-    if layer is not None or pooling is not None:
-        feats.append(f"{layer if layer is not None else -1}:{pooling or 'last'}")
-    if not feats and (out / "manifest.json").is_file():  # a resume: the run's own features, `embed`'s included
-        feats = [f"{s['layer']}:{s['pooling']}" if not s.get("embedder") else f"embed={s['embedder']}:{s['pooling']}"
-                 for s in json.loads((out / "manifest.json").read_text()).get("features", {}).values()]
-    cfg = CollectConfig(
-        task=task, split=split, out=out, n=n, backend=backend, model=model,
-        features=tuple(feats or ["-1:last"]),
-        sampling=SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                stop=tuple(stop), seed=seed),
-        limit=limit, task_options=parse_kv(task_option, "--task-option"),
-        backend_options=parse_kv(backend_option, "--backend-option"),
-        shots_from=str(shots_from) if shots_from is not None else None, shots=shots, shots_seed=shots_seed,
-        feature_dtype=feature_dtype, shard_samples=shard_samples,
-    )
+    if resume and not (Path(cfg.out) / "manifest.json").is_file():
+        raise StoreError(f"expected an existing run to --resume, got '{cfg.out}' with no manifest.json; drop --resume to start it")
     run = run_collect(cfg, progress=progress)
     click.echo(f"{run.path}: {len(run)} samples, {len(run.shards)} shards, complete={run.manifest.get('complete')}")
 

@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from qprobe.cli.options import parse_kv
+from qprobe.errors import ConfigError
 
 
 @dataclass
@@ -93,6 +94,12 @@ def _cross_validate(make_probe: Any, x: np.ndarray, rewards: np.ndarray, codes: 
     return {name: (v / total["prompts"] if name not in ("prompts", "samples") else v) for name, v in total.items()}
 
 
+def _renamed_to_arch(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        raise ConfigError(f"expected --arch linear|mlp for the probe's architecture, got --model {value}; "
+                          "--model names model weights in the other commands, use --arch")
+
+
 @click.command()
 @click.option("--run", "run_path", default=None, type=click.Path(path_type=Path), help="Run directory written by `qprobe collect`.")
 @click.option("--pairs", "pairs_path", default=None, type=click.Path(path_type=Path),
@@ -104,6 +111,7 @@ def _cross_validate(make_probe: Any, x: np.ndarray, rewards: np.ndarray, codes: 
 @click.option("--seed", default=0, show_default=True, help="Seed of the splits and the initialisation (same seed, same probe).")
 @click.option("--feature", "features", multiple=True, help="Feature key (L-1_last) or LAYER:POOLING; repeat to let held-out prompts pick the best. Default: every pooled feature of the run.")
 @click.option("--arch", "arch", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="Probe architecture.")
+@click.option("--model", hidden=True, expose_value=False, callback=_renamed_to_arch)
 @click.option("--depth", default=2, show_default=True, help="MLP hidden layers.")
 @click.option("--width", default=256, show_default=True, help="MLP hidden units.")
 @click.option("--k", default=4, show_default=True, help="Candidates per prompt for the expected-return metric (clipped to the samples a prompt has).")
@@ -135,12 +143,10 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
     from qprobe.probes.train import resolve_loss
 
     if (run_path is None) == (pairs_path is None):
-        from qprobe.errors import ConfigError
-
         raise ConfigError("expected exactly one of --run RUN or --pairs PAIRS_RUN, got "
                           f"{'both' if run_path is not None else 'neither'}")
     if pairs_path is not None:
-        from qprobe.collection.pairs import read_pairs
+        from qprobe.store.pairs import read_pairs
 
         read_pairs(pairs_path)  # a clear error when it is not a pairs run
         run_path = pairs_path
@@ -157,8 +163,6 @@ def train(ctx, run_path, pairs_path, loss, out, recipe, seed, features, arch, de
                                    seed=seed, **arch_options)
 
     if cv_folds < 1:
-        from qprobe.errors import ConfigError
-
         raise ConfigError(f"expected --cv-folds >= 1 (1 = no cross-validation), got {cv_folds}")
     data = load_run_data(run_path, tuple(features))
     names, codes = np.unique(data.groups, return_inverse=True)

@@ -7,6 +7,7 @@ shards; re-running the same command resumes, skipping every (prompt, sample) alr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from qprobe.catalog import BACKENDS, TASKS
+from qprobe.core.config import config_from_dict, config_to_dict
 from qprobe.core.types import Completion, Prompt, RewardResult
 from qprobe.errors import ConfigError, StoreError
 from qprobe.features import make_embedder
@@ -27,28 +29,45 @@ from qprobe.generation.base import SamplingConfig, sample_seed
 from qprobe.store.run import Run, RunWriter
 
 
-@dataclass(frozen=True)
-class CollectConfig:
-    """Everything that defines a collection. The same config resumes the same run."""
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
 
-    task: str
-    split: str
-    out: Path
-    n: int = 16
-    backend: str = "fake"
-    model: str | None = None
-    features: tuple[str, ...] = ("-1:last",)
+
+@dataclass(frozen=True, kw_only=True)
+class CollectConfig:
+    """Everything that defines a collection. The same config resumes the same run.
+
+    One schema for Python, the CLI (`qprobe collect` has an option per field, `qprobe.cli.config_options`)
+    and files (`to_dict` / `from_dict`; `qprobe collect --config FILE.json`, `--dump-config`, and the
+    run manifest's "config")."""
+
+    task: str = field(metadata=_help("Task name (see `qprobe ls`), e.g. mbpp, humaneval, gsm8k, jsonl, fake."))
+    split: str = field(default="train", metadata=_help("Split of the task, e.g. train or test."))
+    out: Path = field(metadata=_help("Run directory (created, or resumed if it exists)."))
+    n: int = field(default=16, metadata=_help("Samples per prompt."))
+    backend: str = field(default="llamacpp", metadata=_help("Generation back-end (see `qprobe ls`)."))
+    model: str | None = field(default=None, metadata=_help(
+        "Model: a GGUF path, a Hugging Face id or path, or a server's model name. Default: the back-end's default."))
+    features: tuple[str, ...] = field(default=("-1:last",), metadata={"flag": "--feature", "help": (
+        "Features to store, LAYER:POOLING (e.g. -1:last, 18:mean) or embed=NAME:POOLING; repeatable.")})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    limit: int | None = None
-    prompt_ids: tuple[str, ...] | None = None  # only these prompts (after --limit)
-    task_options: dict[str, Any] = field(default_factory=dict)
-    backend_options: dict[str, Any] = field(default_factory=dict)
-    shots_from: str | None = None  # a collected run: put `shots` of its successes in front of every prompt
-    shots: int = 5
-    shots_seed: int = 0
-    feature_dtype: str = "float32"
-    shard_samples: int = 64  # commit a shard once this many samples are ready
-    shard_seconds: float = 30.0  # ... or once the oldest pending sample is this old
+    limit: int | None = field(default=None, metadata=_help("Only the first N prompts of the split."))
+    prompt_ids: tuple[str, ...] | None = field(default=None, metadata={  # only these prompts (after --limit)
+        "flag": "--prompt-id", "help": "Only the prompt with this id (repeatable; after --limit)."})
+    task_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "flag": "--task-option", "help": "Task option, e.g. data=path/to/mbpp.jsonl or prompt_format=chat."})
+    backend_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "flag": "--backend-option", "help": "Back-end option, e.g. n_ctx=4096."})
+    shots_from: str | None = field(default=None, metadata=_help(
+        "A collected run (e.g. the training split): put --shots of its successful completions in front of "
+        "every prompt (the paper's few-shot on successes)."))
+    shots: int = field(default=5, metadata=_help("How many solved examples --shots-from puts in context."))
+    shots_seed: int = field(default=0, metadata=_help("Seed of the random choice of solved examples."))
+    feature_dtype: str = field(default="float32", metadata={"choices": ("float32", "float16"),
+                                                             "help": "dtype of the stored features."})
+    shard_samples: int = field(default=64, metadata=_help("Commit a shard every this many samples."))
+    shard_seconds: float = field(default=30.0, metadata=_help(
+        "... or once the oldest pending sample is this many seconds old."))
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -63,6 +82,13 @@ class CollectConfig:
     @property
     def requests(self) -> list[FeatureRequest]:
         return [FeatureRequest.parse(t) for t in self.features]
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CollectConfig:
+        return config_from_dict(cls, data)
 
 
 def library_versions() -> dict[str, str]:
@@ -123,7 +149,7 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
         backend_opts["model"] = cfg.model
     sampling = cfg.sampling
     if not sampling.stop and task.stop:
-        sampling = SamplingConfig(**{**sampling.to_dict(), "stop": tuple(task.stop)})
+        sampling = dataclasses.replace(sampling, stop=tuple(task.stop))
     backend = BACKENDS.create(cfg.backend, **backend_opts)
     try:
         ident = backend.identity()
@@ -133,6 +159,7 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
             "model": ident,
             "sampling": sampling.to_dict(),
             "reward": reward.manifest(),
+            "config": cfg.to_dict(),
         }
         if hasattr(backend, "sampler"):  # everything the sampler applies, the server's own defaults included
             manifest["sampler"] = backend.sampler(sampling)

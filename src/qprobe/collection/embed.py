@@ -18,7 +18,8 @@ tokens the model saw when it generated the sample.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -89,7 +90,7 @@ def add_features(path: str, features: list[str], model: str | None = None, dtype
                  backend_name: str | None = None) -> Run:
     requests = [FeatureRequest.parse(f) for f in features]
     Run.open(path)  # a clear error when it is not a run
-    with RunWriter.create_or_open(path, {}) as writer:
+    with RunWriter.create_or_open(Path(path), {}) as writer:
         existing = set(writer.feature_keys)
         todo = [r for r in requests if r.key not in existing]
         if not todo:
@@ -152,5 +153,12 @@ def _embed_shards(writer: RunWriter, requests: list[FeatureRequest], embedders: 
                 if r.key not in specs:
                     specs[r.key] = embedders[r.embedder].spec(r, int(arr.shape[1]), dtype)
                 files[r.key].parent.mkdir(exist_ok=True)
-                write_atomic(files[r.key], lambda f, a=arr: np.save(f, a))
+                write_atomic(files[r.key], _npy_writer(arr))
     return specs
+
+
+def _npy_writer(arr: np.ndarray) -> Callable[[BinaryIO], None]:
+    def write(f: BinaryIO) -> None:
+        np.save(f, arr)
+
+    return write

@@ -49,7 +49,10 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    write_atomic(path, lambda f: f.write(data))
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    write_atomic(path, write)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -82,8 +82,8 @@ def probe_outcomes(probe: Any, pairs: FeaturePairs, spec: Any = None) -> np.ndar
 
 def run_outcomes(probe: Any, run: Any) -> tuple[list[str], np.ndarray]:
     """(pair ids, outcomes) of a probe on a pairs run, on the run's features matching its spec."""
-    from qprobe.collection.pairs import read_pairs
     from qprobe.evaluation.evaluate import feature_key_for
+    from qprobe.store.pairs import read_pairs
 
     rows = read_pairs(run)
     key = feature_key_for(rows.run, probe.feature_spec_) if probe.feature_spec_ is not None else rows.run.feature_keys[0]

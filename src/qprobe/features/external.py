@@ -20,6 +20,7 @@ Pooling 'tokens' is not supported by either (ConfigError).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -147,7 +148,7 @@ class OpenAIEmbedder(Embedder):
         for start in range(0, len(texts), self.batch_size):
             batch = texts[start : start + self.batch_size]
             resp = call_with_retries(
-                lambda batch=batch: self.client.embeddings.create(model=self.model_name, input=batch),
+                functools.partial(self.client.embeddings.create, model=self.model_name, input=batch),
                 self.max_retries, self._sleep,
             )  # fmt: skip
             data = sorted(resp.data, key=lambda d: d.index)

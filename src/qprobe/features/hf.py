@@ -59,7 +59,7 @@ class _Stop(Exception):
     """Raised by the hook of the highest requested layer: nothing above it is needed."""
 
 
-class LayerCapture:
+class HookCapture:
     """Forward hooks that keep the hidden states of the requested layers (hidden_states indexing)."""
 
     def __init__(self, model: Any, layers: list[int], stop: bool = True) -> None:
@@ -96,7 +96,7 @@ class LayerCapture:
 
         return fn
 
-    def __enter__(self) -> LayerCapture:
+    def __enter__(self) -> HookCapture:
         norm = final_norm(self._model)
         for idx in self.layers:
             if idx == 0:
@@ -183,7 +183,7 @@ class TransformersEmbedder(Embedder):
         base = self.lm.model.get_decoder() if hasattr(self.lm.model, "get_decoder") else self.lm.model
         layers = list(dict.fromkeys(layers))
         out: dict[int, list[np.ndarray]] = {L: [] for L in layers}
-        with torch.inference_mode(), LayerCapture(self.lm.model, layers) as cap:
+        with torch.inference_mode(), HookCapture(self.lm.model, layers) as cap:
             idx = {L: cap.resolve(L) for L in layers}
             if self.share_prompt:
                 chunks = self._shared_prompt(base, cap, prompt, comps)
@@ -194,7 +194,7 @@ class TransformersEmbedder(Embedder):
                     out[L].extend(got[idx[L]])
         return out
 
-    def _shared_prompt(self, base: Any, cap: LayerCapture, prompt: list[int], comps: list[list[int]]) -> Any:
+    def _shared_prompt(self, base: Any, cap: HookCapture, prompt: list[int], comps: list[list[int]]) -> Any:
         import torch
         from transformers import DynamicCache
 
@@ -234,7 +234,7 @@ class TransformersEmbedder(Embedder):
                     res[i].append(states[i][r, :n] if n else last_prompt[i])  # [t, d]
             yield res
 
-    def _full_pass(self, base: Any, cap: LayerCapture, prompt: list[int], comps: list[list[int]]) -> Any:
+    def _full_pass(self, base: Any, cap: HookCapture, prompt: list[int], comps: list[list[int]]) -> Any:
         import torch
 
         dev = self.lm.device

@@ -21,7 +21,7 @@ made before the capture did; both carry the same weights hash.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -134,12 +134,13 @@ class LlamaCppEmbedder(Embedder):
             fresh, prompt_states = self._evaluate(text, [ids[i] for i in todo])
             for i, s in zip(todo, fresh, strict=True):
                 out[i] = s
+        filled = cast(list[dict[int, np.ndarray]], out)  # every slot is set above
         return [
             {
                 L: s[L].astype(np.float32, copy=False) if len(s[L]) else _row(prompt_states, L)  # [t, d]
                 for L in layers
             }
-            for s in out  # type: ignore[union-attr]
+            for s in filled
         ]
 
     def _evaluate(

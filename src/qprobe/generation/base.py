@@ -8,9 +8,10 @@ Embeddings of prompt+completion are computed by an `Embedder` (`qprobe.features`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from qprobe.core.config import config_from_dict, config_to_dict
 from qprobe.core.types import Completion, Prompt
 from qprobe.errors import ConfigError
 
@@ -19,11 +20,11 @@ from qprobe.errors import ConfigError
 class SamplingConfig:
     """How completions are sampled. `seed` is the run seed; each sample derives its own."""
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 300
-    stop: tuple[str, ...] = ()
-    seed: int = 0
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature (0: greedy)."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling: keep the top tokens of this total probability."})
+    max_new_tokens: int = field(default=300, metadata={"help": "Most tokens per completion."})
+    stop: tuple[str, ...] = field(default=(), metadata={"help": "Stop sequence (repeatable). Default: the task's."})
+    seed: int = field(default=0, metadata={"help": "Run seed; each sample's seed derives from it."})
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -34,9 +35,11 @@ class SamplingConfig:
             raise ConfigError(f"expected max_new_tokens >= 1, got {self.max_new_tokens}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["stop"] = list(self.stop)
-        return d
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingConfig:
+        return config_from_dict(cls, data)
 
 
 def sample_seed(run_seed: int, prompt_id: str, index: int) -> int:

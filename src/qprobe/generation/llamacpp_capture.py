@@ -125,6 +125,7 @@ def read_tensor(t: int) -> np.ndarray:
             f"expected struct ggml_tensor to start with type, buffer, ne[4], nb[4], got ne={ne} but "
             f"ggml_nelements={g.ggml_nelements(t)}; this llama-cpp-python's ggml changed its layout"
         )
+    dtype: np.dtype[Any]
     if head.type == _GGML_F32:
         dtype = np.dtype(np.float32)
     elif head.type in (_GGML_F16, _GGML_BF16):

@@ -92,7 +92,7 @@ class LlamaText:
         return body, tuple(ids)
 
 
-def find_stop(raw: bytes, stops: tuple[str, ...]) -> int | None:
+def find_stop(raw: bytes | bytearray, stops: tuple[str, ...]) -> int | None:
     """Character index of the earliest stop sequence in the decoded text, or None."""
     text = raw.decode("utf-8", errors="replace")  # as the kept text is decoded
     hits = [i for s in stops if s and (i := text.find(s)) >= 0]

@@ -25,8 +25,6 @@ from qprobe.core.types import Completion, Prompt
 from qprobe.errors import BackendError, ConfigError, require
 from qprobe.generation.base import Backend, SamplingConfig
 
-VLLM_VERSION = "0.33.0"
-
 
 class VLLMBackend(Backend):
     name = "vllm"

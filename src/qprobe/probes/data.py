@@ -128,6 +128,13 @@ def _pack(order: np.ndarray, chunk_id: np.ndarray, slot: np.ndarray, width: int)
     return Batch(index, mask)
 
 
+def _mask(groups: Batch) -> np.ndarray:
+    """The mask of a grouped batch (`_pack` always sets one)."""
+    if groups.mask is None:
+        raise TypeError("expected a grouped batch with a mask, got a batch without one")
+    return groups.mask
+
+
 def full_groups(ex: Examples) -> Batch:
     """Every prompt's samples as one group, in row order: [P, max n] with a mask."""
     order, pos, counts = _sorted_by_group(ex.groups, np.arange(ex.groups.size))
@@ -146,13 +153,13 @@ def random_groups(ex: Examples, size: int, rng: np.random.Generator) -> Batch:
     chunk = first[g] + pos // size
     batch = _pack(order[keep], chunk[keep], (pos % size)[keep], size)
     perm = rng.permutation(batch.index.shape[0])
-    return Batch(batch.index[perm], batch.mask[perm])
+    return Batch(batch.index[perm], _mask(batch)[perm])
 
 
 def within_prompt_pairs(ex: Examples) -> Batch:
     """All (chosen, rejected) row pairs of one prompt with a higher reward for the chosen: [P, 2]."""
     full = full_groups(ex)
-    r = np.where(full.mask, ex.rewards[full.index], np.nan)  # [G, k]
+    r = np.where(_mask(full), ex.rewards[full.index], np.nan)  # [G, k]
     better = r[:, :, None] > r[:, None, :]  # [G, k, k]; NaN compares False
     gi, a, b = np.nonzero(better)
     if gi.size == 0:
@@ -179,7 +186,7 @@ def epoch_batches(kind: str, ex: Examples, rng: np.random.Generator, *, batch_si
     if kind == "grouped":
         groups = random_groups(ex, group_size, rng)
         for s in range(0, groups.index.shape[0], groups_per_batch):
-            yield Batch(groups.index[s : s + groups_per_batch], groups.mask[s : s + groups_per_batch])
+            yield Batch(groups.index[s : s + groups_per_batch], _mask(groups)[s : s + groups_per_batch])
         return
     index = np.arange(ex.groups.size) if kind == "pointwise" else (pairs or within_prompt_pairs(ex)).index
     perm = rng.permutation(index.shape[0])

@@ -192,7 +192,7 @@ def load_probe(path: str | os.PathLike[str], architectures: Mapping[str, Callabl
         raise
     except (ValueError, KeyError, TypeError, OSError, SafetensorError, ConfigError) as exc:
         raise DataError(f"expected a valid probe in '{path}', got a corrupt or incompatible file ({exc}); retrain or re-download it") from None
-    expected = {}
+    expected: dict[str, tuple[int, ...]] = {}
     for i, (out, fan_in) in enumerate(probe.layer_shapes(d)):
         expected[f"layers.{i}.weight"], expected[f"layers.{i}.bias"] = (out, fan_in), (out,)
     if standardized:

@@ -17,8 +17,6 @@ from qprobe.features.spec import FeatureSpec
 
 __all__ = ["ARCHITECTURES", "LinearProbe", "MLPProbe", "Probe"]
 
-_EPS = 1e-6  # floor on a feature's standard deviation (constant features are left unscaled)
-
 
 class Probe:
     """Base class. Subclasses define `architecture` and `layer_shapes(dim)`."""
@@ -110,7 +108,7 @@ class Probe:
                 f"expected features [N, {self.n_features_in_}] like the probe's training features, got "
                 f"shape {x.shape}; use features of the same model, layer and pooling"
             )
-        if self.mean_ is not None:
+        if self.mean_ is not None and self.scale_ is not None:
             x = (x - self.mean_) / self.scale_  # [N, d]
         return x
 

@@ -26,6 +26,8 @@ import numpy as np
 from qprobe.errors import ConfigError
 from qprobe.probes.data import Batch, Examples, epoch_batches, full_batch, split_prompts
 
+STD_FLOOR = 1e-6  # floor on a feature's standard deviation (constant features are left unscaled)
+
 RECIPES = ("fast", "paper")
 
 
@@ -76,7 +78,8 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"expected train options among {sorted(names)}, got unknown {unknown}")
-        return cls(**{k: tuple(v) if k == "l2_grid" else v for k, v in d.items()})
+        options: dict[str, Any] = {k: tuple(v) if k == "l2_grid" else v for k, v in d.items()}
+        return cls(**options)
 
 
 # -------------------------------------------------------------------------------- the loss
@@ -268,7 +271,7 @@ def fit_probe(probe: Any, ex: Examples) -> None:
     z = ex.features
     if standardize:
         mean = z.mean(axis=0, dtype=np.float64).astype(np.float32)  # [d]
-        scale = np.maximum(z.std(axis=0, dtype=np.float64), 1e-6).astype(np.float32)  # [d]
+        scale = np.maximum(z.std(axis=0, dtype=np.float64), STD_FLOOR).astype(np.float32)  # [d]
         z = (z - mean) / scale  # [N, d]
     ex = Examples(np.ascontiguousarray(z, dtype=np.float32), ex.rewards, ex.groups)
     rng = np.random.default_rng(probe.seed)
