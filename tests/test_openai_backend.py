@@ -218,6 +218,15 @@ def test_neutral_values_are_fields_of_the_installed_llama_cpp_server() -> None:
         extra = {"messages": [{"role": "user", "content": "x"}]} if "messages" in fields else {"prompt": "x"}
         req = cls(**extra, **NEUTRAL["llama_cpp"])
         assert (req.top_k, req.min_p, req.repeat_penalty) == (0, 0.0, 1.0)
+        # what the record says the server applies beside them: its defaults, already neutral
+        assert (req.presence_penalty, req.frequency_penalty, req.mirostat_mode) == (0.0, 0.0, 0)
+        assert "typical_p" not in fields  # left at llama_cpp.Llama's default
+    import inspect
+
+    from qprobe.generation.openai_api import APPLIED
+
+    llama = pytest.importorskip("llama_cpp").Llama
+    assert inspect.signature(llama.create_completion).parameters["typical_p"].default == APPLIED["llama_cpp"]["typical_p"]
 
 
 class _VLLMHandler(_Handler):
