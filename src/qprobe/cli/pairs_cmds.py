@@ -1,7 +1,7 @@
 """`qprobe pairs embed | eval | curve | judge`: the preference setting (paper section 7).
 
     qprobe pairs embed --pairs hh.jsonl.gz --backend llamacpp --limit 300 --out runs/hh
-    qprobe train --pairs runs/hh --loss bt --out probes/hh-bt      # held-out pairwise accuracy
+    qprobe train --pairs runs/hh --loss bt --out probes/hh-bt      # cross-validated pairwise accuracy
     qprobe pairs eval --run runs/hh-test --probe probes/hh-bt
     qprobe pairs curve --train runs/hh --test runs/hh-test --out fig6.png
     qprobe collect --task pairs --task-option data=hh.jsonl.gz --split all --n 8 --out runs/hh-samples
