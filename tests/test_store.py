@@ -276,4 +276,6 @@ def test_timeout_rate_is_recorded_and_inspected(tmp_path: Path) -> None:
     pq.write_table(t.set_column(t.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64())), shard)
     run = collect(fake_cfg(out, limit=2), progress=False)  # nothing to add: the counts are taken again
     assert run.manifest["verdicts"] == {"scored": 6, "unscored": 0, "timeouts": 2, "timeout_rate": round(2 / 6, 6)}
-    assert summarize(out)["timeout rate"].startswith("0.3333 (2 of 6 scored samples hit the time limit)")
+    info = summarize(out)
+    assert info["timeout rate"].startswith("0.3333 (2 of 6 scored samples hit the time limit)")
+    assert info["sampler"]["chain"] == "seeded uniform draw"

@@ -62,6 +62,7 @@ def run_summary(path: str | Path) -> dict[str, Any]:
         "finish reasons": dict(Counter(t.column("finish_reason").to_pylist())),
         "statuses": dict(statuses),
         "sampling": m.get("sampling"),
+        "sampler": m.get("sampler", "not recorded (collected before qprobe recorded it)"),
         "features": features,
         "shards": len(run.shards),
         "provenance": {"created": m.get("created"), "updated": m.get("updated"), **m.get("versions", {})},
