@@ -25,6 +25,29 @@ def test_every_command_has_useful_help() -> None:
         assert len(text.split()) > 15, f"`qprobe {name} --help` is too thin"
 
 
+def test_every_option_has_help() -> None:
+    """Derived from the commands themselves: no option of any command (pairs' subcommands too) is
+    listed in --help without a word of what it does."""
+    import importlib
+
+    import click
+
+    def walk(name: str, cmd: click.Command):
+        if isinstance(cmd, click.Group):
+            for sub, c in cmd.commands.items():
+                yield from walk(f"{name} {sub}", c)
+        else:
+            yield name, cmd
+
+    bare = []
+    for name, target in COMMANDS.items():
+        module, _, attr = target.partition(":")
+        for full, cmd in walk(name, getattr(importlib.import_module(module), attr)):
+            bare += [f"qprobe {full} {p.opts[0]}" for p in cmd.params
+                     if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()]
+    assert bare == []
+
+
 def test_ls_lists_components_one_line_each() -> None:
     """Every entry of every registry, under its family's heading (the README names them all)."""
     import qprobe.catalog as catalog

@@ -14,7 +14,7 @@ from qprobe.cli.options import parse_kv
 @click.option("--task", default="humaneval", show_default=True, help="Task to run on (mbpp, humaneval, jsonl, ...).")
 @click.option("--split", default="test", show_default=True, help="Split whose problems are divided into train and test.")
 @click.option("--task-option", multiple=True, metavar="KEY=VALUE", help="Task option, e.g. data=my_tasks.jsonl.")
-@click.option("--backend", default="llamacpp", show_default=True)
+@click.option("--backend", default="llamacpp", show_default=True, help="Generation back-end (see `qprobe ls`).")
 @click.option("--model", default=None, help="Model (default: the packaged Qwen2.5-Coder-0.5B-Instruct).")
 @click.option("--feature", default="-1:last", show_default=True, help="LAYER:POOLING of the probe's features.")
 @click.option("--n", "n", default=8, show_default=True, help="Samples per problem.")
@@ -24,12 +24,12 @@ from qprobe.cli.options import parse_kv
               help="Only the first N problems (0 = all; all 164 HumanEval problems take about 50 minutes on 2 cores).")
 @click.option("--seeds", default=5, show_default=True, help="Probe seeds averaged per method.")
 @click.option("--train-frac", default=0.5, show_default=True, help="Fraction of problems used to train the probes.")
-@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--max-new-tokens", default=256, show_default=True, help="Most tokens per sample.")
 @click.option("--greedy/--no-greedy", default=True, show_default=True, help="Also decode the test problems greedily.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("qprobe-demo"), show_default=True,
               help="Where runs and results go; a re-run reuses what is there.")
 @click.option("--allow-code-execution", is_flag=True, help="Allow model-written code to run in the sandbox (code tasks need it).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars (on stderr).")
 def demo(task, split, task_option, backend, model, feature, n, k, beta, limit, seeds, train_frac, max_new_tokens,
          greedy, workdir, allow_code_execution, progress):
     """Run Q-probing end to end on one task and print the comparison table.

@@ -120,10 +120,10 @@ def _say_dropped(path, data) -> None:
                    "external embedder, the generator of its training run).")
 @click.option("--model", default=None, help="Model (default: the back-end's default; must match the probe's weights).")
 @click.option("--raw", is_flag=True, help="Send the prompt as plain text to continue, not as a chat message.")
-@click.option("--temperature", default=0.8, show_default=True)
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--max-new-tokens", default=300, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--temperature", default=0.8, show_default=True, help="Sampling temperature of the k candidates.")
+@click.option("--top-p", default=0.95, show_default=True, help="Nucleus sampling mass of the k candidates.")
+@click.option("--max-new-tokens", default=300, show_default=True, help="Most tokens per candidate.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the samples and of the pick (same seed, same answer).")
 @click.option("--json", "as_json", is_flag=True, help="Print every candidate with its score and probability, as JSON lines.")
 def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, q_max, max_rounds, consensus, backend, model, raw,
                temperature, top_p, max_new_tokens, seed, as_json):

@@ -68,9 +68,9 @@ def pairs() -> None:
 @click.option("--model", default=None, help="Model path or name (default: the back-end's default).")
 @click.option("--feature", "features", multiple=True, help="LAYER:POOLING or embed=NAME:POOLING (default -1:last: last layer, last token).")
 @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Back-end option, e.g. n_threads=1.")
-@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Stored feature precision.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (created, or resumed).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (on stderr).")
 def embed_cmd(pairs_path, fmt, split, fields, offset, limit, max_chars, ids_file, backend, model, features, backend_option,
               feature_dtype, out, progress):
     """Embed prompt+chosen and prompt+rejected of each pair into a run (sample 0 chosen, reward 1;
@@ -166,7 +166,7 @@ def probe_factories(loss: str, width: int = 256) -> dict[str, Any]:
 @click.option("-k", "k", type=int, default=None, help="Candidates per prompt (the first k samples; default all).")
 @click.option("--judge-model", default="", help="Model name at the judge endpoint.")
 @click.option("--base-url", default=None, help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL, then the OpenAI API).")
-@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True)
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="Environment variable holding the judge server's API key.")
 @click.option("--serve", "serve", is_flag=True, help="Start a local llama.cpp server as the judge (a weak judge).")
 @click.option("--serve-model", default=None, help="GGUF for --serve (default: the packaged model).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write every verdict and the summary as JSON.")

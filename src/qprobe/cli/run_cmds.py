@@ -20,7 +20,7 @@ from qprobe.collection.collect import CollectConfig
 @click.option("--pooling", type=click.Choice(["last", "mean", "tokens"]), default=None, help="Pooling for --layer.")
 @click.option("--resume", is_flag=True, help="Require --out to be an existing run and continue it (re-running the same command does the same).")
 @click.option("--allow-code-execution", is_flag=True, help="Allow running model-written code in the sandbox (needed for code tasks).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (on stderr).")
 @click.pass_context
 def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool, layer: int | None, pooling: str | None,
                 resume: bool, allow_code_execution: bool, progress: bool) -> None:
@@ -69,11 +69,11 @@ def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool,
 @click.option("--feature", "features", multiple=True, required=True,
               help="Features to add, LAYER:POOLING (e.g. 12:mean) or embed=NAME:POOLING (e.g. embed=minilm:mean); repeatable.")
 @click.option("--model", default=None, help="Path of the weights the run was collected with (default: the manifest's).")
-@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Stored feature precision.")
 @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Back-end option, e.g. n_ctx=4096.")
 @click.option("--backend", "backend_name", default=None,
               help="Back-end computing LAYER:POOLING features (default: the run's), e.g. llamacpp for a run collected with --backend openai --backend-option serve=...; the weights' sha256 must match.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (on stderr).")
 def embed(run, features, model, feature_dtype, backend_option, backend_name, progress):
     """Add feature arrays to an existing run without regenerating its samples.
 
