@@ -199,6 +199,19 @@ def test_report_fewshot_and_api_rows(runs: Path, tmp_path: Path) -> None:
     assert not [name for name in summary["methods"] if name.startswith("5-shot")]
     assert summary["fewshot_subset"]["problems"] == {"mbpp_test": 6}
     assert {"zero-shot pass@1", "5-shot greedy", "5-shot pass@1", "5-shot + pg"} <= set(summary["fewshot_subset"]["methods"])
+    # --fewshot-into: the block alone, into a report.json of the older layout (5-shot rows among the
+    # full-set rows, no zero-shot rows on the subset), gives the block the whole report computes
+    old = json.loads((out / "report.json").read_text())
+    for kk, b in old["table1"].pop("fewshot").items():
+        old["table1"]["rows"][kk].update({n: row for n, row in b["rows"].items() if n.startswith("5-shot")})
+    (out / "report.json").write_text(json.dumps(old))
+    notes: list[str] = []
+    again = report.main(["--runs", str(root), "--fewshot-into", str(out / "report.json"), "--results",
+                         str(tmp_path / "mbpp2.json"), "--seeds", "2"], say=notes.append)
+    assert again["table1"]["fewshot"] == json.loads(json.dumps(r["table1"]["fewshot"]))
+    assert not [n for n in notes if n.startswith("note: recomputed")]  # the 5-shot rows came out as before
+    assert not [n for n in again["table1"]["rows"]["4"] if n.startswith("5-shot")]
+    assert "### 5-shot on successes at k=4" in (out / "REPORT.md").read_text()
     # RESULTS.md's section: the 5-shot rows in their own table, labelled with the subset
     section = load_module("results_section")
     text = section.section(r)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import consensus  # noqa: E402
 import visible  # noqa: E402
+from fewshot import fewshot_rows  # noqa: E402
 from methods import LOSSES, Fits, Method, Split, cv_return, mean_reward_values, pass_k_values  # noqa: E402
 from render import write_outputs  # noqa: E402
 
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--feature", default="auto", help="feature key(s) for Table 1, '+'-joined; auto = best by CV")
     ap.add_argument("--external", default="Eminilm_mean", help="external-embedding feature key of the API-setting table")
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--fewshot-into", default=None, metavar="REPORT_JSON",
+                    help="compute only Table 1's 5-shot block (its feature, k and beta from REPORT_JSON) into that "
+                         "report.json and re-render its REPORT.md; minutes instead of the whole report")
     return ap.parse_args(argv)
 
 
@@ -196,52 +200,6 @@ def table1(ex: Experiment, key: tuple[str, ...]) -> dict[str, Any]:
     })
     return {"rows": out, "comparisons": comparisons, "paper_seeds": paper_seeds,
             "fewshot_splits": sorted(ex.fewshot), "fewshot": fewshot}
-
-
-def fewshot_problems(ex: Experiment) -> dict[str, list[str]]:
-    """Per split, the test problems every 5-shot run of it holds (the 5-shot runs cover a subset)."""
-    out = {}
-    for s in ex.tests:
-        sets = [set(sp.prompts()) for sp in (ex.fewshot.get(s), ex.fewshot_greedy.get(s)) if sp is not None]
-        if sets:
-            out[s] = [p for p in ex.prompts[s] if all(p in x for x in sets)]
-    return out
-
-
-def fewshot_rows(ex: Experiment, key: tuple[str, ...], k: int) -> dict[str, Any]:
-    """Table 1's few-shot rows at k, as their own block: 5 successful MBPP-train completions in
-    context, greedy (the paper's "5-shot on successes"), sampled (pass@1, pass@k) and reranked by a
-    pg probe trained on zero-shot MBPP-train samples, beside the zero-shot rows they are compared
-    with, EVERY row on the same problems: those of the 5-shot runs (a subset of the test split).
-    Gains are against the zero-shot pass@1 of those problems."""
-    problems = fewshot_problems(ex)
-    if not problems:
-        return {"problems": {}, "rows": {}}
-
-    def only(values: dict[str, float] | None, s: str) -> dict[str, float] | None:
-        return None if values is None or s not in problems else {p: values[p] for p in problems[s] if p in values}
-
-    shots = {s: sp for s, sp in ex.fewshot.items() if k <= sp.n}
-    pg = Method("pg", loss="pg", keys=key)
-    seeds, beta = ex.args.seeds, ex.args.beta
-    rows = {
-        "zero-shot pass@1": {s: ex.row(s, only(ex.p1[s], s), k) for s in ex.tests},
-        "zero-shot greedy": {s: ex.row(s, only(mean_reward_values(ex.greedy[s]), s), k) if s in ex.greedy else None
-                             for s in ex.tests},
-        "zero-shot pg (fast)": {s: ex.row(s, only(ex.fits.values(pg, seeds, s, k, beta), s), k) if s in problems else None
-                                for s in ex.tests},
-        "5-shot greedy": {s: ex.row(s, only(mean_reward_values(ex.fewshot_greedy[s]), s), k) if s in ex.fewshot_greedy else None
-                          for s in ex.tests},
-        "5-shot pass@1": {s: ex.row(s, only(mean_reward_values(shots[s]), s), k) if s in shots else None for s in ex.tests},
-        "5-shot + pg": {s: ex.row(s, only(ex.fits.values(pg, seeds, f"{s}_5shot", k, beta), s), k)
-                        if s in shots else None for s in ex.tests},
-        f"5-shot pass@{k}": {s: ex.row(s, only(pass_k_values(shots[s], k), s), k) if s in shots else None for s in ex.tests},
-        f"zero-shot pass@{k}": {s: ex.row(s, only(ex.pk[(s, k)], s), k) for s in ex.tests},
-    }
-    rows = {name: row for name, row in rows.items() if any(v is not None for v in row.values())}
-    if not any(name.startswith("5-shot") for name in rows):  # k > 5-shot n: no block
-        rows = {}
-    return {"problems": {s: len(p) for s, p in problems.items()}, "rows": rows}
 
 
 def api_setting(ex: Experiment, key: tuple[str, ...]) -> dict[str, Any]:
@@ -404,6 +362,8 @@ def main(argv: list[str] | None = None, say: Any = print) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     args = parse_args(argv)
+    if args.fewshot_into:
+        return fewshot_into(args, say)
     start = time.perf_counter()
     ex = Experiment(args, say)
     say(f"MBPP-train: {len(ex.train.prompts())} complete prompts x n={ex.n}; tests: "
@@ -441,6 +401,34 @@ def main(argv: list[str] | None = None, say: Any = print) -> dict[str, Any]:
     results = Path(args.results) if args.results else out.parent / "results" / "mbpp.json"
     write_outputs(report, out, results, figures=not args.no_figures, say=say)
     return report
+
+
+def fewshot_into(args: argparse.Namespace, say: Any) -> dict[str, Any]:
+    """--fewshot-into: Table 1's 5-shot block, on the 5-shot runs' problems, with the zero-shot rows
+    on the same problems, written into an existing report.json (the rest of it untouched)."""
+    import json
+
+    path = Path(args.fewshot_into)
+    r = json.loads(path.read_text())
+    args.k, args.beta, args.seeds = r["k"], r["beta"], r["seeds"]
+    ex = Experiment(args, say)
+    key = tuple(r["feature"])
+    if ex.k != r["k"] or sorted(map(int, r["table1"]["rows"])) != ex.ks:
+        raise SystemExit(f"expected runs with n={r['n']} like {path} (k {sorted(r['table1']['rows'])}), got k {ex.ks}")
+    blocks = {str(k): b for k in ex.ks if (b := fewshot_rows(ex, key, k))["rows"]}
+    for kk, b in blocks.items():  # the 5-shot rows themselves must come out as the full run computed them
+        old = {name: row for name, row in r["table1"]["rows"][kk].items() if name.startswith("5-shot")}
+        for name, row in old.items():
+            for s, x in row.items():
+                new = b["rows"].get(name, {}).get(s)
+                if x is not None and (new is None or abs(new["mean"] - x["mean"]) > 1e-9):
+                    got = f"{new['mean']:.4f}" if new else "none"
+                    say(f"note: recomputed {name} {s} at k={kk}: {x['mean']:.4f} in {path}, {got} now")
+        r["table1"]["rows"][kk] = {name: row for name, row in r["table1"]["rows"][kk].items() if not name.startswith("5-shot")}
+    r["table1"]["fewshot"], r["table1"]["fewshot_splits"] = blocks, sorted(ex.fewshot)
+    results = Path(args.results) if args.results else path.parent.parent / "results" / "mbpp.json"
+    write_outputs(r, path.parent, results, figures=False, say=say)
+    return r
 
 
 if __name__ == "__main__":
