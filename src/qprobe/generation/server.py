@@ -11,7 +11,9 @@ period). Used by the tests of the openai back-end, by the "API" setting experime
 `OpenAIBackend(serve=...)` (`qprobe collect --backend openai --backend-option serve=default`), which
 starts and stops its own server.
 Note that llama-cpp-python's server ignores the `n` parameter (one choice per request) and
-honours `seed`.
+honours `seed`, and that it applies samplers of its own by default (top_k 40, min_p 0.05, repeat
+penalty 1.1; `llama_cpp/server/types.py`): `OpenAIBackend` switches them off per request and
+records what the server applies (`OpenAIBackend.sampler`).
 """
 
 from __future__ import annotations
