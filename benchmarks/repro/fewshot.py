@@ -52,3 +52,24 @@ def fewshot_rows(ex: Any, key: tuple[str, ...], k: int) -> dict[str, Any]:
     if not any(name.startswith("5-shot") for name in rows):  # k > 5-shot n: no block
         rows = {}
     return {"problems": {s: len(p) for s, p in problems.items()}, "rows": rows}
+
+
+def fewshot_comparisons(ex: Any, key: tuple[str, ...]) -> dict[str, Any]:
+    """The paired differences behind the claim "few-shot and Q-probe add up", each over the problems
+    both sides hold (so on the 5-shot runs' problems): per split, [mean, low, high] or None."""
+    a, beta = ex.args, ex.args.beta
+    pg = Method("pg", loss="pg", keys=key)
+    fast_pg = {s: ex.fits.values(pg, a.seeds, s, ex.k, beta) for s in ex.tests}
+    pg5 = {s: ex.fits.values(pg, a.seeds, f"{s}_5shot", ex.k, beta) if ex.k <= shot.n else None
+           for s, shot in ex.fewshot.items()}
+    greedy5 = {s: mean_reward_values(g) for s, g in ex.fewshot_greedy.items()}
+    return {
+        "5shot greedy-greedy": {s: ex.paired(greedy5[s], mean_reward_values(ex.greedy[s]))
+                                if s in greedy5 and s in ex.greedy else None for s in ex.tests},
+        "5shot pass@1-pass@1": {s: ex.paired(mean_reward_values(ex.fewshot[s]), ex.p1[s]) if s in ex.fewshot else None
+                                for s in ex.tests},
+        "5shot+pg-5shot": {s: ex.paired(pg5.get(s), mean_reward_values(ex.fewshot[s])) if s in ex.fewshot else None
+                           for s in ex.tests},
+        "5shot+pg-pg": {s: ex.paired(pg5.get(s), fast_pg[s]) for s in ex.tests},
+        "5shot+pg-5shot greedy": {s: ex.paired(pg5.get(s), greedy5.get(s)) for s in ex.tests},
+    }

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import consensus  # noqa: E402
 import visible  # noqa: E402
-from fewshot import fewshot_rows  # noqa: E402
+from fewshot import fewshot_comparisons, fewshot_rows  # noqa: E402
 from methods import LOSSES, Fits, Method, Split, cv_return, mean_reward_values, pass_k_values  # noqa: E402
 from render import write_outputs  # noqa: E402
 
@@ -185,19 +185,7 @@ def table1(ex: Experiment, key: tuple[str, ...]) -> dict[str, Any]:
         "greedy-pass@1": {s: ex.paired(mean_reward_values(ex.greedy[s]), ex.p1[s]) if s in ex.greedy else None
                           for s in ex.tests},
     }
-    pg5 = {s: ex.fits.values(Method("pg", loss="pg", keys=key), a.seeds, f"{s}_5shot", ex.k, beta)
-           if ex.k <= shot.n else None for s, shot in ex.fewshot.items()}
-    greedy5 = {s: mean_reward_values(g) for s, g in ex.fewshot_greedy.items()}
-    comparisons.update({
-        "5shot greedy-greedy": {s: ex.paired(greedy5[s], mean_reward_values(ex.greedy[s]))
-                                if s in greedy5 and s in ex.greedy else None for s in ex.tests},
-        "5shot pass@1-pass@1": {s: ex.paired(mean_reward_values(ex.fewshot[s]), ex.p1[s]) if s in ex.fewshot else None
-                                for s in ex.tests},
-        "5shot+pg-5shot": {s: ex.paired(pg5.get(s), mean_reward_values(ex.fewshot[s])) if s in ex.fewshot else None
-                           for s in ex.tests},
-        "5shot+pg-pg": {s: ex.paired(pg5.get(s), fast["pg"][s]) for s in ex.tests},
-        "5shot+pg-5shot greedy": {s: ex.paired(pg5.get(s), greedy5.get(s)) for s in ex.tests},
-    })
+    comparisons.update(fewshot_comparisons(ex, key))
     return {"rows": out, "comparisons": comparisons, "paper_seeds": paper_seeds,
             "fewshot_splits": sorted(ex.fewshot), "fewshot": fewshot}
 
@@ -416,6 +404,7 @@ def fewshot_into(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     if ex.k != r["k"] or sorted(map(int, r["table1"]["rows"])) != ex.ks:
         raise SystemExit(f"expected runs with n={r['n']} like {path} (k {sorted(r['table1']['rows'])}), got k {ex.ks}")
     blocks = {str(k): b for k in ex.ks if (b := fewshot_rows(ex, key, k))["rows"]}
+    changed: list[str] = []
     for kk, b in blocks.items():  # the 5-shot rows themselves must come out as the full run computed them
         old = {name: row for name, row in r["table1"]["rows"][kk].items() if name.startswith("5-shot")}
         for name, row in old.items():
@@ -423,9 +412,15 @@ def fewshot_into(args: argparse.Namespace, say: Any) -> dict[str, Any]:
                 new = b["rows"].get(name, {}).get(s)
                 if x is not None and (new is None or abs(new["mean"] - x["mean"]) > 1e-9):
                     got = f"{new['mean']:.4f}" if new else "none"
+                    changed.append(f"{name} {s} at k={kk} {x['mean']:.4f} -> {got}")
                     say(f"note: recomputed {name} {s} at k={kk}: {x['mean']:.4f} in {path}, {got} now")
         r["table1"]["rows"][kk] = {name: row for name, row in r["table1"]["rows"][kk].items() if not name.startswith("5-shot")}
     r["table1"]["fewshot"], r["table1"]["fewshot_splits"] = blocks, sorted(ex.fewshot)
+    r["table1"]["comparisons"].update(fewshot_comparisons(ex, key))
+    r["notes"] = [n for n in r.get("notes", []) if not n.startswith("Table 1's 5-shot block")] + [
+        f"Table 1's 5-shot block and its claims were recomputed from {args.runs} (`report.py --fewshot-into`); "
+        + (f"against the run that made the rest of this report: {'; '.join(changed)}" if changed
+           else "its 5-shot rows equal the ones the whole report computed")]
     results = Path(args.results) if args.results else path.parent.parent / "results" / "mbpp.json"
     write_outputs(r, path.parent, results, figures=False, say=say)
     return r
