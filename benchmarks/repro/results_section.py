@@ -68,7 +68,8 @@ def fewshot_table(r: dict[str, Any], shots: dict[str, Any], problems: dict[str, 
     splits, k = [s for s in r["test_prompts"] if s in problems], r["k"]
     lines = ["", f"5-shot on successes (the paper's few-shot rows), on {subset_title(problems, r['test_prompts'])} "
              "problems only (the 5-shot runs cover those): compare these rows with each other, not with the table "
-             "above; gain = paired difference to the zero-shot pass@1 of the same problems.", "",
+             "above; gain = paired difference to the zero-shot pass@1 of the same problems (this block alone: "
+             "`python benchmarks/repro/report.py --runs runs/repro --fewshot-into benchmarks/repro/report.json`).", "",
              "| method (same problems) | " + " | ".join(f"{SPLITS[s]} ({problems[s]}) | gain vs zero-shot pass@1" for s in splits)
              + " | paper MBPP / HE |", "|---" * (2 * len(splits) + 2) + "|"]
     for name, row in shots.items():
