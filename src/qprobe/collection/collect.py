@@ -267,8 +267,10 @@ def _rescore_unscored(writer: RunWriter, prompts: dict[str, Prompt], reward: Any
 
     todo = 0
     for shard in writer.shards:
-        rows = pq.read_table(writer.path / "rows" / f"{shard.name}.parquet",
-                             columns=["prompt_id", "completion", "reward", "details"]).to_pylist()
+        path = writer.path / "rows" / f"{shard.name}.parquet"
+        if pq.read_table(path, columns=["reward"]).column("reward").null_count == 0:
+            continue  # the usual case: read nothing more
+        rows = pq.read_table(path, columns=["prompt_id", "completion", "reward", "details"]).to_pylist()
         by_prompt: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             status = json.loads(row["details"]).get("status") if row["details"] else None
