@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from qprobe.cli.config_options import field_options
+from qprobe.cli.config_options import config_from_cli, config_options, field_options
 from qprobe.cli.main import cli, main
 from qprobe.cli.run_cmds import collect_cmd
 from qprobe.collection.collect import CollectConfig
@@ -116,3 +117,31 @@ def test_bad_config_file_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Captu
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("qprobe: error: expected") and len(err.strip().splitlines()) == 1
+
+
+@dataclass(frozen=True)
+class _Inner:
+    mode: Literal["a", "b"] = "a"
+    fast: bool = False
+
+
+@dataclass(frozen=True)
+class _Outer:
+    path: Path = field(metadata={"help": "where"})
+    inner: _Inner = field(default_factory=_Inner)
+    tags: tuple[str, ...] = ()
+
+
+def test_any_config_dataclass_becomes_options() -> None:
+    @click.command()
+    @config_options(_Outer)
+    @click.pass_context
+    def cmd(ctx: click.Context, config_file: Path | None, dump_config: bool) -> None:
+        click.echo(json.dumps(config_to_dict(config_from_cli(_Outer, ctx))))
+
+    r = CliRunner().invoke(cmd, ["--path", "x", "--mode", "b", "--fast", "--tags", "t1", "--tags", "t2"])
+    assert r.exit_code == 0, r.output
+    assert config_from_dict(_Outer, json.loads(r.stdout)) == _Outer(Path("x"), _Inner("b", True), ("t1", "t2"))
+    assert CliRunner().invoke(cmd, ["--path", "x", "--mode", "c"]).exit_code == 2
+    with pytest.raises(ConfigError, match="among"):
+        config_from_dict(_Outer, {"path": "x", "inner": {"mode": "c"}})

@@ -117,9 +117,12 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def upward_imports(graph: dict[str, set[str]], table: list[tuple[str, list[str]]]) -> list[str]:
-    return sorted(f"{m} ({table[layer_of(m, table)][0]}) -> {d} ({table[layer_of(d, table)][0]})"
-                  for m, deps in graph.items() if m != "qprobe" for d in deps
-                  if d != "qprobe" and layer_of(d, table) > layer_of(m, table))
+    def name(mod: str) -> str:
+        i = layer_of(mod, table)
+        return table[i][0] if i >= 0 else "no layer"
+
+    return sorted(f"{m} ({name(m)}) -> {d} ({name(d)})" for m, deps in graph.items() if m != "qprobe"
+                  for d in deps if d != "qprobe" and layer_of(d, table) > layer_of(m, table))
 
 
 # ------------------------------------------------------------------------------------ tests

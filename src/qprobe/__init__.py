@@ -5,8 +5,8 @@ cycle; lazy imports inside functions count, and so does a look-up in one of `qpr
 registries (it imports that registry's targets). tests/test_layers.py reads this list and checks it.
 
   1. core        qprobe.errors, qprobe.core, qprobe.registry, qprobe.catalog, qprobe.metrics, qprobe.intervals
-                 (the data types Prompt, Completion, RewardResult; the atomic file writer; registries
-                 of components by import path; maths on arrays)
+                 (the data types Prompt, Completion, RewardResult; the atomic file writer; config
+                 dataclasses to and from JSON; registries of components by import path; maths on arrays)
   2. rewards     qprobe.rewards, qprobe.sandbox, qprobe._sandbox_* (judge text)
   3. tasks       qprobe.tasks (prompts paired with a reward)
   4. generation  qprobe.generation (back-ends that sample completions)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -90,10 +91,14 @@ def _click_option(cls: type, name: str) -> click.Option:
         return click.Option([flag, f.name], multiple=True, metavar="KEY=VALUE", help=help_text, **common)
     if "choices" in f.metadata:
         ptype: Any = click.Choice(list(f.metadata["choices"]))
+    elif origin is Literal:
+        ptype = click.Choice([str(a) for a in typing.get_args(inner)])
     elif inner is Path:
         ptype = click.Path(path_type=Path)
-    else:
+    elif inner in (int, float, str, bool):
         ptype = inner
+    else:
+        raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for a field of type {inner!r}")
     if inner is bool:
         return click.Option([f"{flag}/--no-{flag[2:]}", f.name], default=default, show_default=True, help=help_text,
                             **common)

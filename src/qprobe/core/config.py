@@ -102,6 +102,10 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"expected {where} to be a path (a string), got {value!r}")
         return Path(value)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"expected {where} among {list(typing.get_args(tp))}, got {value!r}")
+        return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str, bool) and type(value) is tp:
