@@ -8,11 +8,14 @@ directory and a fresh /proc, remounts everything else read-only, drops privilege
 then runs the program and its tests. Killing B (the namespace's init) kills every process the
 program started. The wall-clock timeout is enforced here, outside the namespace.
 
-A pass is reported only by the harness after the last test statement returned, as a JSON line
-carrying a per-job random nonce on a randomly numbered fd, and only counts if B then exits 0.
+Beside B it forks T, the test process, which never runs model-written code: it runs the tests
+and calls into B over a socket (B's only descriptor besides 0-2), judging copies of B's values.
+The verdict is T's one-line report on a pipe created after B was forked (B never held it); B's
+exit status only refines an error (killed by which signal, CPU limit).
 
-This file is the worker's loop (fork, wait, timeouts, verdicts, the pipe protocol); how B is confined
-and runs the tests, and which isolation works here, is `_sandbox_confine.py`.
+This file is the worker's loop (fork, wait, timeouts, verdicts, the pipe protocol); how B is
+confined and which isolation works here is `_sandbox_confine.py`; what B and T run is
+`_sandbox_harness.py` and `_sandbox_tests.py`, the copies `_sandbox_codec.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import select
 import signal
+import socket
 import struct
 import sys
 import time
@@ -41,9 +45,13 @@ def _load_sibling(name: str) -> types.ModuleType:
 
 
 _confine = _load_sibling("_sandbox_confine")
+_load_sibling("_sandbox_codec")
+_load_sibling("_sandbox_tests")
+_harness = _load_sibling("_sandbox_harness")
 CLONE_NEWNS, CLONE_NEWPID = _confine.CLONE_NEWNS, _confine.CLONE_NEWPID
 unshare, blocked_paths, probe_features = _confine.unshare, _confine.blocked_paths, _confine.probe_features
-worker_view, job_main = _confine.worker_view, _confine.job_main
+worker_view = _confine.worker_view
+job_main, test_process_main = _harness.job_main, _harness.test_process_main
 
 
 def level_string(feats: dict) -> str:
@@ -106,53 +114,74 @@ def _reap_pending() -> None:
         _PENDING.remove(pid)
 
 
-def _final_report(rep: bytes, nonce: str) -> bool:
-    """A complete, well-formed harness report: the verdict is known before the process exits."""
+def _final_report(rep: bytes) -> bool:
+    """A complete report from T (one JSON line): the verdict is known before the processes exit."""
     if not rep.endswith(b"\n") or rep.count(b"\n") != 1:
         return False
     try:
-        info = json.loads(rep)
+        return isinstance(json.loads(rep), dict)
     except ValueError:
         return False
-    return isinstance(info, dict) and (info.get("outcome") in ("failed", "error") or
-                                       (info.get("outcome") == "passed" and info.get("nonce") == nonce))
+
+
+def _kill_b(b: int, feats: dict, cfg: dict, keep_waiting: bool) -> int | None:
+    """Kill B and everything it started; its wait status when it was reaped here."""
+    status = None
+    if not keep_waiting:
+        try:
+            os.kill(b, signal.SIGKILL)
+        except OSError:
+            pass
+    if not feats["pid"]:
+        try:
+            os.killpg(b, signal.SIGKILL)  # B is not reaped yet, so its group id is still its own
+        except OSError:
+            pass
+    try:
+        if feats["pid"] and not keep_waiting:
+            _PENDING.append(b)  # killing the namespace's init reaps it all; no need to wait here
+        else:
+            status = os.waitpid(b, 0)[1]
+    except ChildProcessError:
+        pass
+    if not feats["pid"]:
+        _kill_stragglers(b, cfg["uid"] if feats["root"] else None)
+    return status
 
 
 def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
+    """One job: B (the program, confined) and T (the tests, which never run its code), forked from
+    here; the verdict is T's report on a pipe only T holds."""
     _reap_pending()
     cfg = {**cfg, **job.get("limits", {})}
-    nonce = os.urandom(16).hex()
     workdir = os.path.join(base, os.urandom(8).hex())
     os.mkdir(workdir, 0o777)
     os.chmod(workdir, 0o777)
-    rep_r, rep_w = os.pipe()
+    s_t, s_b = (s.detach() for s in socket.socketpair())
     out_r, out_w = os.pipe()
+    st_r, st_w = os.pipe()
     pid_r, pid_w = os.pipe()
     sync_r, sync_w = os.pipe()
-    nonce_r, nonce_w = os.pipe()
-    os.write(nonce_w, nonce.encode())
-    os.close(nonce_w)
     t0 = time.monotonic()
     a = os.fork()
     if a == 0:
         try:
-            os.close(rep_r), os.close(out_r), os.close(pid_r), os.close(sync_w)
+            for fd in (s_t, out_r, st_r, pid_r, sync_w):
+                os.close(fd)
             if feats["pid"]:
                 unshare(CLONE_NEWPID | CLONE_NEWNS)
             b = os.fork()
             if b == 0:
                 os.close(pid_w)
                 try:
-                    job_main(job, cfg, feats, workdir, nonce_r, rep_w, out_w, sync_r)
-                except BaseException:  # noqa: BLE001  (harness bug: no report, so never a pass)
-                    import traceback
-
-                    os.write(2, traceback.format_exc()[-2000:].encode())
+                    job_main(job, cfg, feats, workdir, s_b, st_w, out_w, sync_r)
+                except BaseException:  # noqa: BLE001  (harness bug: B gone, never a pass)
+                    pass
                 os._exit(120)
             os.write(pid_w, struct.pack("<i", b))
         finally:
             os._exit(0)
-    for fd in (rep_w, out_w, pid_w, sync_r, nonce_r):
+    for fd in (s_b, st_w, pid_w, sync_r):
         os.close(fd)
     os.waitpid(a, 0)
     try:
@@ -163,12 +192,22 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     raw = os.read(pid_r, 4)
     os.close(pid_r)
     b = struct.unpack("<i", raw)[0] if len(raw) == 4 else None
+    rep_r, rep_w = os.pipe()  # made after B was forked: B never held it
+    t = os.fork()
+    if t == 0:
+        try:
+            os.close(rep_r)
+            test_process_main(job, cfg, feats, s_t, rep_w, out_w)
+        finally:
+            os._exit(120)
+    for fd in (s_t, rep_w, out_w):
+        os.close(fd)
     deadline = t0 + float(cfg["timeout"])
-    out, out_total, rep, timed_out, too_much, status = bytearray(), 0, bytearray(), False, False, None
-    early = False
-    pidfd = os.pidfd_open(b) if b else None
-    open_fds = [fd for fd in (rep_r, out_r) if fd is not None]
-    while b:
+    out, out_total, rep, setup = bytearray(), 0, bytearray(), bytearray()
+    timed_out = too_much = done = False
+    pidfd = os.pidfd_open(t)
+    open_fds = [rep_r, out_r, st_r]
+    while True:
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
@@ -183,45 +222,38 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             elif fd == out_r:
                 out_total += len(chunk)
                 out = (out + chunk)[-cfg["tail_bytes"]:]
+            elif fd == st_r:
+                setup += chunk[:1024]
             else:
                 rep += chunk
-                # With a pid namespace, killing B later reaps everything: no need to wait for the
-                # namespace's teardown before answering.
-                early = feats["pid"] and _final_report(bytes(rep), nonce)
-        if early:
+                done = _final_report(bytes(rep))
+        if done or pidfd in ready:
             break
         if out_total > (cfg["output_kb"] << 10) or len(rep) > 1 << 16:
             too_much = True
             break
-        if pidfd in ready:
-            break
     duration = time.monotonic() - t0
-    if b:
+    if not (done or pidfd in ready):
         try:
-            os.kill(b, signal.SIGKILL) if (timed_out or too_much or early) else None
+            os.kill(t, signal.SIGKILL)
         except OSError:
             pass
-        if not feats["pid"]:
-            try:
-                os.killpg(b, signal.SIGKILL)  # B is not reaped yet, so its group id is still its own
-            except OSError:
-                pass
-        try:
-            if early:
-                _PENDING.append(b)
-            else:
-                status = os.waitpid(b, 0)[1]
-        except ChildProcessError:
-            status = None
-        if not feats["pid"]:
-            _kill_stragglers(b, cfg["uid"] if feats["root"] else None)
-        os.close(pidfd)
-    for fd in (rep_r, out_r):  # whatever is left in the pipes (writers are all dead now)
+    t_status = os.waitpid(t, 0)[1]
+    os.close(pidfd)
+    try:
+        info = json.loads(rep) if done else None
+    except ValueError:
+        info = None
+    gone = isinstance(info, dict) and bool(info.get("program_gone"))  # B ended on its own: get its status
+    b_status = _kill_b(b, feats, cfg, keep_waiting=gone and not timed_out) if b else None
+    for fd in (rep_r, out_r, st_r):  # whatever is left in the pipes (writers are all dead now)
         os.set_blocking(fd, False)
         try:
             while chunk := os.read(fd, 1 << 16):
                 if fd == rep_r and len(rep) < 1 << 16:
                     rep += chunk
+                elif fd == st_r:
+                    setup += chunk[:1024]
                 elif fd == out_r:
                     out = (out + chunk)[-cfg["tail_bytes"]:]
         except BlockingIOError:
@@ -238,54 +270,68 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
-    return verdict(nonce, rep, status, timed_out, too_much, duration, out.decode("utf-8", "replace"), cfg, early)
+    return verdict(bytes(rep), t_status, b_status, bytes(setup), timed_out, too_much, duration,
+                   out.decode("utf-8", "replace"), cfg)
 
 
-def verdict(nonce: str, rep: bytes, status, timed_out: bool, too_much: bool, duration: float, tail: str,
-            cfg: dict, early: bool = False) -> dict:
+def _code(status) -> int | None:
+    """Exit code, or 128 + signal number."""
+    if status is None:
+        return None
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def verdict(rep: bytes, t_status, b_status, setup: bytes, timed_out: bool, too_much: bool, duration: float,
+            tail: str, cfg: dict) -> dict:
+    """The result of one job. Only T's report can say passed; B's status only refines an error."""
     res = {"status": "error", "error_type": "", "failing_test": "", "message": "", "stderr_tail": tail,
            "duration": round(duration, 4)}
+    near_limit = duration >= cfg["timeout"] * 0.9
     if timed_out:
         return {**res, "status": "timeout", "error_type": "TimeoutError",
                 "message": f"wall-clock limit of {cfg['timeout']} s exceeded"}
     if too_much:
         return {**res, "error_type": "OutputLimitExceeded", "message": f"more than {cfg['output_kb']} KiB of output"}
-    lines = bytes(rep).splitlines()
+    if setup not in (b"ok", b""):
+        return {**res, "error_type": "SandboxError", "message": "confining the job failed: " +
+                setup.decode("utf-8", "replace")[:400]}
+    lines = rep.splitlines()
     info = None
     if len(lines) == 1:
         try:
             info = json.loads(lines[0])
         except ValueError:
             info = None
-    code = None  # B mirrors C: exit code, or 128 + signal number
-    if status is not None:
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
     if not isinstance(info, dict) or info.get("outcome") not in ("passed", "failed", "error", "sandbox"):
-        sig = code - 128 if code is not None and code > 128 else None
-        if sig in (signal.SIGXCPU, signal.SIGKILL) and duration >= cfg["timeout"] * 0.9:
+        code = _code(t_status)
+        if code is not None and code > 128 and code - 128 in (signal.SIGXCPU, signal.SIGKILL) and near_limit:
             return {**res, "status": "timeout", "error_type": "TimeoutError", "message": "CPU time limit exceeded"}
-        try:
-            signame = signal.Signals(sig).name if sig else ""
-        except ValueError:
-            signame = f"signal {sig}"
-        what = (f"was killed by {signame}" if sig else
-                f"exited with code {code}" if code is not None else "vanished")
-        kind = "Killed" if sig else "EarlyExit"
-        if rep:
-            kind, what = "ReportTampered", "wrote to the result channel"
-        return {**res, "error_type": kind, "message": f"the program {what} before its tests finished"}
+        return {**res, "error_type": "TestsDied",
+                "message": f"the test process ended without a verdict (exit status {code})"}
     outcome = info["outcome"]
     res.update(error_type=str(info.get("error_type", ""))[:200], message=str(info.get("message", ""))[:500],
                failing_test=str(info.get("line", ""))[:500])
     if outcome == "sandbox":
         return {**res, "error_type": "SandboxError"}
-    if outcome == "passed":
-        if info.get("nonce") != nonce:
-            return {**res, "error_type": "ReportForged", "message": "a pass was reported without the job's nonce"}
-        if code != 0 and not early:  # early: the report was final, B was killed on purpose
-            return {**res, "error_type": "EarlyExit", "message": f"exit code {code} after the tests passed"}
-        return {**res, "status": "passed"}
-    return {**res, "status": "failed" if outcome == "failed" else "error"}
+    if info.get("program_gone") and setup != b"ok":
+        return {**res, "error_type": "SandboxError", "message": "the job died while being confined"}
+    if info.get("program_gone") and info.get("error_type") == "EarlyExit":
+        code = _code(b_status)
+        sig = code - 128 if code is not None and code > 128 else None
+        if sig in (signal.SIGXCPU, signal.SIGKILL) and near_limit:
+            return {**res, "status": "timeout", "error_type": "TimeoutError", "message": "CPU time limit exceeded"}
+        what = (f"was killed by {_signame(sig)}" if sig else
+                f"exited with code {code}" if code is not None else "vanished")
+        return {**res, "error_type": "Killed" if sig else "EarlyExit",
+                "message": f"the program {what} before its tests finished"}
+    return {**res, "status": outcome}
 
 
 def _recv(fd: int) -> dict | None:
@@ -327,6 +373,9 @@ def main() -> None:
         if feats["readonly"]:
             unshare(CLONE_NEWNS)
             worker_view(cfg, feats, base)
+        # Not dumpable: a job with our uid cannot open our descriptors through /proc (B turns it back
+        # on for itself until it is confined; T stays so).
+        _confine.prctl(_confine.PR_SET_DUMPABLE, 0)
         _send(proto_out, {"level": level_string(feats), "features": feats, "base": base})
         while (job := _recv(proto_in)) is not None:
             try:
