@@ -18,6 +18,7 @@ from __future__ import annotations
 
 # Warm the modules programs and tests import most, so each forked child finds them loaded.
 import collections, copy, fractions, functools, heapq, itertools, math, random, re, string, typing  # noqa: E401,F401,I001
+import fcntl
 import json
 import operator
 import os
@@ -145,13 +146,12 @@ def program_main(program: str, fd: int) -> None:
 
 def _place(sock: int, report: int, out: int) -> None:
     """Descriptors 0 (/dev/null), 1-2 (`out`), 3 (`sock`), 4 (`report`); every other one closed."""
-    import fcntl
-
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in (os.open(os.devnull, os.O_RDONLY), out, sock, report)]
     for src, dst in zip(high, (0, 1, 3, 4), strict=True):
         os.dup2(src, dst, inheritable=dst < 3)
     os.dup2(1, 2)
-    os.closerange(5, 1 << 16)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    os.closerange(5, min(soft if soft > 0 else 1 << 16, 1 << 16))
 
 
 def job_main(job: dict, cfg: dict, feats: dict, workdir: str, sock: int, status_w: int, out_w: int,
@@ -205,10 +205,7 @@ def test_process_main(job: dict, cfg: dict, feats: dict, sock: int, rep_w: int, 
                          (resource.RLIMIT_FSIZE, (1 << 20,) * 2), (resource.RLIMIT_CORE, (0, 0)),
                          (resource.RLIMIT_NOFILE, (64, 64))):
             resource.setrlimit(lim, val)
-        os.environ.clear()
-        sys.stdin = open(0, closefd=False)
-        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
-        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+        os.environ.clear()  # sys.stdout/stderr already write to fds 1 and 2
     except BaseException as exc:  # noqa: BLE001
         os.write(rep, json.dumps({"outcome": "sandbox", "message": repr(exc)[:500]}).encode() + b"\n")
         os._exit(3)

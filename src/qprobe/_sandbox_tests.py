@@ -46,6 +46,7 @@ class ProgramError(Exception):
 
 
 _ERROR_TYPES: dict[str, type] = {}
+_BUILTIN_NAMES = frozenset(dir(builtins))
 
 
 def _exception(name: str, msg: str, args) -> BaseException:
@@ -308,7 +309,7 @@ def run_tests(job: dict, fd: int, rep_fd: int) -> None:
         exec(c_setup, g)
     except BaseException as exc:  # noqa: BLE001
         _report(rep_fd, {**_failure(exc, "setup", "<setup>", setup), "outcome": "error"})
-    trusted = set(g) | set(dir(builtins))
+    trusted = set(g) | _BUILTIN_NAMES
     try:
         rep = chan.raw(["names", _names(t_setup, t_tests)])
         if rep[0] == "perr":  # the program itself raised (or did not compile)

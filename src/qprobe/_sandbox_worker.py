@@ -21,6 +21,7 @@ confined and which isolation works here is `_sandbox_confine.py`; what B and T r
 from __future__ import annotations
 
 import builtins
+import gc
 import json
 import os
 import select
@@ -153,6 +154,7 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     """One job: B (the program, confined) and T (the tests, which never run its code), forked from
     here; the verdict is T's report on a pipe only T holds."""
     _reap_pending()
+    gc.freeze()  # the children's garbage collector never walks (so never copies) the worker's pages
     cfg = {**cfg, **job.get("limits", {})}
     workdir = os.path.join(base, os.urandom(8).hex())
     os.mkdir(workdir, 0o777)
@@ -183,6 +185,14 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             os._exit(0)
     for fd in (s_b, st_w, pid_w, sync_r):
         os.close(fd)
+    rep_r, rep_w = os.pipe()  # made after A (hence B) was forked: B never held it
+    t = os.fork()  # T sets itself up while A and B do
+    if t == 0:
+        try:
+            os.close(rep_r)
+            test_process_main(job, cfg, feats, s_t, rep_w, out_w)
+        finally:
+            os._exit(120)
     os.waitpid(a, 0)
     try:
         os.write(sync_w, b"g")
@@ -192,14 +202,6 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     raw = os.read(pid_r, 4)
     os.close(pid_r)
     b = struct.unpack("<i", raw)[0] if len(raw) == 4 else None
-    rep_r, rep_w = os.pipe()  # made after B was forked: B never held it
-    t = os.fork()
-    if t == 0:
-        try:
-            os.close(rep_r)
-            test_process_main(job, cfg, feats, s_t, rep_w, out_w)
-        finally:
-            os._exit(120)
     for fd in (s_t, rep_w, out_w):
         os.close(fd)
     deadline = t0 + float(cfg["timeout"])
@@ -233,17 +235,21 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             too_much = True
             break
     duration = time.monotonic() - t0
-    if not (done or pidfd in ready):
-        try:
-            os.kill(t, signal.SIGKILL)
-        except OSError:
-            pass
-    t_status = os.waitpid(t, 0)[1]
-    os.close(pidfd)
     try:
         info = json.loads(rep) if done else None
     except ValueError:
         info = None
+    t_status = None
+    if isinstance(info, dict):  # T is done: reap it later
+        os.kill(t, signal.SIGKILL)
+        _PENDING.append(t)
+    else:
+        try:
+            os.kill(t, signal.SIGKILL)
+        except OSError:
+            pass
+        t_status = os.waitpid(t, 0)[1]
+    os.close(pidfd)
     gone = isinstance(info, dict) and bool(info.get("program_gone"))  # B ended on its own: get its status
     b_status = _kill_b(b, feats, cfg, keep_waiting=gone and not timed_out) if b else None
     for fd in (rep_r, out_r, st_r):  # whatever is left in the pipes (writers are all dead now)
