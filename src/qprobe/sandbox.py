@@ -62,19 +62,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Tests:
+class TaskTests:
     """Trusted task code that judges a program: `code` (the tests), `setup` run before them (the
     task's own helpers, e.g. HumanEval's `poly`: they win over the program's definitions of the same
     names) and `entry_points` (the program's names the tests call; these win even over builtins,
-    e.g. an MBPP problem whose function is called `sum`). A plain string is `Tests(code=string)`."""
+    e.g. an MBPP problem whose function is called `sum`). A plain string is `TaskTests(code=string)`."""
 
     code: str
     setup: str = ""
     entry_points: tuple[str, ...] = ()
 
 
-def _tests(t: str | Tests) -> Tests:
-    return t if isinstance(t, Tests) else Tests(str(t))
+def _tests(t: str | TaskTests) -> TaskTests:
+    return t if isinstance(t, TaskTests) else TaskTests(str(t))
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class _Worker:
                 need, buf = size, b""
         return json.loads(buf) if size is not None else None
 
-    def run(self, program: str, tests: Tests, timeout: float, limits: Limits) -> dict | None:
+    def run(self, program: str, tests: TaskTests, timeout: float, limits: Limits) -> dict | None:
         data = json.dumps({"program": program, "tests": tests.code, "setup": tests.setup,
                            "entry_points": list(tests.entry_points),
                            "limits": {**asdict(limits), "timeout": timeout}}).encode()
@@ -239,14 +239,14 @@ def isolation_level() -> str:
     return _LEVEL
 
 
-def _key(program: str, tests: Tests, timeout: float, limits: Limits) -> str:
+def _key(program: str, tests: TaskTests, timeout: float, limits: Limits) -> str:
     h = hashlib.sha256()
     for part in (program, tests.code, tests.setup, repr(tests.entry_points), repr(float(timeout)), repr(limits)):
         h.update(part.encode("utf-8", "surrogatepass") + b"\x00")
     return h.hexdigest()
 
 
-def _run_one(program: str, tests: Tests, timeout: float, limits: Limits) -> Result:
+def _run_one(program: str, tests: TaskTests, timeout: float, limits: Limits) -> Result:
     worker = _POOL.acquire()
     raw = None
     try:
@@ -262,12 +262,12 @@ def _run_one(program: str, tests: Tests, timeout: float, limits: Limits) -> Resu
                   duration=float(raw.get("duration", 0.0)))
 
 
-def check(program: str, tests: str | Tests, timeout: float = 3.0, limits: Limits | None = None) -> Result:
+def check(program: str, tests: str | TaskTests, timeout: float = 3.0, limits: Limits | None = None) -> Result:
     """Run `program`, then judge it with `tests`; passed only if every test statement completed."""
     return check_many([(program, tests)], timeout=timeout, limits=limits)[0]
 
 
-def check_many(pairs: Sequence[tuple[str, str | Tests]], timeout: float = 3.0, workers: int | None = None,
+def check_many(pairs: Sequence[tuple[str, str | TaskTests]], timeout: float = 3.0, workers: int | None = None,
                limits: Limits | None = None) -> list[Result]:
     """`check` for many (program, tests) pairs in parallel; identical pairs run once (cached)."""
     pairs = [(p, _tests(t)) for p, t in pairs]
@@ -278,7 +278,7 @@ def check_many(pairs: Sequence[tuple[str, str | Tests]], timeout: float = 3.0, w
 
         raise ConfigError(f"expected a timeout in seconds in (0, 3600], got {timeout!r}")
     keys = [_key(p, t, timeout, limits) for p, t in pairs]
-    todo: dict[str, tuple[str, Tests]] = {}
+    todo: dict[str, tuple[str, TaskTests]] = {}
     with _CACHE_LOCK:
         for k, (p, t) in zip(keys, pairs, strict=True):
             if k not in _CACHE:

@@ -42,7 +42,7 @@ def build_program(prompt: Prompt, completion: str) -> str:
 
 
 def trusted_tests(prompt: Prompt, code: str | None = None) -> Any:
-    """The sandbox's `Tests` for a prompt: `code` (default `meta["tests"]`), the task's trusted
+    """The sandbox's `TaskTests` for a prompt: `code` (default `meta["tests"]`), the task's trusted
     `meta["setup"]` and its entry points (`meta["entry_points"]`, else `[meta["entry_point"]]`)."""
     from qprobe import sandbox
 
@@ -52,7 +52,7 @@ def trusted_tests(prompt: Prompt, code: str | None = None) -> Any:
     if not isinstance(setup, str) or not all(isinstance(e, str) for e in entries):
         raise ConfigError(f"expected prompt.meta['setup'] (Python source) and meta['entry_points'] (names) for "
                           f"prompt '{prompt.id}', got {setup!r} / {entries!r}")
-    return sandbox.Tests(meta["tests"] if code is None else code, setup=setup, entry_points=tuple(entries))
+    return sandbox.TaskTests(meta["tests"] if code is None else code, setup=setup, entry_points=tuple(entries))
 
 
 def results_from(checked: list[Any]) -> list[RewardResult]:
