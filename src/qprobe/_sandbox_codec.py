@@ -117,6 +117,23 @@ def _num(v):
     raise UncopyableValue("expected a number")
 
 
+def _set(items: list, frozen: bool):
+    """A set (frozenset) of `items` that iterates in their order where one of the ways CPython
+    builds sets gives it (a literal `{...}` and `set(list)` size their tables differently), so
+    `tuple(s)` reads the same on both sides."""
+    if frozen:
+        return frozenset(items)
+    merged = set()
+    merged.update(frozenset(items))  # what `{1, 2, 3}` (SET_UPDATE of a constant) does
+    added = set()
+    for x in items:
+        added.add(x)
+    for s in (set(items), merged, added):
+        if len(items) > 4096 or (len(s) == len(items) and all(a is b for a, b in zip(s, items))):
+            return s
+    return set(items)
+
+
 def decode(v, handle, depth: int = 0, budget: list | None = None):
     """Rebuild a value from `encode`'s output, refusing anything else; `handle(id, type_name)`
     makes the caller's stand-in for an object that stayed in B."""
@@ -134,7 +151,7 @@ def decode(v, handle, depth: int = 0, budget: list | None = None):
     try:
         if tag in ("l", "t", "s", "f"):
             items = [decode(e, handle, depth + 1, budget) for e in rest]
-            return items if tag == "l" else tuple(items) if tag == "t" else set(items) if tag == "s" else frozenset(items)
+            return items if tag == "l" else tuple(items) if tag == "t" else _set(items, tag == "f")
         if tag == "d":
             if len(rest) % 2:
                 raise UncopyableValue("a dict needs key/value pairs")

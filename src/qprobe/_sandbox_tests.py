@@ -313,7 +313,8 @@ def run_tests(job: dict, fd: int, rep_fd: int) -> None:
     try:
         rep = chan.raw(["names", _names(t_setup, t_tests)])
         if rep[0] == "perr":  # the program itself raised (or did not compile)
-            _report(rep_fd, {"outcome": "error", "where": "program", "error_type": str(rep[1])[:200],
+            _report(rep_fd, {"outcome": "failed" if rep[1] == "AssertionError" else "error", "where": "program",
+                             "error_type": str(rep[1])[:200],
                              "message": str(rep[2])[:500], "line": str(rep[3])[:500]})
         entries = rep[1] if len(rep) > 1 and type(rep[1]) is list else None
         if entries is None:
