@@ -239,6 +239,9 @@ CASES: dict[str, tuple[str, str | TaskTests, set[str]]] = {
                                    "f(0)", {"error"}),
     "builtin_types_as_arguments": ("def keep(t, ty):\n    return [x for x in t if isinstance(x, ty)]\ndef kind(x):\n    return type(x)",
                                    "assert keep((1, 'a', 2.0), int) == [1]\nassert kind('s') is str", {"passed"}),
+    "module_alias_is_not_imported_by_the_tests": ("import pickle as json\ndef f():\n    return b'x'",
+                                                  "assert json.loads(f()) == 1", {"error"}),
+    "builtin_function_is_not_sent_back": ("def f():\n    return exec", "g = f()\nassert g == exec", {"failed"}),
     "stdlib_module_of_the_program_is_ts_own": ("import math\nmath.isclose = lambda *a, **k: True\ndef f():\n    return 1.0",
                                                "assert math.isclose(f(), 2.0)", {"failed"}),
 }

@@ -11,7 +11,7 @@ else is a list whose first item is a tag:
   ["I", hex] big int | ["c", re, im] | ["y", b64] bytes | ["Y", b64] bytearray | ["l", ...] list
   ["t", ...] tuple | ["s", ...] set | ["f", ...] frozenset | ["d", k1, v1, ...] dict
   ["r", start, stop, step] range | ["Q", num, den] Fraction | ["D", str] Decimal
-  ["B", name] a builtin type or function (the receiver's own) |
+  ["B", name] a builtin type (the receiver's own; builtin functions are not sent back) |
   ["h", id, type name] a handle (an object that stays in B; only B's encoder makes these).
 """
 
@@ -27,7 +27,6 @@ MAX_MESSAGE = 64 << 20  # bytes in one frame
 MAX_DEPTH = 200  # nesting of containers
 MAX_ITEMS = 8_000_000  # scalars + containers in one value
 _SMALL = 1 << 62
-_BUILTIN_FUNCTION = type(len)
 
 
 class UncopyableValue(ValueError):
@@ -74,8 +73,8 @@ def encode(x, ref, depth: int = 0, budget: list | None = None):
         return ["Q", encode(int(x.numerator), ref), encode(int(x.denominator), ref)]
     if mod == "decimal" and name == "Decimal":
         return ["D", str(x)]
-    if (t is type or t is _BUILTIN_FUNCTION) and getattr(builtins, getattr(x, "__name__", ""), None) is x:
-        return ["B", x.__name__]  # a builtin type or function (e.g. `remove_datatype(t, int)`)
+    if t is type and getattr(builtins, getattr(x, "__name__", ""), None) is x:
+        return ["B", x.__name__]  # a builtin type (e.g. `remove_datatype(t, int)`)
     # Subclasses of builtins travel as their base value: their own methods never reach T.
     if isinstance(x, int):
         return encode(int.__int__(x), ref, depth, budget)
@@ -178,8 +177,8 @@ def decode(v, handle, depth: int = 0, budget: list | None = None):
             return Decimal(rest[0])
         if tag == "B" and len(rest) == 1 and type(rest[0]) is str and not rest[0].startswith("_"):
             found = getattr(builtins, rest[0], None)
-            if type(found) is type or type(found) is _BUILTIN_FUNCTION:
-                return found  # the receiver's own builtin of that name
+            if type(found) is type:  # the receiver's own builtin type (never a function such as exec)
+                return found
         if tag == "h" and len(rest) == 2 and type(rest[0]) is int and type(rest[1]) is str:
             return handle(rest[0], rest[1][:200])
     except (TypeError, ValueError, ArithmeticError, UnicodeError, binascii.Error) as exc:

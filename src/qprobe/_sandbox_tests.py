@@ -326,7 +326,9 @@ def run_tests(job: dict, fd: int, rep_fd: int) -> None:
             if name in trusted and name not in entry_points:
                 continue  # the task's helpers and T's builtins are never the program's
             if entry[1] == "m" and len(entry) == 4 and type(entry[2]) is str:
-                g[name] = _module(entry[2], chan.decode(entry[3]))
+                # `import json` binds json to json; under any other name (`import pickle as json`)
+                # the module stays the program's, reached remotely.
+                g[name] = _module(entry[2], chan.decode(entry[3])) if entry[2] == name else chan.decode(entry[3])
             else:
                 g[name] = chan.decode(entry[2])
     except BaseException as exc:  # noqa: BLE001

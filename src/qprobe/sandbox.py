@@ -13,12 +13,32 @@ always its own session, rlimits (address space, CPU, file size, open files, proc
 stdin at EOF, captured and capped output, and a wall-clock timeout enforced from outside that
 kills the whole process tree. `isolation_level()` says which of these are in effect here.
 
-A pass needs the harness to report, after the last test statement returned, a random per-job
-nonce on a randomly numbered fd, and the child to exit 0 afterwards; `exit(0)`, `sys.exit`,
-printing "passed", redefining `assert`/`AssertionError`/builtins, patching `sys.modules` or killing
-the harness all give a non-pass. Limitation: a program written to attack this harness on purpose
-(walking the interpreter's frames or heap to find the nonce) could forge a pass; the isolation
-still contains what it can do to the host.
+Who decides the verdict (threat model). The program may be written to attack the harness: it
+controls its whole process, its memory, frames, heap and descriptors. So it never shares a process
+with the tests. Per job the worker forks two processes:
+- B runs the program, confined as above, and then only answers requests over one socket, the
+  only descriptor it has besides 0-2: call this function, read this attribute, iterate this object.
+- T runs the tests (trusted task code) and never executes model-written code. The names the tests
+  use resolve to the task's trusted `setup` (e.g. HumanEval's `poly`), then T's own builtins, then
+  the program's names (`entry_points` declared by the task win over both). Values come back from
+  B as copies in a tagged JSON encoding (`_sandbox_codec`: no pickle, size- and depth-capped) that
+  T decodes only into exact builtin types, so every comparison runs T's code on plain data; objects
+  the program defines are opaque handles whose `==` is identity; stdlib modules the program
+  imported are imported by T itself. The verdict is T's report on a pipe made after B was forked.
+B cannot reach T: it lives in its own pid namespace (it cannot see T), as root runs under another
+uid than T, and T is not dumpable (no ptrace, no /proc/T/fd). B's exit, crash, garbage on the
+socket or a BaseException (SystemExit...) in a call only ever give an error; T has its own rlimits
+and the job's wall clock, so a test looping on a huge value the program returned ends in timeout.
+
+Not covered: a program that gets the answers right by other means (memorised tests) passes;
+tests that ask the program to judge itself are answered by the program (a method call such as
+`obj.is_valid()`, the truth value of a handle in `assert f(x)`, iteration of a handle, so `x in
+handle`; `handle != value` is True); weak tests stay weak; kernel bugs and namespace escapes;
+timing side channels. Without a pid namespace (an unconfined opt-in) a non-root program can kill
+T: an error, never a pass. Copies are not the program's objects: subclasses of builtins arrive as
+their base value (a namedtuple is a tuple, a Counter a dict), numpy scalars as Python numbers;
+numpy arrays, deques and dict views are handles; only list/dict/set/bytearray arguments are
+copied back after a call (in-place mutation), not objects the program kept.
 """
 
 from __future__ import annotations
