@@ -359,6 +359,9 @@ def test_no_stragglers_and_workers_alive(host):
     workers = {str(w.proc.pid) for w in sandbox._POOL.idle}
     assert all(w.alive() for w in sandbox._POOL.idle)
     leftover = set(_sandbox_processes()) - workers
+    test_processes = [p for p in leftover if _parent(p) in workers]  # each worker's test process T
+    assert len(test_processes) <= len(workers) and len({_parent(p) for p in test_processes}) == len(test_processes)
+    leftover -= set(test_processes)
     assert not leftover, leftover
     # and the sandbox still works
     assert sandbox.check("def f():\n    return 1", "assert f() == 1", timeout=2).passed

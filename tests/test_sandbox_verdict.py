@@ -295,6 +295,14 @@ def test_humaneval_poly_comes_from_the_task():
     assert "poly" in prompt.meta["setup"] and "def find_zero" not in prompt.meta["setup"]
 
 
+def test_each_job_starts_with_the_same_test_process_state():
+    # T serves many jobs; each starts with the same module-level random state (as a fork would).
+    sandbox.clear_cache()
+    pairs = [(f"x = {i}", "import random, sys\nsys.setrecursionlimit(50)\nassert False, random.random()") for i in range(3)]
+    got = sandbox.check_many(pairs, workers=1)
+    assert len({r.message for r in got}) == 1 and all(r.status == "failed" for r in got), got
+
+
 def test_workers_alive_and_host_unharmed(results):
     assert all(w.alive() for w in sandbox._POOL.idle)
     assert sandbox.check("def f():\n    return 1", "assert f() == 1", timeout=2).passed

@@ -184,14 +184,25 @@ def job_main(job: dict, cfg: dict, feats: dict, workdir: str, sock: int, status_
 # ---------------------------------------------------------------- T: the tests' process
 
 
-def test_process_main(job: dict, cfg: dict, feats: dict, sock: int, rep_w: int, out_w: int) -> None:
-    """T: its own uid (root) or a non-dumpable process, rlimits, fds 0-2 + socket + report pipe."""
-    rep = rep_w
+def test_server_main(cfg: dict, feats: dict, ctrl: int) -> None:
+    """T, the worker's test process, for as many jobs as it is given: its own uid (root), not
+    dumpable, rlimits; per job it gets (over `ctrl`, from the worker) the job, its socket to B and
+    the job's output pipe, and answers with one report line. The worker kills it when a job times
+    out; a per-job CPU limit kills it too."""
+    import random
+    import socket
+
     try:
         confine.prctl(confine.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
-        _place(sock, rep_w, out_w)
-        rep = 4
+        high = fcntl.fcntl(ctrl, fcntl.F_DUPFD_CLOEXEC, 100)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.dup2(high, 3, inheritable=False)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        os.closerange(4, min(soft if soft > 0 else 1 << 16, 1 << 16))
+        ctrl = 3
         os.chdir("/")
         if feats["root"]:  # an uid no job runs as: B cannot signal or trace T
             uid = cfg.get("test_uid", cfg["uid"] + 100_000)
@@ -200,13 +211,49 @@ def test_process_main(job: dict, cfg: dict, feats: dict, sock: int, rep_w: int, 
             os.setresuid(uid, uid, uid)
         confine.prctl(confine.PR_SET_NO_NEW_PRIVS, 1)
         confine.prctl(confine.PR_SET_DUMPABLE, 0)
-        cpu, mem = int(cfg["timeout"]) + 1, cfg["memory_mb"] << 20
-        for lim, val in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
-                         (resource.RLIMIT_FSIZE, (1 << 20,) * 2), (resource.RLIMIT_CORE, (0, 0)),
-                         (resource.RLIMIT_NOFILE, (64, 64))):
+        mem = cfg["memory_mb"] << 20
+        for lim, val in ((resource.RLIMIT_AS, (mem, mem)), (resource.RLIMIT_FSIZE, (1 << 20,) * 2),
+                         (resource.RLIMIT_CORE, (0, 0)), (resource.RLIMIT_NOFILE, (64, 64)), (resource.RLIMIT_NPROC, (0, 0))):
             resource.setrlimit(lim, val)
-        os.environ.clear()  # sys.stdout/stderr already write to fds 1 and 2
+        os.environ.clear()
+        conn = socket.socket(fileno=ctrl)
+        fresh = (random.getstate(), sys.getrecursionlimit(), sys.stdout, sys.stderr)
     except BaseException as exc:  # noqa: BLE001
-        os.write(rep, json.dumps({"outcome": "sandbox", "message": repr(exc)[:500]}).encode() + b"\n")
+        os.write(ctrl, json.dumps({"outcome": "sandbox", "message": repr(exc)[:500]}).encode() + b"\n")
         os._exit(3)
-    tests_mod.run_tests(job, 3, rep)
+    while True:
+        head, fds, _flags, _addr = socket.recv_fds(conn, 8, 2)
+        if len(head) != 8 or len(fds) != 2:
+            os._exit(0)
+        size, body = int.from_bytes(head, "little"), bytearray()
+        while len(body) < size:
+            chunk = conn.recv(min(size - len(body), 1 << 20))
+            if not chunk:
+                os._exit(0)
+            body += chunk
+        sock, out = fds
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        job = json.loads(body)  # the tests, setup, entry points and limits: never the program
+        # Each job starts as the first did: the same random state (tests that draw inputs from the
+        # module-level generator stay deterministic), recursion limit and streams.
+        random.setstate(fresh[0])
+        sys.setrecursionlimit(fresh[1])
+        sys.stdout, sys.stderr = fresh[2], fresh[3]
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = int(used.ru_utime + used.ru_stime + float(job["limits"]["timeout"])) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, resource.RLIM_INFINITY))
+        try:
+            info = tests_mod.run_tests(job, sock)
+        except BaseException as exc:  # noqa: BLE001  (a harness bug: never a pass)
+            info = {"outcome": "sandbox", "message": repr(exc)[:500]}
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os.close(sock)
+        for fd in (1, 2):
+            os.dup2(0, fd)
+        os.write(ctrl, json.dumps({**info, "job": job["id"]}).encode() + b"\n")

@@ -267,11 +267,6 @@ def _module(name: str, fallback: Remote):
     return fallback  # not a stdlib module: the program's own, reached remotely
 
 
-def _report(rep_fd: int, info: dict) -> None:
-    os.write(rep_fd, json.dumps(info).encode() + b"\n")
-    os._exit(0)
-
-
 def _failure(exc: BaseException, where: str, filename: str, source: str) -> dict:
     if isinstance(exc, ProgramGone):
         return {"outcome": "error", "error_type": exc.kind, "message": str(exc)[:500], "where": where,
@@ -293,8 +288,8 @@ def fail_line(tb, filename: str, source: str) -> str:
     return line[:500]
 
 
-def run_tests(job: dict, fd: int, rep_fd: int) -> None:
-    """T's whole life: compile the trusted code, bind names, run setup then tests, report."""
+def run_tests(job: dict, fd: int) -> dict:
+    """One job in T: compile the trusted code, bind names, run setup then tests; the report."""
     global _CHANNEL
     tests, setup = job["tests"], job.get("setup") or ""
     entry_points = set(job.get("entry_points") or ())
@@ -302,20 +297,20 @@ def run_tests(job: dict, fd: int, rep_fd: int) -> None:
         t_setup, t_tests = ast.parse(setup, "<setup>"), ast.parse(tests, "<tests>")
         c_setup, c_tests = compile(t_setup, "<setup>", "exec"), compile(t_tests, "<tests>", "exec")
     except BaseException as exc:  # noqa: BLE001
-        _report(rep_fd, {**_failure(exc, "compile", "<tests>", tests), "outcome": "error"})
+        return {**_failure(exc, "compile", "<tests>", tests), "outcome": "error"}
     _CHANNEL = chan = _Channel(fd)
     g: dict = {"__name__": "__tests__", "__builtins__": builtins}
     try:
         exec(c_setup, g)
     except BaseException as exc:  # noqa: BLE001
-        _report(rep_fd, {**_failure(exc, "setup", "<setup>", setup), "outcome": "error"})
+        return {**_failure(exc, "setup", "<setup>", setup), "outcome": "error"}
     trusted = set(g) | _BUILTIN_NAMES
     try:
         rep = chan.raw(["names", _names(t_setup, t_tests)])
         if rep[0] == "perr":  # the program itself raised (or did not compile)
-            _report(rep_fd, {"outcome": "failed" if rep[1] == "AssertionError" else "error", "where": "program",
-                             "error_type": str(rep[1])[:200],
-                             "message": str(rep[2])[:500], "line": str(rep[3])[:500]})
+            return {"outcome": "failed" if rep[1] == "AssertionError" else "error", "where": "program",
+                    "error_type": str(rep[1])[:200], "message": str(rep[2])[:500],
+                    "line": str(rep[3])[:500] if len(rep) > 3 else ""}
         entries = rep[1] if len(rep) > 1 and type(rep[1]) is list else None
         if entries is None:
             raise chan._lost("ReportTampered", "the program sent something that is not an answer")
@@ -332,11 +327,13 @@ def run_tests(job: dict, fd: int, rep_fd: int) -> None:
             else:
                 g[name] = chan.decode(entry[2])
     except BaseException as exc:  # noqa: BLE001
-        _report(rep_fd, _failure(exc, "program", "<tests>", tests))
+        return _failure(exc, "program", "<tests>", tests)
     try:
         exec(c_tests, g)
     except BaseException as exc:  # noqa: BLE001
-        _report(rep_fd, _failure(exc, "tests", "<tests>", tests))
+        return _failure(exc, "tests", "<tests>", tests)
+    finally:
+        _CHANNEL = None
     if chan.gone is not None:  # a test caught it: still not a pass
-        _report(rep_fd, {**_failure(chan.gone, "tests", "<tests>", tests)})
-    _report(rep_fd, {"outcome": "passed"})
+        return _failure(chan.gone, "tests", "<tests>", tests)
+    return {"outcome": "passed"}

@@ -52,7 +52,7 @@ _harness = _load_sibling("_sandbox_harness")
 CLONE_NEWNS, CLONE_NEWPID = _confine.CLONE_NEWNS, _confine.CLONE_NEWPID
 unshare, blocked_paths, probe_features = _confine.unshare, _confine.blocked_paths, _confine.probe_features
 worker_view = _confine.worker_view
-job_main, test_process_main = _harness.job_main, _harness.test_process_main
+job_main, test_server_main = _harness.job_main, _harness.test_server_main
 
 
 def level_string(feats: dict) -> str:
@@ -150,12 +150,49 @@ def _kill_b(b: int, feats: dict, cfg: dict, keep_waiting: bool) -> int | None:
     return status
 
 
+_T: dict = {}  # the worker's test process: pid, ctrl (socket), pidfd
+_JOBS = [0]
+
+
+def _test_server(cfg: dict, feats: dict) -> dict:
+    """The test process T, started once and again after it was killed; it never runs model code."""
+    if _T:
+        return _T
+    c_w, c_t = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            c_w.close()
+            test_server_main(cfg, feats, c_t.detach())
+        finally:
+            os._exit(120)
+    c_t.close()
+    _T.update(pid=pid, ctrl=c_w, pidfd=os.pidfd_open(pid))
+    return _T
+
+
+def _stop_test_server() -> int | None:
+    """Kill T (stuck in a test, or its answer is no longer wanted); its wait status."""
+    if not _T:
+        return None
+    try:
+        os.kill(_T["pid"], signal.SIGKILL)
+    except OSError:
+        pass
+    status = os.waitpid(_T["pid"], 0)[1]
+    _T["ctrl"].close()
+    os.close(_T["pidfd"])
+    _T.clear()
+    return status
+
+
 def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
-    """One job: B (the program, confined) and T (the tests, which never run its code), forked from
-    here; the verdict is T's report on a pipe only T holds."""
+    """One job: B (the program, confined), forked from here, and T (the tests, which never see or
+    run the program's code); the verdict is T's report on a socket B never held."""
     _reap_pending()
     gc.freeze()  # the children's garbage collector never walks (so never copies) the worker's pages
     cfg = {**cfg, **job.get("limits", {})}
+    t = _test_server(cfg, feats)
     workdir = os.path.join(base, os.urandom(8).hex())
     os.mkdir(workdir, 0o777)
     os.chmod(workdir, 0o777)
@@ -168,8 +205,8 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     a = os.fork()
     if a == 0:
         try:
-            for fd in (s_t, out_r, st_r, pid_r, sync_w):
-                os.close(fd)
+            for fd in (t["ctrl"].fileno(), t["pidfd"], s_t, out_r, st_r, pid_r, sync_w):
+                os.close(fd)  # first of all: B never holds T's report socket
             if feats["pid"]:
                 unshare(CLONE_NEWPID | CLONE_NEWNS)
             b = os.fork()
@@ -183,16 +220,16 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             os.write(pid_w, struct.pack("<i", b))
         finally:
             os._exit(0)
-    for fd in (s_b, st_w, pid_w, sync_r):
+    _JOBS[0] += 1
+    job_id = _JOBS[0]
+    body = json.dumps({k: v for k, v in job.items() if k != "program"} | {"id": job_id}).encode()
+    try:  # T starts on the tests while A and B set up
+        socket.send_fds(t["ctrl"], [len(body).to_bytes(8, "little")], [s_t, out_w])
+        t["ctrl"].sendall(body)
+    except OSError:
+        pass  # T is gone: no report, an error
+    for fd in (s_t, s_b, st_w, pid_w, sync_r, out_w):
         os.close(fd)
-    rep_r, rep_w = os.pipe()  # made after A (hence B) was forked: B never held it
-    t = os.fork()  # T sets itself up while A and B do
-    if t == 0:
-        try:
-            os.close(rep_r)
-            test_process_main(job, cfg, feats, s_t, rep_w, out_w)
-        finally:
-            os._exit(120)
     os.waitpid(a, 0)
     try:
         os.write(sync_w, b"g")
@@ -202,21 +239,19 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     raw = os.read(pid_r, 4)
     os.close(pid_r)
     b = struct.unpack("<i", raw)[0] if len(raw) == 4 else None
-    for fd in (s_t, rep_w, out_w):
-        os.close(fd)
     deadline = t0 + float(cfg["timeout"])
     out, out_total, rep, setup = bytearray(), 0, bytearray(), bytearray()
-    timed_out = too_much = done = False
-    pidfd = os.pidfd_open(t)
-    open_fds = [rep_r, out_r, st_r]
+    timed_out = too_much = done = t_died = False
+    ctrl = t["ctrl"].fileno()
+    open_fds = [ctrl, out_r, st_r]
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
             break
-        ready, _, _ = select.select(open_fds + [pidfd], [], [], left)
+        ready, _, _ = select.select(open_fds + [t["pidfd"]], [], [], left)
         for fd in ready:
-            if fd == pidfd:
+            if fd == t["pidfd"]:
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
@@ -229,7 +264,8 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             else:
                 rep += chunk
                 done = _final_report(bytes(rep))
-        if done or pidfd in ready:
+        t_died = t["pidfd"] in ready or ctrl not in open_fds
+        if done or t_died:
             break
         if out_total > (cfg["output_kb"] << 10) or len(rep) > 1 << 16:
             too_much = True
@@ -240,27 +276,18 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     except ValueError:
         info = None
     t_status = None
-    if isinstance(info, dict):  # T is done: reap it later
-        os.kill(t, signal.SIGKILL)
-        _PENDING.append(t)
-    else:
-        try:
-            os.kill(t, signal.SIGKILL)
-        except OSError:
-            pass
-        t_status = os.waitpid(t, 0)[1]
-    os.close(pidfd)
+    if not (isinstance(info, dict) and info.pop("job", None) == job_id):
+        info = None
+        t_status = _stop_test_server()  # stuck, dead or out of step: the next job gets a fresh T
     gone = isinstance(info, dict) and bool(info.get("program_gone"))  # B ended on its own: get its status
     b_status = _kill_b(b, feats, cfg, keep_waiting=gone and not timed_out) if b else None
-    for fd in (rep_r, out_r, st_r):  # whatever is left in the pipes (writers are all dead now)
+    for fd in (out_r, st_r):  # whatever is left in the pipes (writers are all dead now)
         os.set_blocking(fd, False)
         try:
             while chunk := os.read(fd, 1 << 16):
-                if fd == rep_r and len(rep) < 1 << 16:
-                    rep += chunk
-                elif fd == st_r:
+                if fd == st_r:
                     setup += chunk[:1024]
-                elif fd == out_r:
+                else:
                     out = (out + chunk)[-cfg["tail_bytes"]:]
         except BlockingIOError:
             pass
@@ -276,7 +303,8 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
-    return verdict(bytes(rep), t_status, b_status, bytes(setup), timed_out, too_much, duration,
+    report = (json.dumps(info).encode() + b"\n") if info is not None else b""
+    return verdict(report, t_status, b_status, bytes(setup), timed_out, too_much, duration,
                    out.decode("utf-8", "replace"), cfg)
 
 
