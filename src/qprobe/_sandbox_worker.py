@@ -152,6 +152,20 @@ def _kill_b(b: int, feats: dict, cfg: dict, keep_waiting: bool) -> int | None:
 
 _T: dict = {}  # the worker's test process: pid, ctrl (socket), pidfd
 _JOBS = [0]
+_PINNED: list[bool] = []
+
+
+def _pin(cfg: dict) -> None:
+    """Once: this worker, its T and its jobs share one core (workers spread over the cores). A call
+    from T to B and back is then a switch on one core, not a wake-up across cores: ~15% more
+    checks per second at 2 workers on 2 busy cores."""
+    if not _PINNED:
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {cpus[cfg["uid"] % len(cpus)]})
+        except (OSError, AttributeError):
+            pass
+        _PINNED.append(True)
 
 
 def _test_server(cfg: dict, feats: dict) -> dict:
@@ -192,6 +206,7 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     _reap_pending()
     gc.freeze()  # the children's garbage collector never walks (so never copies) the worker's pages
     cfg = {**cfg, **job.get("limits", {})}
+    _pin(cfg)
     t = _test_server(cfg, feats)
     workdir = os.path.join(base, os.urandom(8).hex())
     os.mkdir(workdir, 0o777)
