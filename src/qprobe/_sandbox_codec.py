@@ -128,7 +128,7 @@ def _set(items: list, frozen: bool):
     for x in items:
         added.add(x)
     for s in (set(items), merged, added):
-        if len(items) > 4096 or (len(s) == len(items) and all(a is b for a, b in zip(s, items))):
+        if len(items) > 4096 or (len(s) == len(items) and all(a is b for a, b in zip(s, items, strict=True))):
             return s
     return set(items)
 

@@ -5,10 +5,12 @@ requests from T over one socket (fd 3, its only descriptor besides 0-2): call th
 this attribute, iterate this object. Every answer is a copy (`_sandbox_codec`). B never learns the
 verdict and holds no descriptor that could carry one.
 
-T never executes model-written code. It runs the trusted task code (setup, then the tests) with
-the names the tests use that the program defines bound to stand-ins: plain values are copies,
-stdlib modules are imported by T itself, everything else is a `Remote` handle whose operations are
-requests to B. T alone writes the verdict, on a pipe B never holds (see `_sandbox_tests.py`).
+T, the worker's warm test process, never receives or executes model-written code. Per job it
+runs the trusted task code (setup, then the tests) with the names the tests use that the program
+defines bound to stand-ins: plain values are copies, stdlib modules are imported by T itself,
+everything else is a `Remote` handle whose operations are requests to B (`_sandbox_tests.py`). T
+alone writes the verdict, on its socket to the worker, which B never holds. The end of this file
+turns T's report (and B's exit status) into the job's result.
 
 Standard library only; loaded by path by `_sandbox_worker.py`, after `_sandbox_confine.py` and
 `_sandbox_codec.py`.
@@ -17,11 +19,12 @@ Standard library only; loaded by path by `_sandbox_worker.py`, after `_sandbox_c
 from __future__ import annotations
 
 # Warm the modules programs and tests import most, so each forked child finds them loaded.
-import collections, copy, fractions, functools, heapq, itertools, math, random, re, string, typing  # noqa: E401,F401,I001
+import collections  # noqa: E401,F401,I001
 import fcntl
 import json
 import operator
 import os
+import random
 import resource
 import signal
 import sys
@@ -189,7 +192,6 @@ def test_server_main(cfg: dict, feats: dict, ctrl: int) -> None:
     dumpable, rlimits; per job it gets (over `ctrl`, from the worker) the job, its socket to B and
     the job's output pipe, and answers with one report line. The worker kills it when a job times
     out; a per-job CPU limit kills it too."""
-    import random
     import socket
 
     try:
@@ -257,3 +259,76 @@ def test_server_main(cfg: dict, feats: dict, ctrl: int) -> None:
         for fd in (1, 2):
             os.dup2(0, fd)
         os.write(ctrl, json.dumps({**info, "job": job["id"]}).encode() + b"\n")
+
+
+# ---------------------------------------------------------------- the worker: what the reports mean
+
+
+def final_report(rep: bytes) -> bool:
+    """A complete report from T (one JSON line): the verdict is known before the processes exit."""
+    if not rep.endswith(b"\n") or rep.count(b"\n") != 1:
+        return False
+    try:
+        return isinstance(json.loads(rep), dict)
+    except ValueError:
+        return False
+
+
+def _code(status) -> int | None:
+    """Exit code, or 128 + signal number."""
+    if status is None:
+        return None
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def verdict(rep: bytes, t_status, b_status, setup: bytes, timed_out: bool, too_much: bool, duration: float,
+            tail: str, cfg: dict) -> dict:
+    """The result of one job. Only T's report can say passed; B's status only refines an error."""
+    res = {"status": "error", "error_type": "", "failing_test": "", "message": "", "stderr_tail": tail,
+           "duration": round(duration, 4)}
+    near_limit = duration >= cfg["timeout"] * 0.9
+    if timed_out:
+        return {**res, "status": "timeout", "error_type": "TimeoutError",
+                "message": f"wall-clock limit of {cfg['timeout']} s exceeded"}
+    if too_much:
+        return {**res, "error_type": "OutputLimitExceeded", "message": f"more than {cfg['output_kb']} KiB of output"}
+    if setup not in (b"ok", b""):
+        return {**res, "error_type": "SandboxError", "message": "confining the job failed: " +
+                setup.decode("utf-8", "replace")[:400]}
+    lines = rep.splitlines()
+    info = None
+    if len(lines) == 1:
+        try:
+            info = json.loads(lines[0])
+        except ValueError:
+            info = None
+    if not isinstance(info, dict) or info.get("outcome") not in ("passed", "failed", "error", "sandbox"):
+        code = _code(t_status)
+        if code is not None and code > 128 and code - 128 in (signal.SIGXCPU, signal.SIGKILL) and near_limit:
+            return {**res, "status": "timeout", "error_type": "TimeoutError", "message": "CPU time limit exceeded"}
+        return {**res, "error_type": "TestsDied",
+                "message": f"the test process ended without a verdict (exit status {code})"}
+    outcome = info["outcome"]
+    res.update(error_type=str(info.get("error_type", ""))[:200], message=str(info.get("message", ""))[:500],
+               failing_test=str(info.get("line", ""))[:500])
+    if outcome == "sandbox":
+        return {**res, "error_type": "SandboxError"}
+    if info.get("program_gone") and setup != b"ok":
+        return {**res, "error_type": "SandboxError", "message": "the job died while being confined"}
+    if info.get("program_gone") and info.get("error_type") == "EarlyExit":
+        code = _code(b_status)
+        sig = code - 128 if code is not None and code > 128 else None
+        if sig in (signal.SIGXCPU, signal.SIGKILL) and near_limit:
+            return {**res, "status": "timeout", "error_type": "TimeoutError", "message": "CPU time limit exceeded"}
+        what = (f"was killed by {_signame(sig)}" if sig else
+                f"exited with code {code}" if code is not None else "vanished")
+        return {**res, "error_type": "Killed" if sig else "EarlyExit",
+                "message": f"the program {what} before its tests finished"}
+    return {**res, "status": outcome}

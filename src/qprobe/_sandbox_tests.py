@@ -22,8 +22,6 @@ import ast
 import builtins
 import collections
 import importlib
-import json
-import os
 import sys
 
 import _sandbox_codec as codec

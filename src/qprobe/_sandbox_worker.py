@@ -5,13 +5,14 @@ over two pipes with length-prefixed JSON. Per job it forks A, which enters a fre
 namespace (where available) and forks B, the init of that namespace; A exits at once so B is
 re-parented to this worker (a child sub-reaper). B mounts a size-capped tmpfs on its working
 directory and a fresh /proc, remounts everything else read-only, drops privileges, sets rlimits,
-then runs the program and its tests. Killing B (the namespace's init) kills every process the
+then runs the program and answers T's calls. Killing B (the namespace's init) kills every process the
 program started. The wall-clock timeout is enforced here, outside the namespace.
 
-Beside B it forks T, the test process, which never runs model-written code: it runs the tests
-and calls into B over a socket (B's only descriptor besides 0-2), judging copies of B's values.
-The verdict is T's one-line report on a pipe created after B was forked (B never held it); B's
-exit status only refines an error (killed by which signal, CPU limit).
+Beside B it keeps T, its test process (forked once, restarted after a job that timed out), which
+never receives or runs model-written code: per job it gets the tests and B's socket (over
+SCM_RIGHTS), runs the tests and calls into B, judging copies of B's values. The verdict is T's
+one-line report on the worker<->T socket, which A closes before forking B (B never holds it);
+B's exit status only refines an error (killed by which signal, CPU limit).
 
 This file is the worker's loop (fork, wait, timeouts, verdicts, the pipe protocol); how B is
 confined and which isolation works here is `_sandbox_confine.py`; what B and T run is
@@ -53,6 +54,7 @@ CLONE_NEWNS, CLONE_NEWPID = _confine.CLONE_NEWNS, _confine.CLONE_NEWPID
 unshare, blocked_paths, probe_features = _confine.unshare, _confine.blocked_paths, _confine.probe_features
 worker_view = _confine.worker_view
 job_main, test_server_main = _harness.job_main, _harness.test_server_main
+verdict, _final_report = _harness.verdict, _harness.final_report
 
 
 def level_string(feats: dict) -> str:
@@ -113,16 +115,6 @@ def _reap_pending() -> None:
         except ChildProcessError:
             pass
         _PENDING.remove(pid)
-
-
-def _final_report(rep: bytes) -> bool:
-    """A complete report from T (one JSON line): the verdict is known before the processes exit."""
-    if not rep.endswith(b"\n") or rep.count(b"\n") != 1:
-        return False
-    try:
-        return isinstance(json.loads(rep), dict)
-    except ValueError:
-        return False
 
 
 def _kill_b(b: int, feats: dict, cfg: dict, keep_waiting: bool) -> int | None:
@@ -321,66 +313,6 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     report = (json.dumps(info).encode() + b"\n") if info is not None else b""
     return verdict(report, t_status, b_status, bytes(setup), timed_out, too_much, duration,
                    out.decode("utf-8", "replace"), cfg)
-
-
-def _code(status) -> int | None:
-    """Exit code, or 128 + signal number."""
-    if status is None:
-        return None
-    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-
-
-def _signame(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def verdict(rep: bytes, t_status, b_status, setup: bytes, timed_out: bool, too_much: bool, duration: float,
-            tail: str, cfg: dict) -> dict:
-    """The result of one job. Only T's report can say passed; B's status only refines an error."""
-    res = {"status": "error", "error_type": "", "failing_test": "", "message": "", "stderr_tail": tail,
-           "duration": round(duration, 4)}
-    near_limit = duration >= cfg["timeout"] * 0.9
-    if timed_out:
-        return {**res, "status": "timeout", "error_type": "TimeoutError",
-                "message": f"wall-clock limit of {cfg['timeout']} s exceeded"}
-    if too_much:
-        return {**res, "error_type": "OutputLimitExceeded", "message": f"more than {cfg['output_kb']} KiB of output"}
-    if setup not in (b"ok", b""):
-        return {**res, "error_type": "SandboxError", "message": "confining the job failed: " +
-                setup.decode("utf-8", "replace")[:400]}
-    lines = rep.splitlines()
-    info = None
-    if len(lines) == 1:
-        try:
-            info = json.loads(lines[0])
-        except ValueError:
-            info = None
-    if not isinstance(info, dict) or info.get("outcome") not in ("passed", "failed", "error", "sandbox"):
-        code = _code(t_status)
-        if code is not None and code > 128 and code - 128 in (signal.SIGXCPU, signal.SIGKILL) and near_limit:
-            return {**res, "status": "timeout", "error_type": "TimeoutError", "message": "CPU time limit exceeded"}
-        return {**res, "error_type": "TestsDied",
-                "message": f"the test process ended without a verdict (exit status {code})"}
-    outcome = info["outcome"]
-    res.update(error_type=str(info.get("error_type", ""))[:200], message=str(info.get("message", ""))[:500],
-               failing_test=str(info.get("line", ""))[:500])
-    if outcome == "sandbox":
-        return {**res, "error_type": "SandboxError"}
-    if info.get("program_gone") and setup != b"ok":
-        return {**res, "error_type": "SandboxError", "message": "the job died while being confined"}
-    if info.get("program_gone") and info.get("error_type") == "EarlyExit":
-        code = _code(b_status)
-        sig = code - 128 if code is not None and code > 128 else None
-        if sig in (signal.SIGXCPU, signal.SIGKILL) and near_limit:
-            return {**res, "status": "timeout", "error_type": "TimeoutError", "message": "CPU time limit exceeded"}
-        what = (f"was killed by {_signame(sig)}" if sig else
-                f"exited with code {code}" if code is not None else "vanished")
-        return {**res, "error_type": "Killed" if sig else "EarlyExit",
-                "message": f"the program {what} before its tests finished"}
-    return {**res, "status": outcome}
 
 
 def _recv(fd: int) -> dict | None:

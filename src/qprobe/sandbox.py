@@ -1,7 +1,7 @@
 """The only place that runs model-written code.
 
-`check(program, tests)` runs a Python program followed by its tests (e.g. asserts) in a child
-process and says whether every test ran to the end. `check_many` does the same for a batch, in
+`check(program, tests)` runs a Python program in a child process, judges it with its tests
+(e.g. asserts) in another, and says whether every test ran to the end. `check_many` does the same for a batch, in
 parallel. Nothing runs unless the user opted in (`--allow-code-execution` on the CLI, or
 `QPROBE_ALLOW_CODE_EXECUTION=1`).
 
@@ -15,18 +15,21 @@ kills the whole process tree. `isolation_level()` says which of these are in eff
 
 Who decides the verdict (threat model). The program may be written to attack the harness: it
 controls its whole process, its memory, frames, heap and descriptors. So it never shares a process
-with the tests. Per job the worker forks two processes:
-- B runs the program, confined as above, and then only answers requests over one socket, the
-  only descriptor it has besides 0-2: call this function, read this attribute, iterate this object.
-- T runs the tests (trusted task code) and never executes model-written code. The names the tests
+with the tests. Each worker has two kinds of children:
+- B, one per job, runs the program, confined as above, and then only answers requests over one
+  socket, its only descriptor besides 0-2: call this function, read this attribute, iterate this.
+- T, the worker's test process (warm, reused; killed and restarted when a job times out), runs the
+  tests (trusted task code) and never receives or executes model-written code. The names the tests
   use resolve to the task's trusted `setup` (e.g. HumanEval's `poly`), then T's own builtins, then
   the program's names (`entry_points` declared by the task win over both). Values come back from
   B as copies in a tagged JSON encoding (`_sandbox_codec`: no pickle, size- and depth-capped) that
   T decodes only into exact builtin types, so every comparison runs T's code on plain data; objects
   the program defines are opaque handles whose `==` is identity; stdlib modules the program
-  imported are imported by T itself. The verdict is T's report on a pipe made after B was forked.
+  imported are imported by T itself. The verdict is T's report on a socket between T and the
+  worker that B never holds (the process B is forked from closes it before anything else).
 B cannot reach T: it lives in its own pid namespace (it cannot see T), as root runs under another
-uid than T, and T is not dumpable (no ptrace, no /proc/T/fd). B's exit, crash, garbage on the
+uid than T, and T is not dumpable (no ptrace, no /proc/T/fd). Each job starts T from the same
+state (random state, recursion limit, streams), so a job cannot influence the next one's tests. B's exit, crash, garbage on the
 socket or a BaseException (SystemExit...) in a call only ever give an error; T has its own rlimits
 and the job's wall clock, so a test looping on a huge value the program returned ends in timeout.
 
@@ -290,17 +293,17 @@ def check(program: str, tests: str | TaskTests, timeout: float = 3.0, limits: Li
 def check_many(pairs: Sequence[tuple[str, str | TaskTests]], timeout: float = 3.0, workers: int | None = None,
                limits: Limits | None = None) -> list[Result]:
     """`check` for many (program, tests) pairs in parallel; identical pairs run once (cached)."""
-    pairs = [(p, _tests(t)) for p, t in pairs]
+    jobs = [(p, _tests(t)) for p, t in pairs]
     require_opt_in()
     limits = limits or Limits()
     if not (isinstance(timeout, (int, float)) and 0 < timeout <= 3600):
         from qprobe.errors import ConfigError
 
         raise ConfigError(f"expected a timeout in seconds in (0, 3600], got {timeout!r}")
-    keys = [_key(p, t, timeout, limits) for p, t in pairs]
+    keys = [_key(p, t, timeout, limits) for p, t in jobs]
     todo: dict[str, tuple[str, TaskTests]] = {}
     with _CACHE_LOCK:
-        for k, (p, t) in zip(keys, pairs, strict=True):
+        for k, (p, t) in zip(keys, jobs, strict=True):
             if k not in _CACHE:
                 todo.setdefault(k, (p, t))
     if todo:
