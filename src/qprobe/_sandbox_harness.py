@@ -18,9 +18,8 @@ Standard library only; loaded by path by `_sandbox_worker.py`, after `_sandbox_c
 
 from __future__ import annotations
 
-# Warm the modules programs and tests import most, so each forked child finds them loaded.
-import collections  # noqa: E401,F401,I001
 import fcntl
+import importlib
 import json
 import operator
 import os
@@ -33,6 +32,13 @@ import types
 import _sandbox_codec as codec
 import _sandbox_confine as confine
 import _sandbox_tests as tests_mod
+
+# Warm the modules programs and tests import most: B and T find them loaded (without reading a file,
+# which T's uid may not be able to do where there is no mount namespace).
+WARM = ("bisect", "collections", "copy", "decimal", "fractions", "functools", "heapq", "itertools", "math",
+        "random", "re", "statistics", "string", "typing")
+for _name in WARM:
+    importlib.import_module(_name)
 
 MUTABLE = (list, dict, set, bytearray)  # arguments whose state after a call is sent back to T
 NEXT_BATCH_MAX = 1024

@@ -73,13 +73,16 @@ def level_string(feats: dict) -> str:
 def _kill_stragglers(pid_b: int, uid: int | None) -> None:
     """Without a pid namespace: kill B's group, then anything re-parented to us (sub-reaper)."""
     for _ in range(50):
+        helper = None
         if uid is not None:  # root: a helper with the job's uid kills every process of that uid
-            if os.fork() == 0:
+            helper = os.fork()
+            if helper == 0:
                 os.setresuid(uid, uid, uid)
                 try:
                     os.kill(-1, signal.SIGKILL)
                 finally:
                     os._exit(0)
+            os.waitpid(helper, 0)
         me = str(os.getpid())
         kids = []
         for name in os.listdir("/proc"):
@@ -90,6 +93,7 @@ def _kill_stragglers(pid_b: int, uid: int | None) -> None:
                             kids.append(int(name))
                 except (OSError, IndexError):
                     pass
+        kids = [k for k in kids if k != _T.get("pid")]  # our test process is not a job's
         for k in kids:
             try:
                 os.kill(k, signal.SIGKILL)
@@ -101,6 +105,8 @@ def _kill_stragglers(pid_b: int, uid: int | None) -> None:
                     break
             except ChildProcessError:
                 return
+        if not kids:  # only our test process is left
+            return
         time.sleep(0.002)
 
 
@@ -185,7 +191,10 @@ def _stop_test_server() -> int | None:
         os.kill(_T["pid"], signal.SIGKILL)
     except OSError:
         pass
-    status = os.waitpid(_T["pid"], 0)[1]
+    try:
+        status = os.waitpid(_T["pid"], 0)[1]
+    except ChildProcessError:
+        status = None
     _T["ctrl"].close()
     os.close(_T["pidfd"])
     _T.clear()
