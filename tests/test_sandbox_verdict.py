@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -332,3 +333,21 @@ def test_tasks_declare_their_trusted_code():
     if mbpp.exists():
         row = next(json.loads(line) for line in mbpp.open() if '"task_id": 126,' in line)
         assert entry_points(row["code"], "\n".join(row["test_list"])) == ["sum"]
+
+
+def test_without_namespaces_the_verdict_holds(tmp_path):
+    # The rlimits-only path (an explicit unconfined opt-in): B can see T there, but the verdict
+    # still comes from T alone, and T finds the stdlib without reading files.
+    script = tmp_path / "minimal.py"
+    script.write_text(textwrap.dedent(f"""
+        from qprobe import sandbox
+        attacks = [{PROC_FD_FORGE!r}, {FRAME_FORGE!r}, {PROC_MEM_OTHERS!r}]
+        res = sandbox.check_many([(a, "assert 1 == 2") for a in attacks], timeout=3)
+        honest = sandbox.check("def f(x):\\n    return sorted(x)", "import copy\\na = [2, 1]\\nassert f(copy.copy(a)) == [1, 2]")
+        print(sandbox.isolation_level(), [r.status for r in res], honest.status)
+    """))
+    env = {**os.environ, sandbox.ENV_VAR: "1", "QPROBE_SANDBOX_MINIMAL": "1", "QPROBE_ALLOW_UNCONFINED": "1"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    level, statuses, honest = out.stdout.split(" ", 1)[0], out.stdout.split("[", 1)[1].split("]")[0], out.stdout.split()[-1]
+    assert "namespaces" not in level and "passed" not in statuses and honest == "passed", out.stdout
