@@ -351,3 +351,24 @@ def test_without_namespaces_the_verdict_holds(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     level, statuses, honest = out.stdout.split(" ", 1)[0], out.stdout.split("[", 1)[1].split("]")[0], out.stdout.split()[-1]
     assert "namespaces" not in level and "passed" not in statuses and honest == "passed", out.stdout
+
+
+def test_jsonl_rows_carry_trusted_setup_and_entry_points(tmp_path):
+    import json
+
+    from qprobe.errors import DataError
+    from qprobe.tasks.jsonl import JsonlTask
+
+    row = {"id": "p", "prompt": "write f", "tests": "assert check(f(3))", "entry_points": ["f"],
+           "setup": "def check(v):\n    return v == 9"}
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    task = JsonlTask(data=str(data))
+    prompt = task.prompts("all")[0]
+    # the completion's own `check` (always True) is not the one the tests call
+    wrong = "def check(v):\n    return True\ndef f(x):\n    return x"
+    right = "def f(x):\n    return x * x"
+    assert [r.reward for r in task.reward().score(prompt, [wrong, right])] == [0.0, 1.0]
+    data.write_text(json.dumps({**row, "entry_points": "f"}) + "\n")
+    with pytest.raises(DataError, match="entry_points"):
+        JsonlTask(data=str(data))

@@ -250,7 +250,7 @@ def test_server_main(cfg: dict, feats: dict, ctrl: int) -> None:
         sys.setrecursionlimit(fresh[1])
         sys.stdout, sys.stderr = fresh[2], fresh[3]
         used = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = int(used.ru_utime + used.ru_stime + float(job["limits"]["timeout"])) + 1
+        cpu = int(used.ru_utime + used.ru_stime + float(job.get("limits", {}).get("timeout", cfg["timeout"]))) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, resource.RLIM_INFINITY))
         try:
             info = tests_mod.run_tests(job, sock)
