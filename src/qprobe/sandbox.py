@@ -1,7 +1,7 @@
 """The only place that runs model-written code.
 
-`check(program, tests)` runs a Python program followed by its tests (e.g. asserts) in a child
-process and says whether every test ran to the end. `check_many` does the same for a batch, in
+`check(program, tests)` runs a Python program in a child process, judges it with its tests
+(e.g. asserts) in another, and says whether every test ran to the end. `check_many` does the same for a batch, in
 parallel. Nothing runs unless the user opted in (`--allow-code-execution` on the CLI, or
 `QPROBE_ALLOW_CODE_EXECUTION=1`).
 
@@ -13,12 +13,35 @@ always its own session, rlimits (address space, CPU, file size, open files, proc
 stdin at EOF, captured and capped output, and a wall-clock timeout enforced from outside that
 kills the whole process tree. `isolation_level()` says which of these are in effect here.
 
-A pass needs the harness to report, after the last test statement returned, a random per-job
-nonce on a randomly numbered fd, and the child to exit 0 afterwards; `exit(0)`, `sys.exit`,
-printing "passed", redefining `assert`/`AssertionError`/builtins, patching `sys.modules` or killing
-the harness all give a non-pass. Limitation: a program written to attack this harness on purpose
-(walking the interpreter's frames or heap to find the nonce) could forge a pass; the isolation
-still contains what it can do to the host.
+Who decides the verdict (threat model). The program may be written to attack the harness: it
+controls its whole process, its memory, frames, heap and descriptors. So it never shares a process
+with the tests. Each worker has two kinds of children:
+- B, one per job, runs the program, confined as above, and then only answers requests over one
+  socket, its only descriptor besides 0-2: call this function, read this attribute, iterate this.
+- T, the worker's test process (warm, reused; killed and restarted when a job times out), runs the
+  tests (trusted task code) and never receives or executes model-written code. The names the tests
+  use resolve to the task's trusted `setup` (e.g. HumanEval's `poly`), then T's own builtins, then
+  the program's names (`entry_points` declared by the task win over both). Values come back from
+  B as copies in a tagged JSON encoding (`_sandbox_codec`: no pickle, size- and depth-capped) that
+  T decodes only into exact builtin types, so every comparison runs T's code on plain data; objects
+  the program defines are opaque handles whose `==` is identity; stdlib modules the program
+  imported are imported by T itself. The verdict is T's report on a socket between T and the
+  worker that B never holds (the process B is forked from closes it before anything else).
+B cannot reach T: it lives in its own pid namespace (it cannot see T), as root runs under another
+uid than T, and T is not dumpable (no ptrace, no /proc/T/fd). Each job starts T from the same
+state (random state, recursion limit, streams), so a job cannot influence the next one's tests. B's exit, crash, garbage on the
+socket or a BaseException (SystemExit...) in a call only ever give an error; T has its own rlimits
+and the job's wall clock, so a test looping on a huge value the program returned ends in timeout.
+
+Not covered: a program that gets the answers right by other means (memorised tests) passes;
+tests that ask the program to judge itself are answered by the program (a method call such as
+`obj.is_valid()`, the truth value of a handle in `assert f(x)`, iteration of a handle, so `x in
+handle`; `handle != value` is True); weak tests stay weak; kernel bugs and namespace escapes;
+timing side channels. Without a pid namespace (an unconfined opt-in) a non-root program can kill
+T: an error, never a pass. Copies are not the program's objects: subclasses of builtins arrive as
+their base value (a namedtuple is a tuple, a Counter a dict), numpy scalars as Python numbers;
+numpy arrays, deques and dict views are handles; only list/dict/set/bytearray arguments are
+copied back after a call (in-place mutation), not objects the program kept.
 """
 
 from __future__ import annotations
@@ -59,6 +82,22 @@ class Limits:
     tail_bytes: int = 2048  # how much of the output tail is kept in the result
     nproc: int = 64
     nofile: int = 128
+
+
+@dataclass(frozen=True)
+class TaskTests:
+    """Trusted task code that judges a program: `code` (the tests), `setup` run before them (the
+    task's own helpers, e.g. HumanEval's `poly`: they win over the program's definitions of the same
+    names) and `entry_points` (the program's names the tests call; these win even over builtins,
+    e.g. an MBPP problem whose function is called `sum`). A plain string is `TaskTests(code=string)`."""
+
+    code: str
+    setup: str = ""
+    entry_points: tuple[str, ...] = ()
+
+
+def _tests(t: str | TaskTests) -> TaskTests:
+    return t if isinstance(t, TaskTests) else TaskTests(str(t))
 
 
 @dataclass(frozen=True)
@@ -146,8 +185,9 @@ class _Worker:
                 need, buf = size, b""
         return json.loads(buf) if size is not None else None
 
-    def run(self, program: str, tests: str, timeout: float, limits: Limits) -> dict | None:
-        data = json.dumps({"program": program, "tests": tests,
+    def run(self, program: str, tests: TaskTests, timeout: float, limits: Limits) -> dict | None:
+        data = json.dumps({"program": program, "tests": tests.code, "setup": tests.setup,
+                           "entry_points": list(tests.entry_points),
                            "limits": {**asdict(limits), "timeout": timeout}}).encode()
         try:
             self.proc.stdin.write(struct.pack("<I", len(data)) + data)  # type: ignore[union-attr]
@@ -222,14 +262,14 @@ def isolation_level() -> str:
     return _LEVEL
 
 
-def _key(program: str, tests: str, timeout: float, limits: Limits) -> str:
+def _key(program: str, tests: TaskTests, timeout: float, limits: Limits) -> str:
     h = hashlib.sha256()
-    for part in (program, tests, repr(float(timeout)), repr(limits)):
+    for part in (program, tests.code, tests.setup, repr(tests.entry_points), repr(float(timeout)), repr(limits)):
         h.update(part.encode("utf-8", "surrogatepass") + b"\x00")
     return h.hexdigest()
 
 
-def _run_one(program: str, tests: str, timeout: float, limits: Limits) -> Result:
+def _run_one(program: str, tests: TaskTests, timeout: float, limits: Limits) -> Result:
     worker = _POOL.acquire()
     raw = None
     try:
@@ -245,24 +285,25 @@ def _run_one(program: str, tests: str, timeout: float, limits: Limits) -> Result
                   duration=float(raw.get("duration", 0.0)))
 
 
-def check(program: str, tests: str, timeout: float = 3.0, limits: Limits | None = None) -> Result:
-    """Run `program` then `tests` in the sandbox; passed only if every test statement completed."""
+def check(program: str, tests: str | TaskTests, timeout: float = 3.0, limits: Limits | None = None) -> Result:
+    """Run `program`, then judge it with `tests`; passed only if every test statement completed."""
     return check_many([(program, tests)], timeout=timeout, limits=limits)[0]
 
 
-def check_many(pairs: Sequence[tuple[str, str]], timeout: float = 3.0, workers: int | None = None,
+def check_many(pairs: Sequence[tuple[str, str | TaskTests]], timeout: float = 3.0, workers: int | None = None,
                limits: Limits | None = None) -> list[Result]:
     """`check` for many (program, tests) pairs in parallel; identical pairs run once (cached)."""
+    jobs = [(p, _tests(t)) for p, t in pairs]
     require_opt_in()
     limits = limits or Limits()
     if not (isinstance(timeout, (int, float)) and 0 < timeout <= 3600):
         from qprobe.errors import ConfigError
 
         raise ConfigError(f"expected a timeout in seconds in (0, 3600], got {timeout!r}")
-    keys = [_key(p, t, timeout, limits) for p, t in pairs]
-    todo: dict[str, tuple[str, str]] = {}
+    keys = [_key(p, t, timeout, limits) for p, t in jobs]
+    todo: dict[str, tuple[str, TaskTests]] = {}
     with _CACHE_LOCK:
-        for k, (p, t) in zip(keys, pairs, strict=True):
+        for k, (p, t) in zip(keys, jobs, strict=True):
             if k not in _CACHE:
                 todo.setdefault(k, (p, t))
     if todo:

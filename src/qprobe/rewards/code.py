@@ -42,6 +42,20 @@ def build_program(prompt: Prompt, completion: str) -> str:
     return program
 
 
+def trusted_tests(prompt: Prompt, code: str | None = None) -> Any:
+    """The sandbox's `TaskTests` for a prompt: `code` (default `meta["tests"]`), the task's trusted
+    `meta["setup"]` and its entry points (`meta["entry_points"]`, else `[meta["entry_point"]]`)."""
+    from qprobe import sandbox
+
+    meta = prompt.meta
+    entries = meta.get("entry_points") or ([meta["entry_point"]] if meta.get("entry_point") else [])
+    setup = meta.get("setup") or ""
+    if not isinstance(setup, str) or not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"expected prompt.meta['setup'] (Python source) and meta['entry_points'] (names) for "
+                          f"prompt '{prompt.id}', got {setup!r} / {entries!r}")
+    return sandbox.TaskTests(meta["tests"] if code is None else code, setup=setup, entry_points=tuple(entries))
+
+
 def results_from(checked: list[Any]) -> list[RewardResult]:
     out = []
     for r in checked:
@@ -51,7 +65,10 @@ def results_from(checked: list[Any]) -> list[RewardResult]:
 
 
 class UnitTestReward(Reward):
-    """1.0 if `build_program(prompt, completion)` then `prompt.meta["tests"]` run to the end, else 0.0.
+    """1.0 if `prompt.meta["tests"]` run to the end against `build_program(prompt, completion)`, else 0.0.
+
+    The tests run in the sandbox's test process with the task's `meta["setup"]` and entry points
+    (`trusted_tests`); the program runs in its own confined process.
 
     None (unscored) only when the sandbox itself failed. Details per sample: status
     (passed/failed/timeout/error), error_type, failing_test, message, stderr_tail, duration.
@@ -75,7 +92,8 @@ class UnitTestReward(Reward):
         tests = prompt.meta.get("tests")
         if not isinstance(tests, str) or not tests.strip():
             raise ConfigError(f"expected prompt.meta['tests'] (Python source) for prompt '{prompt.id}', got {tests!r}")
-        pairs = [(build_program(prompt, c), tests) for c in completions]
+        trusted = trusted_tests(prompt)
+        pairs = [(build_program(prompt, c), trusted) for c in completions]
         return results_from(sandbox.check_many(pairs, timeout=self.timeout, workers=self.workers))
 
     def manifest(self) -> dict[str, Any]:

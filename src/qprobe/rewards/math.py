@@ -86,7 +86,8 @@ class ProgramAnswerReward(Reward):
         ref = _reference(prompt)
         tests = (f"_value = solution()\n"
                  f"assert abs(float(_value) - {float(ref)!r}) <= 1e-6 * max(1.0, abs({float(ref)!r})), _value\n")
-        pairs = [(build_program(prompt, c), tests) for c in completions]
+        trusted = sandbox.TaskTests(tests, entry_points=("solution",))  # judged in the test process
+        pairs = [(build_program(prompt, c), trusted) for c in completions]
         return results_from(sandbox.check_many(pairs, timeout=self.timeout, workers=self.workers))
 
     def manifest(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from typing import Any
 
 from qprobe.core.types import Prompt
@@ -14,6 +15,18 @@ STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop 
 CHAT_TEMPLATE = "Complete the following Python function. Answer with the whole function in a ```python code block.\n\n{prompt}"
 FORMATS = ("completion", "chat")
 CHAT_STOP = ("\n```\n",)  # a chat answer is done once its code block closes
+
+
+def trusted_setup(prompt: str, entry_point: str) -> str:
+    """The prompt without the entry point's def: its imports and helpers (`poly` of HumanEval/32,
+    `encode_cyclic` of /38, `encode_shift` of /50), which the tests call. They run as trusted task
+    code beside the tests, so a completion that redefines them cannot change what the tests compute."""
+    lines = prompt.splitlines(keepends=True)
+    for node in ast.parse(prompt).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            return "".join(lines[:start] + lines[node.end_lineno:])  # type: ignore[operator]
+    return prompt
 
 
 class HumanEvalTask(Task):
@@ -41,6 +54,7 @@ class HumanEvalTask(Task):
     def make_prompt(self, p: dict[str, Any]) -> Prompt:
         tests = p["test"] + f"\ncheck({p['entry_point']})\n"
         meta = {"task_id": p["task_id"], "tests": tests, "entry_point": p["entry_point"],
+                "setup": trusted_setup(p["prompt"], p["entry_point"]),
                 "reference": p["prompt"] + p["canonical_solution"], "stop": list(self.stop)}
         pid = f"humaneval/{p['task_id'].split('/')[-1]}"
         if self.prompt_format == "completion":

@@ -5,6 +5,9 @@ sandbox) or {"id": ..., "prompt": "...", ...any fields...} with the option rewar
 (called as function(prompt, completion) -> float | None; prompt.meta holds the line's fields).
 An optional "split" field groups lines into splits; without it the single split is "all".
 Optional "messages" (a chat list) and "prefix" (prepended to the completion before testing).
+With unit tests, optional "setup" (trusted code run before the tests, beside them: helpers the
+tests call, which a completion cannot redefine) and "entry_points" (the names of the program's
+functions the tests call; only needed when one shadows a builtin, such as `sum`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ class JsonlTask(Task):
             if reward == "unit-tests" and not isinstance(row.get("tests"), str):
                 raise DataError(f"expected a 'tests' string on line {i} of '{data}' (reward unit-tests); "
                                 "add tests or pass --task-option reward=module:function")
+            entries = row.get("entry_points", [])
+            if not isinstance(row.get("setup", ""), str) or not (
+                    isinstance(entries, list) and all(isinstance(e, str) for e in entries)):
+                raise DataError(f"expected 'setup' to be a string and 'entry_points' a list of names on line {i} "
+                                f"of '{data}', got {row.get('setup')!r} / {entries!r}")
         names = [str(r["split"]) for r in self.rows if "split" in r]
         self.splits = tuple(dict.fromkeys(names)) if names else ("all",)
 

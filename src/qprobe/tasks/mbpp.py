@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,21 @@ DOCSTRING_STOP = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```")
 CHAT_TEMPLATE = ("{text}\nYour code should pass this test:\n{test}\n"
                  "Write the Python function in a single ```python code block.")
 FORMATS = ("docstring", "chat")
+
+
+def entry_points(reference: str, tests: str) -> list[str]:
+    """The reference's top-level functions and classes that the tests use (trusted: from the data,
+    not the model). They may shadow a builtin the tests call (task 126 defines `sum`)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escapes in the data's regexes
+            defined = {n.name for n in ast.parse(reference).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            used = {n.id for n in ast.walk(ast.parse(tests)) if isinstance(n, ast.Name)}
+    except SyntaxError:
+        return []
+    return sorted(defined & used)
 
 
 def docstring_prompt(text: str, first_test: str) -> str:
@@ -67,7 +83,9 @@ class MBPPTask(Task):
     def make_prompt(self, row: dict[str, Any]) -> Prompt:
         tests = "\n".join(row["test_list"]) + "\n"
         setup = row.get("test_setup_code") or ""
-        meta = {"task_id": int(row["task_id"]), "tests": (setup + "\n" + tests) if setup.strip() else tests,
+        # test_setup_code (tasks 367, 927 build trees with the program's Node) runs with the tests.
+        tests = (setup + "\n" + tests) if setup.strip() else tests
+        meta = {"task_id": int(row["task_id"]), "tests": tests, "entry_points": entry_points(row["code"], tests),
                 "reference": row["code"], "stop": list(self.stop)}
         if self.prompt_format == "docstring":
             text = docstring_prompt(row["text"], row["test_list"][0])
