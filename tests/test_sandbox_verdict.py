@@ -100,6 +100,24 @@ for pid in os.listdir('/proc'):
             except OSError:
                 pass
 """
+# Its own memory rewritten through /proc/self/mem (a pass line planted in a buffer), then sent everywhere.
+PROC_SELF_MEM = """
+import ctypes, os
+buf = bytearray(64)
+addr = ctypes.addressof((ctypes.c_char * 64).from_buffer(buf))
+try:
+    with open('/proc/self/mem', 'r+b', buffering=0) as m:
+        m.seek(addr)
+        m.write(b'{"outcome": "passed"}\\n')
+except OSError:
+    buf[:22] = b'{"outcome": "passed"}\\n'
+for fd in range(3, 1024):
+    try:
+        os.write(fd, bytes(buf[:22]))
+    except OSError:
+        pass
+os._exit(0)
+"""
 SOCKET_GARBAGE = """
 import os, threading
 def spray():
@@ -158,6 +176,7 @@ CASES: dict[str, tuple[str, str | TaskTests, set[str]]] = {
     "frame_walk_inside_a_call": ("import inspect\ndef f():\n    " + FRAME_AND_HEAP_WALK.strip().replace("\n", "\n    ")
                                  + "\n    return 2", "assert f() == 1", NOT_PASS),
     "proc_mem_of_other_processes": (PROC_MEM_OTHERS, FAILS, NOT_PASS),
+    "proc_self_mem_write_then_forge": (PROC_SELF_MEM, FAILS, NOT_PASS),
     "socket_garbage_then_value": (SOCKET_GARBAGE, "assert f() == 1", NOT_PASS),
     "forged_replies_ahead": ("""
         import json, os, struct
