@@ -391,3 +391,25 @@ def test_jsonl_rows_carry_trusted_setup_and_entry_points(tmp_path):
     data.write_text(json.dumps({**row, "entry_points": "f"}) + "\n")
     with pytest.raises(DataError, match="entry_points"):
         JsonlTask(data=str(data))
+
+
+def test_a_test_process_that_died_between_jobs_is_replaced():
+    import signal
+
+    assert sandbox.check("def f():\n    return 1", "assert f() == 1", timeout=2).passed
+    worker = sandbox._POOL.idle[0]
+    kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_of(p) == worker.proc.pid]
+    assert kids, "the worker keeps a test process"
+    for pid in kids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.1)
+    sandbox.clear_cache()
+    r = sandbox.check_many([("def f():\n    return 1", "assert f() == 1")], timeout=2, workers=1)[0]
+    assert r.passed, r
+
+
+def _parent_of(pid: str) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
