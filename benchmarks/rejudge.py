@@ -63,11 +63,15 @@ def rejudge_run(path: Path, shared: Path, workers: int) -> dict | None:
         for i, res in zip(changed, again, strict=True):
             results[i] = res
     changes = []
-    status_changes, kinds = 0, {}
+    status_changes, kinds, status_list = 0, {}, []
     for r, res in zip(rows, results, strict=True):
         old = json.loads(r["details"]) if r["details"] else {}
         if old.get("status") != res.status:
             status_changes += 1
+            if len(status_list) < 100:
+                status_list.append({"prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
+                                    "old": f"{old.get('status')}/{old.get('error_type')}: {old.get('failing_test')}"[:200],
+                                    "new": f"{res.status}/{res.error_type}: {res.failing_test}"[:200]})
             kinds[f"{old.get('status')}/{old.get('error_type')} -> {res.status}/{res.error_type}"] = \
                 kinds.get(f"{old.get('status')}/{old.get('error_type')} -> {res.status}/{res.error_type}", 0) + 1
         if reward_of(res) == r["reward"]:
@@ -81,7 +85,8 @@ def rejudge_run(path: Path, shared: Path, workers: int) -> dict | None:
             "passed_before": sum(1 for r in rows if r["reward"] == 1.0),
             "passed_now": sum(1 for res in results if res.passed),
             "reward_changes": len(changes), "status_changes": status_changes,
-            "status_change_kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "changes": changes}
+            "status_change_kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "changes": changes,
+            "status_changed": status_list}
 
 
 def main() -> None:

@@ -100,6 +100,24 @@ for pid in os.listdir('/proc'):
             except OSError:
                 pass
 """
+# Its own memory rewritten through /proc/self/mem (a pass line planted in a buffer), then sent everywhere.
+PROC_SELF_MEM = """
+import ctypes, os
+buf = bytearray(64)
+addr = ctypes.addressof((ctypes.c_char * 64).from_buffer(buf))
+try:
+    with open('/proc/self/mem', 'r+b', buffering=0) as m:
+        m.seek(addr)
+        m.write(b'{"outcome": "passed"}\\n')
+except OSError:
+    buf[:22] = b'{"outcome": "passed"}\\n'
+for fd in range(3, 1024):
+    try:
+        os.write(fd, bytes(buf[:22]))
+    except OSError:
+        pass
+os._exit(0)
+"""
 SOCKET_GARBAGE = """
 import os, threading
 def spray():
@@ -158,6 +176,7 @@ CASES: dict[str, tuple[str, str | TaskTests, set[str]]] = {
     "frame_walk_inside_a_call": ("import inspect\ndef f():\n    " + FRAME_AND_HEAP_WALK.strip().replace("\n", "\n    ")
                                  + "\n    return 2", "assert f() == 1", NOT_PASS),
     "proc_mem_of_other_processes": (PROC_MEM_OTHERS, FAILS, NOT_PASS),
+    "proc_self_mem_write_then_forge": (PROC_SELF_MEM, FAILS, NOT_PASS),
     "socket_garbage_then_value": (SOCKET_GARBAGE, "assert f() == 1", NOT_PASS),
     "forged_replies_ahead": ("""
         import json, os, struct
@@ -372,3 +391,25 @@ def test_jsonl_rows_carry_trusted_setup_and_entry_points(tmp_path):
     data.write_text(json.dumps({**row, "entry_points": "f"}) + "\n")
     with pytest.raises(DataError, match="entry_points"):
         JsonlTask(data=str(data))
+
+
+def test_a_test_process_that_died_between_jobs_is_replaced():
+    import signal
+
+    assert sandbox.check("def f():\n    return 1", "assert f() == 1", timeout=2).passed
+    worker = sandbox._POOL.idle[0]
+    kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_of(p) == worker.proc.pid]
+    assert kids, "the worker keeps a test process"
+    for pid in kids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.1)
+    sandbox.clear_cache()
+    r = sandbox.check_many([("def f():\n    return 1", "assert f() == 1")], timeout=2, workers=1)[0]
+    assert r.passed, r
+
+
+def _parent_of(pid: str) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

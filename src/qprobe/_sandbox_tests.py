@@ -51,7 +51,9 @@ def _exception(name: str, msg: str, args) -> BaseException:
     cls = getattr(builtins, name, None)
     if not (isinstance(cls, type) and issubclass(cls, Exception)):
         safe = name if name.isidentifier() and len(name) <= 100 else "ProgramError"
-        cls = _ERROR_TYPES.get(safe) or _ERROR_TYPES.setdefault(safe, type(safe, (ProgramError,), {}))
+        cls = _ERROR_TYPES.get(safe) or type(safe, (ProgramError,), {})
+        if len(_ERROR_TYPES) < 1000:  # T lives on: the program's names must not grow it without bound
+            _ERROR_TYPES[safe] = cls
     for attempt in (args, (msg,)):
         if isinstance(attempt, tuple):
             try:

@@ -168,6 +168,8 @@ def _pin(cfg: dict) -> None:
 
 def _test_server(cfg: dict, feats: dict) -> dict:
     """The test process T, started once and again after it was killed; it never runs model code."""
+    if _T and select.select([_T["pidfd"]], [], [], 0)[0]:
+        _stop_test_server()  # it died between jobs: this job gets a fresh one, not its death
     if _T:
         return _T
     c_w, c_t = socket.socketpair()

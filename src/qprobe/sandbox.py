@@ -1,9 +1,9 @@
 """The only place that runs model-written code.
 
 `check(program, tests)` runs a Python program in a child process, judges it with its tests
-(e.g. asserts) in another, and says whether every test ran to the end. `check_many` does the same for a batch, in
-parallel. Nothing runs unless the user opted in (`--allow-code-execution` on the CLI, or
-`QPROBE_ALLOW_CODE_EXECUTION=1`).
+(e.g. asserts) in another, and says whether every test ran to the end. `check_many` does the
+same for a batch, in parallel. Nothing runs unless the user opted in (`--allow-code-execution`
+on the CLI, or `QPROBE_ALLOW_CODE_EXECUTION=1`).
 
 How: a few warm worker processes (`python -I qprobe/_sandbox_worker.py`, started with an empty
 environment) each fork one fresh child per program. Where the kernel allows it the child gets its
