@@ -42,21 +42,28 @@ def _load_sibling(name: str) -> types.ModuleType:
 
 _confine = _load_sibling("_sandbox_confine")
 CLONE_NEWNS, CLONE_NEWPID = _confine.CLONE_NEWNS, _confine.CLONE_NEWPID
-unshare, blocked_paths, probe_features = _confine.unshare, _confine.blocked_paths, _confine.probe_features
-worker_view, job_main = _confine.worker_view, _confine.job_main
+unshare, probe_features, start_meter = _confine.unshare, _confine.probe_features, _confine.start_meter
+worker_view, job_main, backstop, POLL = _confine.worker_view, _confine.job_main, _confine.cgroup.backstop, \
+    _confine.cgroup.POLL
 
 
 def level_string(feats: dict) -> str:
-    ns = [n for n in ("net", "pid", "mount") if feats[n]]
+    """E.g. 'namespaces(net,pid,mount,ipc)+own-ro-root+tmpfs-cwd+proc+setuid+cgroup-v1(memory,pids,cpuacct)
+    +cpu-clock(cgroup)+rlimits'; below net+pid+mount it starts with 'UNCONFINED'."""
+    ns = [n for n in ("net", "pid", "mount", "ipc") if feats.get(n)]
     if feats["userns"]:
         ns.append("user")
-    parts = [f"namespaces({','.join(ns)})"] if ns else []
+    missing = [n for n in ("net", "pid", "mount") if not feats.get(n)]
+    parts = [f"UNCONFINED(no {','.join(missing)} namespace{'s' if len(missing) > 1 else ''})"] if missing else []
+    parts += [f"namespaces({','.join(ns)})"] if ns else []
     if feats["mount"]:
-        parts.append("tmpfs-cwd" + ("+proc" if feats["proc"] else "") + ("+ro-root" if feats["readonly"] else ""))
+        parts.append("own-ro-root+tmpfs-cwd+proc")
     if feats["root"]:
         # Degraded: the job's uid cannot import modules the worker did not preload.
         parts.append("setuid(python-unreadable)" if feats.get("python_unreadable") else "setuid")
-    return "+".join(parts + ["rlimits"])
+    if feats.get("cgroup"):
+        parts.append(feats["cgroup"])
+    return "+".join(parts + [f"cpu-clock({feats.get('cpu_clock', 'proc')})", "rlimits"])
 
 
 def _kill_stragglers(pid_b: int, uid: int | None) -> None:
@@ -121,6 +128,7 @@ def _final_report(rep: bytes, nonce: str) -> bool:
 def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     _reap_pending()
     cfg = {**cfg, **job.get("limits", {})}
+    meter = start_meter(cfg, feats)  # the job's cgroup slot (cfg["cgroup"]) and CPU clock
     nonce = os.urandom(16).hex()
     workdir = os.path.join(base, os.urandom(8).hex())
     os.mkdir(workdir, 0o777)
@@ -163,7 +171,8 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     raw = os.read(pid_r, 4)
     os.close(pid_r)
     b = struct.unpack("<i", raw)[0] if len(raw) == 4 else None
-    deadline = t0 + float(cfg["timeout"])
+    meter.watch(b)
+    deadline = t0 + backstop(cfg["timeout"])  # the limit is on CPU time; this wall clock is a backstop
     out, out_total, rep, timed_out, too_much, status = bytearray(), 0, bytearray(), False, False, None
     early = False
     pidfd = os.pidfd_open(b) if b else None
@@ -171,9 +180,9 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     while b:
         left = deadline - time.monotonic()
         if left <= 0:
-            timed_out = True
+            timed_out = "wall"
             break
-        ready, _, _ = select.select(open_fds + [pidfd], [], [], left)
+        ready, _, _ = select.select(open_fds + [pidfd], [], [], min(left, POLL))
         for fd in ready:
             if fd == pidfd:
                 continue
@@ -195,6 +204,10 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             break
         if pidfd in ready:
             break
+        if meter.over(cfg["timeout"]):
+            timed_out = "cpu"
+            break
+    meter.cpu()  # before B is reaped: /proc still holds its times
     duration = time.monotonic() - t0
     if b:
         try:
@@ -238,7 +251,8 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
-    return verdict(nonce, rep, status, timed_out, too_much, duration, out.decode("utf-8", "replace"), cfg, early)
+    res = verdict(nonce, rep, status, timed_out, too_much, duration, out.decode("utf-8", "replace"), cfg, early)
+    return {**res, **meter.report((timed_out or "cpu") if res["status"] == "timeout" else "", cfg["timeout"])}
 
 
 def verdict(nonce: str, rep: bytes, status, timed_out: bool, too_much: bool, duration: float, tail: str,
@@ -322,11 +336,14 @@ def main() -> None:
     base = os.path.join(cfg["tmp"], "qprobe-sandbox-" + os.urandom(6).hex())  # type: ignore[operator]
     os.mkdir(base, 0o711)
     try:
-        cfg["expose"] = blocked_paths() if os.geteuid() == 0 else []
-        feats = probe_features(cfg, base)
-        if feats["readonly"]:
-            unshare(CLONE_NEWNS)
-            worker_view(cfg, feats, base)
+        try:
+            feats = probe_features(cfg, base)
+            if feats["mount"]:
+                unshare(CLONE_NEWNS)
+                worker_view(cfg, feats, base)
+        except Exception as exc:  # noqa: BLE001  one line for the user, not a traceback
+            _send(proto_out, {"error": f"{type(exc).__name__}: {exc}"[:500], "base": base})
+            return
         _send(proto_out, {"level": level_string(feats), "features": feats, "base": base})
         while (job := _recv(proto_in)) is not None:
             try:

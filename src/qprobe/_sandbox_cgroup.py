@@ -1,0 +1,318 @@
+"""Per-job memory and process limits and the job's CPU clock: cgroups where this process may write
+them, /proc otherwise.
+
+Loaded by the sandbox worker (standard library only, nothing from qprobe). A worker that may write
+a cgroup hierarchy (v2: its own cgroup can enable `memory` and `pids` for children; v1: its own
+`memory`, `pids` and `cpuacct` cgroups accept a child) makes one cgroup `qprobe-<pid>-<rand>` per
+controller and, below it, job slots `j0`, `j1`, ... A job takes an empty slot (its processes of an
+earlier job have all exited), the slot's limits are set (`memory.max`/`memory.limit_in_bytes` =
+the job's memory, swap 0, `pids.max` = its process limit), and the job's first process moves itself
+in before it runs anything else, so every process of the job is counted.
+
+The CPU clock of a job (`Meter`) is the slot's CPU usage where a CPU controller is in use
+(v1 `cpuacct.usage`, v2 `cpu.stat` `usage_usec`), else the sum of utime + stime + cutime + cstime
+over the job's process tree in /proc (the processes it started and the children they reaped).
+Processes that escape the tree (reaped with SIGCHLD ignored) are missed there; the wall-clock
+backstop still bounds them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+
+BACKSTOP_FACTOR, BACKSTOP_EXTRA = 4.0, 2.0  # wall-clock backstop: 4 x the CPU limit + 2 s
+POLL = 0.05  # seconds between two reads of the CPU clock while a job runs
+MAX_SLOTS = 64
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def backstop(timeout: float) -> float:
+    """Wall-clock seconds after which a job is stopped whatever its CPU time."""
+    return BACKSTOP_FACTOR * float(timeout) + BACKSTOP_EXTRA
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # cgroupfs refuses new files
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+# ------------------------------------------------------------------ where the hierarchies are
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape")
+
+
+def locate(mountinfo: str, proc_cgroup: str) -> dict:
+    """{"v2": dir} or {"v1": {controller: dir}}: this process's own cgroups, from the text of
+    /proc/self/mountinfo and /proc/self/cgroup (pure: tests pass a fake tree's texts)."""
+    mine: dict[str, str] = {}  # controller ("" for v2) -> path inside its hierarchy
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for ctl in parts[1].split(",") if parts[1] else [""]:
+                mine[ctl] = parts[2]
+    v1: dict[str, str] = {}
+    v2 = ""
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        root, point, fstype, opts = _unescape(fields[3]), _unescape(fields[4]), rest[0], rest[2].split(",")
+
+        def inside(path: str, root: str = root, point: str = point) -> str | None:
+            rel = os.path.relpath(path, root) if root != "/" else path.lstrip("/")
+            return None if rel.startswith("..") else os.path.normpath(os.path.join(point, rel))
+
+        if fstype == "cgroup2" and "" in mine and not v2:
+            v2 = inside(mine[""]) or ""
+        elif fstype == "cgroup":
+            for ctl in ("memory", "pids", "cpuacct"):
+                if ctl in opts and ctl in mine and ctl not in v1:
+                    d = inside(mine[ctl])
+                    if d:
+                        v1[ctl] = d
+    if v1.get("memory") and v1.get("pids"):
+        return {"v1": v1}
+    return {"v2": v2} if v2 else {}
+
+
+# ------------------------------------------------------------------ the worker's cgroups
+
+
+class Cgroups:
+    """The worker's cgroup per controller and its job slots."""
+
+    def __init__(self, version: str, tops: dict[str, str]) -> None:
+        self.version = version  # "v1" | "v2"
+        self.tops = tops  # controller -> the worker's own cgroup dir (v2: {"": dir})
+        self.slots: list[str] = []
+        self.limits: dict[str, tuple] = {}  # slot -> the (memory, pids) last written
+        self.cpu = "cpuacct" in tops if version == "v1" else True
+
+    def describe(self) -> str:
+        ctls = [c for c in ("memory", "pids", "cpuacct") if c in self.tops] if self.version == "v1" else \
+            ["memory", "pids", "cpu"]
+        return f"cgroup-{self.version}({','.join(ctls)})"
+
+    def dirs(self, slot: str) -> list[str]:
+        return [os.path.join(top, slot) for top in self.tops.values()]
+
+    def _idle(self, slot: str) -> bool:
+        d = os.path.join(self.tops.get("pids", self.tops.get("", "")), slot)
+        try:
+            return not _read(os.path.join(d, "cgroup.procs")).strip()
+        except OSError:
+            return False
+
+    def take(self, memory_bytes: int, pids: int) -> str:
+        """An idle job slot with these limits; its cgroup dirs are `dirs(slot)`."""
+        slot = next((s for s in self.slots if self._idle(s)), None)
+        if slot is None:
+            if len(self.slots) >= MAX_SLOTS:
+                raise OSError("every cgroup job slot is still in use")
+            slot = f"j{len(self.slots)}"
+            for d in self.dirs(slot):
+                os.mkdir(d)
+            self.slots.append(slot)
+        if self.limits.get(slot) != (memory_bytes, pids):
+            self._set_limits(slot, memory_bytes, pids)
+            self.limits[slot] = (memory_bytes, pids)
+        return slot
+
+    def _set_limits(self, slot: str, memory_bytes: int, pids: int) -> None:
+        if self.version == "v2":
+            d = os.path.join(self.tops[""], slot)
+            _write(os.path.join(d, "memory.max"), str(memory_bytes))
+            if os.path.exists(os.path.join(d, "memory.swap.max")):
+                _write(os.path.join(d, "memory.swap.max"), "0")
+            _write(os.path.join(d, "pids.max"), str(pids))
+            return
+        mem = os.path.join(self.tops["memory"], slot)
+        memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+        try:  # memsw >= limit at all times: raise memsw first when growing, lower it last when shrinking
+            _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
+            if os.path.exists(memsw):
+                _write(memsw, str(memory_bytes))
+        except OSError:
+            _write(memsw, str(memory_bytes))
+            _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
+        _write(os.path.join(self.tops["pids"], slot, "pids.max"), str(pids))
+
+    def usage(self, slot: str) -> float:
+        """CPU seconds used so far by every process that was ever in the slot."""
+        if self.version == "v2":
+            for line in _read(os.path.join(self.tops[""], slot, "cpu.stat")).splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) / 1e6
+            raise OSError("cpu.stat has no usage_usec")
+        return int(_read(os.path.join(self.tops["cpuacct"], slot, "cpuacct.usage"))) / 1e9
+
+    def remove(self) -> None:
+        """Remove the slots and the worker's cgroups (best effort: a slot still in use stays)."""
+        for top in self.tops.values():
+            for slot in self.slots:
+                try:
+                    os.rmdir(os.path.join(top, slot))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(top)
+            except OSError:
+                pass
+
+
+def setup(found: dict, name: str) -> Cgroups | None:
+    """Make the worker's cgroups below `found` (from `locate`); None where they are not writable."""
+    made: list[str] = []
+    try:
+        if "v1" in found:
+            tops = {c: os.path.join(d, name) for c, d in found["v1"].items()}
+            for d in tops.values():
+                os.mkdir(d)
+                made.append(d)
+            cg = Cgroups("v1", tops)
+        elif "v2" in found:
+            parent = found["v2"]
+            have = _read(os.path.join(parent, "cgroup.subtree_control")).split()
+            if not {"memory", "pids"} <= set(have):
+                # Fails (EBUSY) where the parent holds processes; then there is no v2 limit here.
+                _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids")
+            top = os.path.join(parent, name)
+            os.mkdir(top)
+            made.append(top)
+            _write(os.path.join(top, "cgroup.subtree_control"), "+memory +pids")
+            cg = Cgroups("v2", {"": top})
+        else:
+            return None
+        probe = cg.take(64 << 20, 8)  # writes the limit files once: a read-only tree fails here
+        if cg.cpu:
+            cg.usage(probe)
+        return cg
+    except OSError:
+        for d in reversed(made):
+            for sub in ("j0",):
+                try:
+                    os.rmdir(os.path.join(d, sub))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        return None
+
+
+def discover(name: str) -> Cgroups | None:
+    """The worker's cgroups on this machine, or None (then rlimits alone limit memory and processes)."""
+    try:
+        found = locate(_read("/proc/self/mountinfo"), _read("/proc/self/cgroup"))
+    except OSError:
+        return None
+    cg = setup(found, name)
+    if cg is not None:
+        atexit.register(cg.remove)
+    return cg
+
+
+def enter(dirs: list[str]) -> None:
+    """In the job's first process, before anything else runs: move this process into its slot."""
+    for d in dirs:
+        _write(os.path.join(d, "cgroup.procs"), "0")
+
+
+# ------------------------------------------------------------------ the job's CPU clock
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out += [int(c) for c in _read(f"/proc/{pid}/task/{tid}/children").split()]
+        except OSError:
+            pass
+    return out
+
+
+def _times(pid: int) -> float:
+    try:
+        fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / _TICK  # utime stime cutime cstime
+
+
+def tree_cpu(pids: list[int]) -> float:
+    """CPU seconds of these processes and all their descendants (live, zombie or reaped by them)."""
+    seen: set[int] = set()
+    todo, total = list(pids), 0.0
+    while todo:
+        pid = todo.pop()
+        if pid in seen or len(seen) > 4096:
+            continue
+        seen.add(pid)
+        total += _times(pid)
+        todo += _children(pid)
+    return total
+
+
+class Meter:
+    """The CPU clock of one job: its cgroup slot's usage, else the /proc process tree of the pids it
+    `watch`es (with `orphans`, no pid namespace: every child of this worker, where escaped processes
+    land; this worker runs one job at a time)."""
+
+    def __init__(self, cg: Cgroups | None = None, slot: str | None = None, orphans: bool = False) -> None:
+        self.cg, self.slot, self.orphans = cg, slot, orphans
+        self.pids: list[int] = []
+        self.source = "cgroup" if cg is not None and slot is not None and cg.cpu else "proc"
+        self.base = cg.usage(slot) if self.source == "cgroup" else 0.0  # type: ignore[union-attr,arg-type]
+        self.last = 0.0
+        self.checked = time.monotonic()
+
+    def watch(self, *pids: int | None) -> None:
+        """Count these processes and their descendants too (the /proc clock needs them)."""
+        self.pids += [p for p in pids if p]
+
+    def cpu(self) -> float:
+        """CPU seconds the job used so far (never decreasing)."""
+        try:
+            if self.source == "cgroup":
+                used = self.cg.usage(self.slot) - self.base  # type: ignore[union-attr,arg-type]
+            else:
+                used = tree_cpu(self.pids + (_children(os.getpid()) if self.orphans else []))
+        except OSError:
+            used = self.last
+        self.last = max(self.last, used)  # a process reaped between two reads must not lower it
+        self.checked = time.monotonic()
+        return self.last
+
+    def over(self, limit: float) -> bool:
+        """Whether the job used `limit` CPU seconds; reads the clock at most every POLL / 2 seconds."""
+        if time.monotonic() - self.checked < POLL / 2:
+            return self.last >= limit
+        return self.cpu() >= limit
+
+    def report(self, timed_out: str, limit: float) -> dict:
+        """What the result records: CPU seconds, which clock, and for a timeout which limit fired."""
+        out = {"cpu_time": round(self.cpu(), 4), "clock": f"cpu({self.source})"}
+        if timed_out == "wall":
+            out["message"] = (f"wall-clock backstop of {backstop(limit):g} s exceeded (CPU limit {limit:g} s, "
+                              f"used {out['cpu_time']:g} s)")
+        elif timed_out:
+            out["message"] = f"CPU time limit of {limit:g} s exceeded (all the job's processes)"
+        return {**out, **({"limit_hit": timed_out} if timed_out else {})}
