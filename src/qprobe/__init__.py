@@ -17,6 +17,7 @@ _EXPORTS = {
     "QProbeError": "qprobe.errors", "ConfigError": "qprobe.errors", "DataError": "qprobe.errors",
     "StoreError": "qprobe.errors", "SpecMismatchError": "qprobe.errors", "NotFittedError": "qprobe.errors",
     "BackendError": "qprobe.errors", "CodeExecutionNotAllowed": "qprobe.errors",
+    "UnconfinedSandbox": "qprobe.errors", "SandboxError": "qprobe.errors",
     # components
     "Prompt": "qprobe.tasks.base", "Task": "qprobe.tasks.base", "Reward": "qprobe.tasks.base",
     "RewardResult": "qprobe.tasks.base",

@@ -102,8 +102,7 @@ class Cgroups:
         self.cpu = "cpuacct" in tops if version == "v1" else True
 
     def describe(self) -> str:
-        ctls = [c for c in ("memory", "pids", "cpuacct") if c in self.tops] if self.version == "v1" else \
-            ["memory", "pids", "cpu"]
+        ctls = ["memory", "pids"] + (["cpuacct" if self.version == "v1" else "cpu"] if self.cpu else [])
         return f"cgroup-{self.version}({','.join(ctls)})"
 
     def dirs(self, slot: str) -> list[str]:
@@ -124,7 +123,7 @@ class Cgroups:
                 raise OSError("every cgroup job slot is still in use")
             slot = f"j{len(self.slots)}"
             for d in self.dirs(slot):
-                os.mkdir(d)
+                os.makedirs(d, exist_ok=True)  # exist_ok: our own names only (a fake tree lays them out)
             self.slots.append(slot)
         if self.limits.get(slot) != (memory_bytes, pids):
             self._set_limits(slot, memory_bytes, pids)
@@ -180,7 +179,7 @@ def setup(found: dict, name: str) -> Cgroups | None:
         if "v1" in found:
             tops = {c: os.path.join(d, name) for c, d in found["v1"].items()}
             for d in tops.values():
-                os.mkdir(d)
+                os.makedirs(d, exist_ok=True)
                 made.append(d)
             cg = Cgroups("v1", tops)
         elif "v2" in found:
@@ -190,28 +189,31 @@ def setup(found: dict, name: str) -> Cgroups | None:
                 # Fails (EBUSY) where the parent holds processes; then there is no v2 limit here.
                 _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids")
             top = os.path.join(parent, name)
-            os.mkdir(top)
+            os.makedirs(top, exist_ok=True)
             made.append(top)
             _write(os.path.join(top, "cgroup.subtree_control"), "+memory +pids")
             cg = Cgroups("v2", {"": top})
         else:
             return None
         probe = cg.take(64 << 20, 8)  # writes the limit files once: a read-only tree fails here
-        if cg.cpu:
-            cg.usage(probe)
-        return cg
     except OSError:
-        for d in reversed(made):
-            for sub in ("j0",):
-                try:
-                    os.rmdir(os.path.join(d, sub))
-                except OSError:
-                    pass
+        _remove(made)
+        return None
+    if cg.cpu:
+        try:
+            cg.usage(probe)
+        except OSError:
+            cg.cpu = False  # memory and pids still limited; the CPU clock reads /proc instead
+    return cg
+
+
+def _remove(made: list[str]) -> None:
+    for d in reversed(made):
+        for sub in ("j0", ""):
             try:
-                os.rmdir(d)
+                os.rmdir(os.path.join(d, sub))
             except OSError:
                 pass
-        return None
 
 
 def discover(name: str) -> Cgroups | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from qprobe.cli.options import parse_kv
+from qprobe.errors import QProbeError
 
 
 @click.command()
@@ -37,10 +38,11 @@ from qprobe.cli.options import parse_kv
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--shard-samples", default=64, show_default=True, help="Commit a shard every this many samples.")
 @click.option("--allow-code-execution", is_flag=True, help="Allow running model-written code in the sandbox (needed for code tasks).")
+@click.option("--allow-unconfined", is_flag=True, help="Also run that code where the sandbox has no net+pid+mount isolation (resource limits only): a second, explicit opt-in.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def collect(task, split, n, backend, model, features, layer, pooling, limit, out, resume, temperature, top_p,
             max_new_tokens, stop, seed, task_option, backend_option, shots_from, shots, shots_seed, feature_dtype,
-            shard_samples, allow_code_execution, progress):
+            shard_samples, allow_code_execution, allow_unconfined, progress):
     """Sample N completions per prompt, embed and reward them, and store them in a run.
 
     Crash-safe and resumable: rows are committed in shards, and re-running the same command
@@ -53,6 +55,8 @@ def collect(task, split, n, backend, model, features, layer, pooling, limit, out
 
     if allow_code_execution:
         os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
+    if allow_unconfined:
+        os.environ["QPROBE_ALLOW_UNCONFINED"] = "1"
     if resume and not (out / "manifest.json").is_file():
         raise StoreError(f"expected an existing run to --resume, got '{out}' with no manifest.json; drop --resume to start it")
     feats = list(features)
@@ -169,6 +173,6 @@ def ls():
         from qprobe import sandbox
 
         level = sandbox.isolation_level()
-    except ImportError:
-        level = "unavailable"
+    except (ImportError, QProbeError) as exc:
+        level = f"unavailable ({exc})"
     click.echo(f"sandbox isolation: {level}")
