@@ -84,7 +84,8 @@ def test_fake_v1_tree(tmp_path):
     assert cg is not None and cg.describe() == "cgroup-v1(memory,pids,cpuacct)" and cg.cpu
     slot = cg.take(300 << 20, 17)
     assert slot == "j0"  # the probe's slot, now idle (empty cgroup.procs) and reused
-    mem, pids, acct = (Path(d) for d in cg.dirs(slot))
+    dirs = {c: Path(d) for c, d in zip(cg.tops, cg.dirs(slot), strict=True)}
+    mem, pids, acct = dirs["memory"], dirs["pids"], dirs["cpuacct"]
     assert (mem / "memory.limit_in_bytes").read_text() == str(300 << 20)
     assert (pids / "pids.max").read_text() == "17"
     (acct / "cpuacct.usage").write_text("1500000000\n")
