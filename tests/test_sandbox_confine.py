@@ -74,56 +74,58 @@ def test_fake_v1_tree(tmp_path):
     found = cgroup.locate(mountinfo, proc)
     assert found == {"v1": {c: str(tmp_path / d / "job.slice") for c, d in
                             (("memory", "memory"), ("pids", "pids"), ("cpuacct", "cpu,cpuacct"))}}
-    # no cpuacct.usage in the new slot: memory and pids still limited, the CPU clock reads /proc
+    # no cpuacct.usage in the new cgroup: memory and pids still limited, the CPU clock reads /proc
     bare = cgroup.setup(found, "qprobe-bare")
     assert bare is not None and not bare.cpu and bare.describe() == "cgroup-v1(memory,pids)"
-    assert cgroup.Meter(bare, "j0").source == "proc"
-    _kernel_files(tmp_path / "cpu,cpuacct/job.slice/qprobe-w/j0", cpuacct_usage="0\n")
-    _kernel_files(tmp_path / "pids/job.slice/qprobe-w/j0")
+    assert cgroup.Meter(bare).source == "proc"
+    _kernel_files(tmp_path / "cpu,cpuacct/job.slice/qprobe-w", cpuacct_usage="0\n")
     cg = cgroup.setup(found, "qprobe-w")
     assert cg is not None and cg.describe() == "cgroup-v1(memory,pids,cpuacct)" and cg.cpu
-    slot = cg.take(300 << 20, 17)
-    assert slot == "j0"  # the probe's slot, now idle (empty cgroup.procs) and reused
-    dirs = {c: Path(d) for c, d in zip(cg.tops, cg.dirs(slot), strict=True)}
+    dirs = {c: Path(d) for c, d in cg.tops.items()}
     mem, pids, acct = dirs["memory"], dirs["pids"], dirs["cpuacct"]
+    assert all((d / "cgroup.procs").read_text() == "0" for d in dirs.values())  # the worker moved in
+    cg.limit(300 << 20, 17)
     assert (mem / "memory.limit_in_bytes").read_text() == str(300 << 20)
-    assert (pids / "pids.max").read_text() == "17"
+    assert (pids / "pids.max").read_text() == "19"  # + the worker and the job's intermediate process
+    (pids / "pids.max").write_text("untouched")
+    cg.limit(300 << 20, 17)  # unchanged limits are not rewritten
+    assert (pids / "pids.max").read_text() == "untouched"
+    cg.limit(300 << 20, 9)
+    assert (pids / "pids.max").read_text() == "11"
     (acct / "cpuacct.usage").write_text("1500000000\n")
-    meter = cgroup.Meter(cg, slot)
+    meter = cgroup.Meter(cg)
     (acct / "cpuacct.usage").write_text("4000000000\n")  # 2.5 s of CPU time since the job started
     assert meter.cpu() == pytest.approx(2.5) and meter.over(2.0) and not meter.over(3.0)
     assert meter.report("cpu", 2.0)["clock"] == "cpu(cgroup)"
-    cgroup.enter(cg.dirs(slot))
-    assert all((Path(d) / "cgroup.procs").read_text() == "0" for d in cg.dirs(slot))
-    # a busy slot (a job still tearing down) is not reused; the limits are rewritten only on change
-    (pids / "cgroup.procs").write_text("1234\n")
-    assert cg.take(300 << 20, 17) == "j1" and (tmp_path / "pids/job.slice/qprobe-w/j1/pids.max").read_text() == "17"
-    (tmp_path / "pids/job.slice/qprobe-w/j1/cgroup.procs").write_text("99\n")
-    (pids / "cgroup.procs").write_text("")
-    (pids / "pids.max").write_text("untouched")
-    assert cg.take(300 << 20, 17) == "j0" and (pids / "pids.max").read_text() == "untouched"
-    assert cg.take(300 << 20, 9) == "j0" and (pids / "pids.max").read_text() == "9"
+    (pids / "pids.current").write_text("3\n")  # a killed job's processes still going
+    import time
+
+    t = time.monotonic()
+    cg.settle(wait=0.05)
+    assert time.monotonic() - t >= 0.05
+    (pids / "pids.current").write_text("1\n")
+    t = time.monotonic()
+    cg.settle(wait=5)
+    assert time.monotonic() - t < 1
 
 
 def test_fake_v2_tree(tmp_path):
     parent = tmp_path / "user.slice"
     _kernel_files(parent, cgroup_subtree_control="")
-    _kernel_files(parent / "qprobe-w" / "j0", cpu_stat="usage_usec 0\n", **{"memory.swap.max": "max"})
+    _kernel_files(parent / "qprobe-w", cpu_stat="usage_usec 0\n", **{"memory.swap.max": "max"})
     mountinfo = f"30 1 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n"
     cg = cgroup.setup(cgroup.locate(mountinfo, "0::/user.slice\n"), "qprobe-w")
     assert cg is not None and cg.describe() == "cgroup-v2(memory,pids,cpu)"
     assert (parent / "cgroup.subtree_control").read_text() == "+memory +pids"
-    assert (parent / "qprobe-w" / "cgroup.subtree_control").read_text() == "+memory +pids"
-    slot = cg.take(1 << 30, 64)
-    d = parent / "qprobe-w" / slot
-    assert (d / "memory.max").read_text() == str(1 << 30) and (d / "pids.max").read_text() == "64"
+    d = parent / "qprobe-w"
+    assert (d / "cgroup.procs").read_text() == "0"
+    cg.limit(1 << 30, 64)
+    assert (d / "memory.max").read_text() == str(1 << 30) and (d / "pids.max").read_text() == "66"
     assert (d / "memory.swap.max").read_text() == "0"
     (d / "cpu.stat").write_text("usage_usec 250000\nuser_usec 200000\n")
-    meter = cgroup.Meter(cg, slot)
+    meter = cgroup.Meter(cg)
     (d / "cpu.stat").write_text("usage_usec 1250000\nuser_usec 900000\n")
     assert meter.cpu() == pytest.approx(1.0)
-    cg.remove()  # best effort: a fake tree's dirs are not empty, they stay
-    assert d.is_dir()
 
 
 def test_unwritable_trees_give_none(tmp_path):
@@ -208,10 +210,6 @@ def test_sleeping_job_hits_the_wall_clock_backstop():
     assert "backstop" in r.message and r.extra["cpu_time"] < 0.25
 
 
-def _cgroup_tops() -> list[Path]:
-    return [Path(d) for w in sandbox._POOL.idle for d in w.features.get("cgroup_dirs", [])]
-
-
 def test_real_cgroup_limits_where_writable():
     level = sandbox.isolation_level()
     if "cgroup-" not in level:
@@ -219,10 +217,10 @@ def test_real_cgroup_limits_where_writable():
     limits = sandbox.Limits(memory_mb=300, nproc=17)
     r = sandbox.check("x = 1", "assert x == 1", limits=limits)
     assert r.passed and r.extra["clock"] == "cpu(cgroup)"
-    tops = _cgroup_tops()
-    values = {p.read_text().strip() for t in tops for p in t.glob("j*/*")
+    tops = [Path(d) for w in sandbox._POOL.idle for d in w.features.get("cgroup_dirs", [])]
+    values = {p.read_text().strip() for t in tops for p in t.iterdir()
               if p.name in ("pids.max", "memory.limit_in_bytes", "memory.max")}
-    assert {"17", str(300 << 20)} <= values
+    assert {"19", str(300 << 20)} <= values
     # Memory is limited for the whole job: 3 processes of 150 MiB each stay under the 300 MiB
     # address-space rlimit one by one, but not under the 300 MiB cgroup together.
     prog = textwrap.dedent("""
@@ -241,6 +239,7 @@ def test_real_cgroup_limits_where_writable():
     big = sandbox.check(prog, "assert codes == [0, 0, 0], codes", limits=sandbox.Limits(memory_mb=1024), timeout=5)
     assert small.status == "failed" and "9" in small.message, small  # SIGKILLed by the OOM killer
     assert big.passed, big
+    assert all(w.alive() for w in sandbox._POOL.idle)  # the OOM killer took the job's processes only
 
 
 def test_level_string_says_what_is_in_effect():

@@ -2,29 +2,29 @@
 them, /proc otherwise.
 
 Loaded by the sandbox worker (standard library only, nothing from qprobe). A worker that may write
-a cgroup hierarchy (v2: its own cgroup can enable `memory` and `pids` for children; v1: its own
-`memory`, `pids` and `cpuacct` cgroups accept a child) makes one cgroup `qprobe-<pid>-<rand>` per
-controller and, below it, job slots `j0`, `j1`, ... A job takes an empty slot (its processes of an
-earlier job have all exited), the slot's limits are set (`memory.max`/`memory.limit_in_bytes` =
-the job's memory, swap 0, `pids.max` = its process limit), and the job's first process moves itself
-in before it runs anything else, so every process of the job is counted.
+a cgroup hierarchy (v1: its own `memory` and `pids` cgroups, and `cpuacct` if there, accept a child;
+v2: its own cgroup can enable `memory` and `pids` for children) makes a cgroup `qprobe-<pid>-<rand>`
+per controller and moves itself in. It runs one job at a time, so each job's processes are born in
+it; before a job the limits are set (`memory.limit_in_bytes` / `memory.max` = the job's memory, swap
+0, `pids.max` = its processes + 2 for the worker and the job's short-lived intermediate process)
+and the processes of an earlier, killed job are given a moment to go. Job processes have
+oom_score_adj 1000, so a job over its memory loses its own processes, not the worker. One cgroup per worker and not per job: moving a process into a cgroup costs
+~2 ms (an RCU grace period), more than a whole honest check.
 
-The CPU clock of a job (`Meter`) is the slot's CPU usage where a CPU controller is in use
-(v1 `cpuacct.usage`, v2 `cpu.stat` `usage_usec`), else the sum of utime + stime + cutime + cstime
-over the job's process tree in /proc (the processes it started and the children they reaped).
-Processes that escape the tree (reaped with SIGCHLD ignored) are missed there; the wall-clock
-backstop still bounds them.
+The CPU clock of a job (`Meter`) is the cgroup's CPU usage since the job began where a CPU
+controller is in use (v1 `cpuacct.usage`, v2 `cpu.stat` `usage_usec`; it includes the worker's own
+fraction of a millisecond per job), else the sum of utime + stime + cutime + cstime over the job's
+process tree in /proc (the processes it started and the children they reaped). Processes that
+escape the tree there (reaped with SIGCHLD ignored) are missed; the wall-clock backstop bounds them.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import time
 
 BACKSTOP_FACTOR, BACKSTOP_EXTRA = 4.0, 2.0  # wall-clock backstop: 4 x the CPU limit + 2 s
 POLL = 0.05  # seconds between two reads of the CPU clock while a job runs
-MAX_SLOTS = 64
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -92,144 +92,119 @@ def locate(mountinfo: str, proc_cgroup: str) -> dict:
 
 
 class Cgroups:
-    """The worker's cgroup per controller and its job slots."""
+    """The worker's own cgroup per controller: the worker runs one job at a time inside it, so every
+    process of the job is born in it (moving each job into a cgroup of its own costs ~2 ms a job)."""
 
     def __init__(self, version: str, tops: dict[str, str]) -> None:
         self.version = version  # "v1" | "v2"
-        self.tops = tops  # controller -> the worker's own cgroup dir (v2: {"": dir})
-        self.slots: list[str] = []
-        self.limits: dict[str, tuple] = {}  # slot -> the (memory, pids) last written
+        self.tops = tops  # controller -> the worker's cgroup dir (v2: {"": dir})
+        self.limits: tuple | None = None  # the (memory, pids) last written
         self.cpu = "cpuacct" in tops if version == "v1" else True
 
     def describe(self) -> str:
         ctls = ["memory", "pids"] + (["cpuacct" if self.version == "v1" else "cpu"] if self.cpu else [])
         return f"cgroup-{self.version}({','.join(ctls)})"
 
-    def dirs(self, slot: str) -> list[str]:
-        return [os.path.join(top, slot) for top in self.tops.values()]
+    def _dir(self, ctl: str) -> str:
+        return self.tops.get(ctl, self.tops.get("", ""))
 
-    def _idle(self, slot: str) -> bool:
-        d = os.path.join(self.tops.get("pids", self.tops.get("", "")), slot)
-        try:
-            return not _read(os.path.join(d, "cgroup.procs")).strip()
-        except OSError:
-            return False
-
-    def take(self, memory_bytes: int, pids: int) -> str:
-        """An idle job slot with these limits; its cgroup dirs are `dirs(slot)`."""
-        slot = next((s for s in self.slots if self._idle(s)), None)
-        if slot is None:
-            if len(self.slots) >= MAX_SLOTS:
-                raise OSError("every cgroup job slot is still in use")
-            slot = f"j{len(self.slots)}"
-            for d in self.dirs(slot):
-                os.makedirs(d, exist_ok=True)  # exist_ok: our own names only (a fake tree lays them out)
-            self.slots.append(slot)
-        if self.limits.get(slot) != (memory_bytes, pids):
-            self._set_limits(slot, memory_bytes, pids)
-            self.limits[slot] = (memory_bytes, pids)
-        return slot
-
-    def _set_limits(self, slot: str, memory_bytes: int, pids: int) -> None:
+    def limit(self, memory_bytes: int, pids: int) -> None:
+        """The job's limits: `memory_bytes` in all, `pids` processes besides the worker and the job's
+        intermediate process. Written only when they change."""
+        if self.limits == (memory_bytes, pids):
+            return
+        self.limits = None  # a half-written pair must be rewritten next time
         if self.version == "v2":
-            d = os.path.join(self.tops[""], slot)
+            d = self.tops[""]
             _write(os.path.join(d, "memory.max"), str(memory_bytes))
             if os.path.exists(os.path.join(d, "memory.swap.max")):
                 _write(os.path.join(d, "memory.swap.max"), "0")
-            _write(os.path.join(d, "pids.max"), str(pids))
-            return
-        mem = os.path.join(self.tops["memory"], slot)
-        memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
-        try:  # memsw >= limit at all times: raise memsw first when growing, lower it last when shrinking
-            _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
-            if os.path.exists(memsw):
+        else:
+            mem = self.tops["memory"]
+            memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+            try:  # memsw >= limit at all times: raise memsw first when growing, lower it last when shrinking
+                _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
+                if os.path.exists(memsw):
+                    _write(memsw, str(memory_bytes))
+            except OSError:
                 _write(memsw, str(memory_bytes))
-        except OSError:
-            _write(memsw, str(memory_bytes))
-            _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
-        _write(os.path.join(self.tops["pids"], slot, "pids.max"), str(pids))
+                _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
+        _write(os.path.join(self._dir("pids"), "pids.max"), str(pids + 2))
+        self.limits = (memory_bytes, pids)
 
-    def usage(self, slot: str) -> float:
-        """CPU seconds used so far by every process that was ever in the slot."""
+    def settle(self, wait: float = 0.2) -> None:
+        """Before a job: wait (briefly) until the processes of a job killed earlier have gone."""
+        end = time.monotonic() + wait
+        path = os.path.join(self._dir("pids"), "pids.current")
+        while time.monotonic() < end:
+            try:
+                if int(_read(path)) <= 1:
+                    return
+            except (OSError, ValueError):
+                return
+            time.sleep(0.001)
+
+    def usage(self) -> float:
+        """CPU seconds used so far by every process that was ever in the cgroup."""
         if self.version == "v2":
-            for line in _read(os.path.join(self.tops[""], slot, "cpu.stat")).splitlines():
+            for line in _read(os.path.join(self.tops[""], "cpu.stat")).splitlines():
                 if line.startswith("usage_usec "):
                     return int(line.split()[1]) / 1e6
             raise OSError("cpu.stat has no usage_usec")
-        return int(_read(os.path.join(self.tops["cpuacct"], slot, "cpuacct.usage"))) / 1e9
-
-    def remove(self) -> None:
-        """Remove the slots and the worker's cgroups (best effort: a slot still in use stays)."""
-        for top in self.tops.values():
-            for slot in self.slots:
-                try:
-                    os.rmdir(os.path.join(top, slot))
-                except OSError:
-                    pass
-            try:
-                os.rmdir(top)
-            except OSError:
-                pass
+        return int(_read(os.path.join(self.tops["cpuacct"], "cpuacct.usage"))) / 1e9
 
 
 def setup(found: dict, name: str) -> Cgroups | None:
-    """Make the worker's cgroups below `found` (from `locate`); None where they are not writable."""
+    """Make the worker's cgroups below `found` (from `locate`) and move this process into them;
+    None where they are not writable (nothing is left behind then)."""
     made: list[str] = []
     try:
         if "v1" in found:
             tops = {c: os.path.join(d, name) for c, d in found["v1"].items()}
             for d in tops.values():
-                os.makedirs(d, exist_ok=True)
+                os.makedirs(d, exist_ok=True)  # exist_ok: our own name only (a fake tree lays it out)
                 made.append(d)
             cg = Cgroups("v1", tops)
         elif "v2" in found:
             parent = found["v2"]
-            have = _read(os.path.join(parent, "cgroup.subtree_control")).split()
-            if not {"memory", "pids"} <= set(have):
+            if not {"memory", "pids"} <= set(_read(os.path.join(parent, "cgroup.subtree_control")).split()):
                 # Fails (EBUSY) where the parent holds processes; then there is no v2 limit here.
                 _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids")
             top = os.path.join(parent, name)
             os.makedirs(top, exist_ok=True)
             made.append(top)
-            _write(os.path.join(top, "cgroup.subtree_control"), "+memory +pids")
             cg = Cgroups("v2", {"": top})
         else:
             return None
-        probe = cg.take(64 << 20, 8)  # writes the limit files once: a read-only tree fails here
+        cg.limit(64 << 20, 8)  # writes the limit files once: a read-only tree fails here
+        enter(list(cg.tops.values()))
     except OSError:
-        _remove(made)
+        for d in reversed(made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
         return None
     if cg.cpu:
         try:
-            cg.usage(probe)
+            cg.usage()
         except OSError:
             cg.cpu = False  # memory and pids still limited; the CPU clock reads /proc instead
     return cg
 
 
-def _remove(made: list[str]) -> None:
-    for d in reversed(made):
-        for sub in ("j0", ""):
-            try:
-                os.rmdir(os.path.join(d, sub))
-            except OSError:
-                pass
-
-
 def discover(name: str) -> Cgroups | None:
-    """The worker's cgroups on this machine, or None (then rlimits alone limit memory and processes)."""
+    """This worker's cgroups on this machine, or None (then rlimits alone limit memory and processes).
+    The worker's parent removes them once the worker is gone (`cgroup_dirs` in its hello)."""
     try:
         found = locate(_read("/proc/self/mountinfo"), _read("/proc/self/cgroup"))
     except OSError:
         return None
-    cg = setup(found, name)
-    if cg is not None:
-        atexit.register(cg.remove)
-    return cg
+    return setup(found, name)
 
 
 def enter(dirs: list[str]) -> None:
-    """In the job's first process, before anything else runs: move this process into its slot."""
+    """Move this process into these cgroups (its children are born there)."""
     for d in dirs:
         _write(os.path.join(d, "cgroup.procs"), "0")
 
@@ -274,15 +249,15 @@ def tree_cpu(pids: list[int]) -> float:
 
 
 class Meter:
-    """The CPU clock of one job: its cgroup slot's usage, else the /proc process tree of the pids it
+    """The CPU clock of one job: its cgroup's usage since the job began, else the /proc process tree of the pids it
     `watch`es (with `orphans`, no pid namespace: every child of this worker, where escaped processes
     land; this worker runs one job at a time)."""
 
-    def __init__(self, cg: Cgroups | None = None, slot: str | None = None, orphans: bool = False) -> None:
-        self.cg, self.slot, self.orphans = cg, slot, orphans
+    def __init__(self, cg: Cgroups | None = None, orphans: bool = False) -> None:
+        self.cg, self.orphans = cg, orphans
         self.pids: list[int] = []
-        self.source = "cgroup" if cg is not None and slot is not None and cg.cpu else "proc"
-        self.base = cg.usage(slot) if self.source == "cgroup" else 0.0  # type: ignore[union-attr,arg-type]
+        self.source = "cgroup" if cg is not None and cg.cpu else "proc"
+        self.base = cg.usage() if self.source == "cgroup" else 0.0  # type: ignore[union-attr]
         self.last = 0.0
         self.checked = time.monotonic()
 
@@ -294,7 +269,7 @@ class Meter:
         """CPU seconds the job used so far (never decreasing)."""
         try:
             if self.source == "cgroup":
-                used = self.cg.usage(self.slot) - self.base  # type: ignore[union-attr,arg-type]
+                used = self.cg.usage() - self.base  # type: ignore[union-attr]
             else:
                 used = tree_cpu(self.pids + (_children(os.getpid()) if self.orphans else []))
         except OSError:

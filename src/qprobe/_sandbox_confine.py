@@ -104,14 +104,12 @@ def _write_file(path: str, text: str) -> None:
 
 
 def start_meter(cfg: dict, feats: dict):
-    """Per job, in the worker before the fork: a cgroup slot with the job's limits (its dirs go in
-    cfg["cgroup"] for B to enter) and the job's CPU clock (`cgroup.Meter`; `watch` the job's pids)."""
-    orphans = not feats.get("pid")  # no pid namespace: escaped processes are re-parented to us
-    if CG is None:
-        return cgroup.Meter(orphans=orphans)
-    slot = CG.take(cfg["memory_mb"] << 20, cfg["nproc"])
-    cfg["cgroup"] = CG.dirs(slot)
-    return cgroup.Meter(CG, slot, orphans=orphans)
+    """Per job, in the worker before the fork: the job's cgroup limits, and its CPU clock
+    (`cgroup.Meter`; `watch` the job's pids, which the /proc clock needs)."""
+    if CG is not None:
+        CG.limit(cfg["memory_mb"] << 20, cfg["nproc"])
+        CG.settle()
+    return cgroup.Meter(CG, orphans=not feats.get("pid"))  # no pid namespace: orphans come to us
 
 
 # ---------------------------------------------------------------- the jobs' root (once per worker)
@@ -246,8 +244,8 @@ def _confine(cfg: dict, feats: dict, workdir: str) -> None:
     """Make B the sandbox: cgroup, IPC namespace, mounts, privileges, rlimits. Raises if a promised
     step fails."""
     os.setsid()
-    if cfg.get("cgroup"):
-        cgroup.enter(cfg["cgroup"])
+    # The OOM killer's first choice, before the worker (which shares its cgroup) or any host process.
+    _write_file("/proc/self/oom_score_adj", "1000")
     if feats.get("ipc"):
         unshare(CLONE_NEWIPC)  # per job: no System V queue or semaphore outlives it or is shared
     if feats["mount"]:

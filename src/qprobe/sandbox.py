@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -228,6 +229,15 @@ class _Worker:
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
             self.proc.wait()
+        for top in getattr(self, "features", {}).get("cgroup_dirs", []):  # the worker's, empty once its
+            for _ in range(50):  # last job's processes are gone
+                try:
+                    os.rmdir(top)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
         base = getattr(self, "base", "")
         if base and Path(base).name.startswith("qprobe-sandbox-"):
             import shutil
@@ -310,6 +320,15 @@ def _run_one(program: str, tests: str, timeout: float, limits: Limits) -> Result
                   extra={k: raw[k] for k in ("cpu_time", "clock", "limit_hit") if k in raw})
 
 
+def _run_retrying(program: str, tests: str, timeout: float, limits: Limits) -> Result:
+    """A timeout is run once more (at once, in this thread) before it counts: load should not cost a reward."""
+    r = _run_one(program, tests, timeout, limits)
+    if r.status != "timeout":
+        return r
+    again = _run_one(program, tests, timeout, limits)
+    return Result(**{**asdict(again), "extra": {**again.extra, "retried": True}})
+
+
 def check(program: str, tests: str, timeout: float = 3.0, limits: Limits | None = None) -> Result:
     """Run `program` then `tests` in the sandbox; passed only if every test statement completed."""
     return check_many([(program, tests)], timeout=timeout, limits=limits)[0]
@@ -334,13 +353,7 @@ def check_many(pairs: Sequence[tuple[str, str]], timeout: float = 3.0, workers: 
         # Default 2 x cores: a check mostly waits (forks, namespace set-up), it rarely fills a core.
         n = max(1, min(workers or min(2 * (os.cpu_count() or 1), 32), len(todo)))
         with ThreadPoolExecutor(n) as ex:
-            results = list(ex.map(lambda pt: _run_one(pt[0], pt[1], timeout, limits), todo.values()))
-            # A timeout is retried once before it is cached: a loaded machine should not cost a reward.
-            again = [i for i, r in enumerate(results) if r.status == "timeout"]
-            pairs_again = [list(todo.values())[i] for i in again]
-            for i, r in zip(again, ex.map(lambda pt: _run_one(pt[0], pt[1], timeout, limits), pairs_again),
-                            strict=True):
-                results[i] = Result(**{**asdict(r), "extra": {**r.extra, "retried": True}})
+            results = list(ex.map(lambda pt: _run_retrying(pt[0], pt[1], timeout, limits), todo.values()))
         with _CACHE_LOCK:
             for k, r in zip(todo, results, strict=True):
                 if r.error_type != "SandboxError":
