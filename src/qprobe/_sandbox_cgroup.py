@@ -7,7 +7,8 @@ v2: its own cgroup can enable `memory` and `pids` for children) makes a cgroup `
 per controller and moves itself in. It runs one job at a time, so each job's processes are born in
 it; before a job the limits are set (`memory.limit_in_bytes` / `memory.max` = the job's memory, swap
 0, `pids.max` = its processes + 2 for the worker and the job's short-lived intermediate process)
-and the processes of an earlier, killed job are given a moment to go. Job processes have
+(like RLIMIT_NPROC per uid, pids.max also counts a killed earlier job's processes while the kernel
+tears them down, which takes a millisecond or so). Job processes have
 oom_score_adj 1000, so a job over its memory loses its own processes, not the worker. One cgroup per worker and not per job: moving a process into a cgroup costs
 ~2 ms (an RCU grace period), more than a whole honest check.
 
@@ -131,18 +132,6 @@ class Cgroups:
                 _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
         _write(os.path.join(self._dir("pids"), "pids.max"), str(pids + 2))
         self.limits = (memory_bytes, pids)
-
-    def settle(self, wait: float = 0.2) -> None:
-        """Before a job: wait (briefly) until the processes of a job killed earlier have gone."""
-        end = time.monotonic() + wait
-        path = os.path.join(self._dir("pids"), "pids.current")
-        while time.monotonic() < end:
-            try:
-                if int(_read(path)) <= 1:
-                    return
-            except (OSError, ValueError):
-                return
-            time.sleep(0.001)
 
     def usage(self) -> float:
         """CPU seconds used so far by every process that was ever in the cgroup."""

@@ -108,7 +108,6 @@ def start_meter(cfg: dict, feats: dict):
     (`cgroup.Meter`; `watch` the job's pids, which the /proc clock needs)."""
     if CG is not None:
         CG.limit(cfg["memory_mb"] << 20, cfg["nproc"])
-        CG.settle()
     return cgroup.Meter(CG, orphans=not feats.get("pid"))  # no pid namespace: orphans come to us
 
 
