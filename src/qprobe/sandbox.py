@@ -178,8 +178,8 @@ class _Worker:
             raise SandboxError(f"expected the sandbox worker to start, got {exc}; check that {sys.executable} "
                                "can run") from exc
         hello = self._recv(60.0)
+        self.base: str = (hello or {}).get("base", "")  # its job folder, removed here (its own view is read-only)
         if hello is None or "error" in hello:
-            self.base = (hello or {}).get("base", "")
             self.close()
             err.seek(0)
             lines = err.read()[-4000:].decode("utf-8", "replace").strip().splitlines()
@@ -188,8 +188,7 @@ class _Worker:
                                f"to try it without namespaces (code then needs --allow-unconfined too)")
         err.close()
         self.level: str = hello["level"]
-        self.features: dict[str, bool] = hello["features"]
-        self.base: str = hello.get("base", "")  # its job folder, removed here (its own view is read-only)
+        self.features: dict[str, Any] = hello["features"]
 
     def _recv(self, timeout: float) -> dict | None:
         fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
