@@ -132,9 +132,11 @@ def confined(features: dict[str, Any]) -> bool:
     return all(features.get(k) for k in ("net", "pid", "mount", "readonly"))
 
 
-def _how_to_confine(features: dict[str, Any]) -> str:
-    if not sys.platform.startswith("linux"):
-        return (f"on {sys.platform} there are no Linux namespaces, so the sandbox can only limit resources "
+def _how_to_confine(features: dict[str, Any], platform: str = sys.platform) -> str:
+    if "QPROBE_SANDBOX_MINIMAL" in features.get("why", ""):
+        return "unset QPROBE_SANDBOX_MINIMAL"
+    if not platform.startswith("linux"):
+        return (f"on {platform} there are no Linux namespaces, so the sandbox can only limit resources "
                 "and code runs only with the second opt-in")
     if features.get("root"):
         return ("in a container, start it with --privileged, or with --security-opt seccomp=unconfined "
