@@ -329,3 +329,49 @@ def test_results_record_the_clock():
     d = r.details()
     assert r.passed and d["clock"] in ("cpu(cgroup)", "cpu(proc)") and 0 <= d["cpu_time"] < 1
     assert json.loads(json.dumps(d)) == d and "limit_hit" not in d
+
+
+READONLY = """
+import os, sys
+from qprobe import _sandbox_confine as c
+if os.geteuid() != 0:  # an ordinary user: a user namespace of our own, as the worker makes
+    uid, gid = os.getuid(), os.getgid()
+    c.unshare(c.CLONE_NEWUSER | c.CLONE_NEWNS)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        c._write_file(f"/proc/self/{name}", text)
+else:
+    c.unshare(c.CLONE_NEWNS)
+c.mount(None, "/", None, c.MS_REC | c.MS_PRIVATE)
+d = os.environ["D"]
+c.mount("tmpfs", d, "tmpfs", 0, "size=1m")
+os.mkdir(d + "/sub")
+c.mount("tmpfs", d + "/sub", "tmpfs", 0, "size=1m")
+if sys.argv[1] == "fail":  # one remount refused, as a locked flag or a busy mount would be
+    real = c.mount
+    def mount(src, target, fstype, flags, data=None):
+        if target.endswith("/sub") and flags & c.MS_REMOUNT:
+            raise OSError(1, f"mount {target}: Operation not permitted")
+        return real(src, target, fstype, flags, data)
+    c.mount = mount
+try:
+    c._readonly_below(d)
+except OSError as exc:
+    print("RAISED", exc)
+    sys.exit(0)
+for path in (d + "/x", d + "/sub/x"):
+    try:
+        open(path, "w")
+        print("WRITABLE", path)
+    except OSError as exc:
+        print("READONLY" if exc.errno == 30 else f"OTHER {exc}")
+"""
+
+
+def test_a_remount_that_fails_is_an_error_not_a_lower_level(tmp_path):
+    ok = _run_isolated(READONLY.replace("sys.argv[1]", "'ok'"), D=str(tmp_path))
+    if "Operation not permitted" in ok.stderr and "unshare" in ok.stderr:
+        pytest.skip("no mount namespace for this user here")
+    assert ok.returncode == 0 and ok.stdout.split() == ["READONLY", "READONLY"], ok.stdout + ok.stderr
+    bad = _run_isolated(READONLY.replace("sys.argv[1]", "'fail'"), D=str(tmp_path))
+    assert bad.returncode == 0 and bad.stdout.startswith("RAISED ") and "/sub: Operation not permitted" in bad.stdout, \
+        bad.stdout + bad.stderr
