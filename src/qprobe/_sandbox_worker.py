@@ -3,10 +3,12 @@
 Run only by `qprobe.sandbox` (standard library only, nothing from qprobe). It talks to its parent
 over two pipes with length-prefixed JSON. Per job it forks A, which enters a fresh pid + mount
 namespace (where available) and forks B, the init of that namespace; A exits at once so B is
-re-parented to this worker (a child sub-reaper). B mounts a size-capped tmpfs on its working
-directory and a fresh /proc, remounts everything else read-only, drops privileges, sets rlimits,
-then runs the program and its tests. Killing B (the namespace's init) kills every process the
-program started. The wall-clock timeout is enforced here, outside the namespace.
+re-parented to this worker (a child sub-reaper). B enters a fresh IPC namespace, mounts a
+size-capped tmpfs on its working directory and a fresh /proc inside the jobs' own root (built once
+per worker), pivots into that root, drops privileges, sets rlimits, then runs the program and its
+tests. The worker lives in its own cgroup where it may make one, so the job's processes are born there. Killing B (the namespace's init) kills every process the
+program started. The time limit (CPU time of the whole job, `_sandbox_cgroup.Meter`, with a
+wall-clock backstop) is enforced here, outside the namespace.
 
 A pass is reported only by the harness after the last test statement returned, as a JSON line
 carrying a per-job random nonce on a randomly numbered fd, and only counts if B then exits 0.
@@ -128,7 +130,7 @@ def _final_report(rep: bytes, nonce: str) -> bool:
 def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     _reap_pending()
     cfg = {**cfg, **job.get("limits", {})}
-    meter = start_meter(cfg, feats)  # the job's cgroup slot (cfg["cgroup"]) and CPU clock
+    meter = start_meter(cfg, feats)  # the job's cgroup limits and its CPU clock
     nonce = os.urandom(16).hex()
     workdir = os.path.join(base, os.urandom(8).hex())
     os.mkdir(workdir, 0o777)
