@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qprobe._sandbox_cgroup import backstop
 from qprobe.errors import CodeExecutionNotAllowed, SandboxError, UnconfinedSandbox
 
 ENV_VAR = "QPROBE_ALLOW_CODE_EXECUTION"
@@ -218,7 +219,7 @@ class _Worker:
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except OSError:
             return None
-        return self._recv(timeout + 30.0)
+        return self._recv(backstop(timeout) + 30.0)  # the worker stops a job by then
 
     def alive(self) -> bool:
         return self.proc.poll() is None
