@@ -53,8 +53,9 @@ def test_statuses_and_details():
     assert (err.status, err.error_type, err.failing_test) == ("error", "ZeroDivisionError", "assert f(1) == 2")
     syntax = sandbox.check("def f(:\n", "pass")
     assert (syntax.status, syntax.error_type) == ("error", "SyntaxError")
-    slow = sandbox.check("import time\ntime.sleep(5)", "pass", timeout=0.5)
-    assert slow.status == "timeout" and 0.4 < slow.duration < 2
+    slow = sandbox.check("while True:\n    pass", "pass", timeout=0.5)  # the limit is on CPU time
+    assert slow.status == "timeout" and 0.4 < slow.duration < 2 and slow.extra["limit_hit"] == "cpu"
+    assert slow.extra["retried"] and slow.extra["cpu_time"] >= 0.5
     out = sandbox.check("print('hello'); import sys; print('oops', file=sys.stderr)", "assert False")
     assert out.status == "failed" and "hello" in out.stderr_tail and "oops" in out.stderr_tail
     d = out.details()

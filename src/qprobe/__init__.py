@@ -34,6 +34,7 @@ _EXPORTS = {
     "StoreError": "qprobe.errors", "SpecMismatchError": "qprobe.errors", "NotFittedError": "qprobe.errors",
     "BackendError": "qprobe.errors", "CodeExecutionNotAllowed": "qprobe.errors",
     "UnknownNameError": "qprobe.errors", "MissingDependencyError": "qprobe.errors",
+    "UnconfinedSandbox": "qprobe.errors", "SandboxError": "qprobe.errors",
     # components
     "Prompt": "qprobe.core.types", "Completion": "qprobe.core.types", "RewardResult": "qprobe.core.types",
     "Reward": "qprobe.rewards.base", "Task": "qprobe.tasks.base",

@@ -3,10 +3,13 @@
 Run only by `qprobe.sandbox` (standard library only, nothing from qprobe). It talks to its parent
 over two pipes with length-prefixed JSON. Per job it forks A, which enters a fresh pid + mount
 namespace (where available) and forks B, the init of that namespace; A exits at once so B is
-re-parented to this worker (a child sub-reaper). B mounts a size-capped tmpfs on its working
-directory and a fresh /proc, remounts everything else read-only, drops privileges, sets rlimits,
-then runs the program and answers T's calls. Killing B (the namespace's init) kills every process the
-program started. The wall-clock timeout is enforced here, outside the namespace.
+re-parented to this worker (a child sub-reaper). B enters a fresh IPC namespace, mounts a
+size-capped tmpfs on its working directory and a fresh /proc inside the jobs' own root (built once
+per worker), pivots into that root, drops privileges, sets rlimits, then runs the program and
+answers T's calls. The worker lives in its own cgroup where it may make one, so the job's processes
+(and T) are born there. Killing B (the namespace's init) kills every process the program started.
+The time limit (CPU time of the whole job, `_sandbox_cgroup.Meter`, with a wall-clock backstop) is
+enforced here, outside the namespace.
 
 Beside B it keeps T, its test process (forked once, restarted after a job that timed out), which
 never receives or runs model-written code: per job it gets the tests and B's socket (over
@@ -51,23 +54,29 @@ _load_sibling("_sandbox_codec")
 _load_sibling("_sandbox_tests")
 _harness = _load_sibling("_sandbox_harness")
 CLONE_NEWNS, CLONE_NEWPID = _confine.CLONE_NEWNS, _confine.CLONE_NEWPID
-unshare, blocked_paths, probe_features = _confine.unshare, _confine.blocked_paths, _confine.probe_features
-worker_view = _confine.worker_view
+unshare, probe_features, start_meter = _confine.unshare, _confine.probe_features, _confine.start_meter
+worker_view, backstop, POLL = _confine.worker_view, _confine.cgroup.backstop, _confine.cgroup.POLL
 job_main, test_server_main = _harness.job_main, _harness.test_server_main
 verdict, _final_report = _harness.verdict, _harness.final_report
 
 
 def level_string(feats: dict) -> str:
-    ns = [n for n in ("net", "pid", "mount") if feats[n]]
+    """E.g. 'namespaces(net,pid,mount,ipc)+own-ro-root+tmpfs-cwd+proc+setuid+cgroup-v1(memory,pids,cpuacct)
+    +cpu-clock(cgroup)+rlimits'; below net+pid+mount it starts with 'UNCONFINED'."""
+    ns = [n for n in ("net", "pid", "mount", "ipc") if feats.get(n)]
     if feats["userns"]:
         ns.append("user")
-    parts = [f"namespaces({','.join(ns)})"] if ns else []
+    missing = [n for n in ("net", "pid", "mount") if not feats.get(n)]
+    parts = [f"UNCONFINED(no {','.join(missing)} namespace{'s' if len(missing) > 1 else ''})"] if missing else []
+    parts += [f"namespaces({','.join(ns)})"] if ns else []
     if feats["mount"]:
-        parts.append("tmpfs-cwd" + ("+proc" if feats["proc"] else "") + ("+ro-root" if feats["readonly"] else ""))
+        parts.append("own-ro-root+tmpfs-cwd+proc")
     if feats["root"]:
         # Degraded: the job's uid cannot import modules the worker did not preload.
         parts.append("setuid(python-unreadable)" if feats.get("python_unreadable") else "setuid")
-    return "+".join(parts + ["rlimits"])
+    if feats.get("cgroup"):
+        parts.append(feats["cgroup"])
+    return "+".join(parts + [f"cpu-clock({feats.get('cpu_clock', 'proc')})", "rlimits"])
 
 
 def _kill_stragglers(pid_b: int, uid: int | None) -> None:
@@ -108,6 +117,17 @@ def _kill_stragglers(pid_b: int, uid: int | None) -> None:
         if not kids:  # only our test process is left
             return
         time.sleep(0.002)
+
+
+def _fork() -> int:
+    """os.fork, waiting out a full pids cgroup: a killed job's processes still count against
+    pids.max while the kernel tears them down (a fork bomb's take a few milliseconds)."""
+    for _ in range(400):
+        try:
+            return os.fork()
+        except BlockingIOError:
+            time.sleep(0.005)
+    return os.fork()
 
 
 _PENDING: list[int] = []  # killed jobs whose namespaces the kernel is still tearing down
@@ -173,7 +193,7 @@ def _test_server(cfg: dict, feats: dict) -> dict:
     if _T:
         return _T
     c_w, c_t = socket.socketpair()
-    pid = os.fork()
+    pid = _fork()
     if pid == 0:
         try:
             c_w.close()
@@ -211,6 +231,7 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     cfg = {**cfg, **job.get("limits", {})}
     _pin(cfg)
     t = _test_server(cfg, feats)
+    meter = start_meter(cfg, feats)  # the job's cgroup limits and its CPU clock (T's share too, in a cgroup)
     workdir = os.path.join(base, os.urandom(8).hex())
     os.mkdir(workdir, 0o777)
     os.chmod(workdir, 0o777)
@@ -220,14 +241,14 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     pid_r, pid_w = os.pipe()
     sync_r, sync_w = os.pipe()
     t0 = time.monotonic()
-    a = os.fork()
+    a = _fork()
     if a == 0:
         try:
             for fd in (t["ctrl"].fileno(), t["pidfd"], s_t, out_r, st_r, pid_r, sync_w):
                 os.close(fd)  # first of all: B never holds T's report socket
             if feats["pid"]:
                 unshare(CLONE_NEWPID | CLONE_NEWNS)
-            b = os.fork()
+            b = _fork()
             if b == 0:
                 os.close(pid_w)
                 try:
@@ -257,17 +278,19 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
     raw = os.read(pid_r, 4)
     os.close(pid_r)
     b = struct.unpack("<i", raw)[0] if len(raw) == 4 else None
-    deadline = t0 + float(cfg["timeout"])
+    meter.watch(b)
+    deadline = t0 + backstop(cfg["timeout"])  # the limit is on CPU time; this wall clock is a backstop
     out, out_total, rep, setup = bytearray(), 0, bytearray(), bytearray()
-    timed_out = too_much = done = t_died = False
+    timed_out: str = ""
+    too_much = done = t_died = False
     ctrl = t["ctrl"].fileno()
     open_fds = [ctrl, out_r, st_r]
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            timed_out = True
+            timed_out = "wall"
             break
-        ready, _, _ = select.select(open_fds + [t["pidfd"]], [], [], left)
+        ready, _, _ = select.select(open_fds + [t["pidfd"]], [], [], min(left, POLL))
         for fd in ready:
             if fd == t["pidfd"]:
                 continue
@@ -288,6 +311,10 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
         if out_total > (cfg["output_kb"] << 10) or len(rep) > 1 << 16:
             too_much = True
             break
+        if meter.over(cfg["timeout"]):
+            timed_out = "cpu"
+            break
+    meter.cpu()  # before B is reaped: /proc still holds its times
     duration = time.monotonic() - t0
     try:
         info = json.loads(rep) if done else None
@@ -322,8 +349,9 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
 
             shutil.rmtree(workdir, ignore_errors=True)
     report = (json.dumps(info).encode() + b"\n") if info is not None else b""
-    return verdict(report, t_status, b_status, bytes(setup), timed_out, too_much, duration,
-                   out.decode("utf-8", "replace"), cfg)
+    res = verdict(report, t_status, b_status, bytes(setup), bool(timed_out), too_much, duration,
+                  out.decode("utf-8", "replace"), cfg)
+    return {**res, **meter.report((timed_out or "cpu") if res["status"] == "timeout" else "", cfg["timeout"])}
 
 
 def _recv(fd: int) -> dict | None:
@@ -360,11 +388,14 @@ def main() -> None:
     base = os.path.join(cfg["tmp"], "qprobe-sandbox-" + os.urandom(6).hex())  # type: ignore[operator]
     os.mkdir(base, 0o711)
     try:
-        cfg["expose"] = blocked_paths() if os.geteuid() == 0 else []
-        feats = probe_features(cfg, base)
-        if feats["readonly"]:
-            unshare(CLONE_NEWNS)
-            worker_view(cfg, feats, base)
+        try:
+            feats = probe_features(cfg, base)
+            if feats["mount"]:
+                unshare(CLONE_NEWNS)
+                worker_view(cfg, feats, base)
+        except Exception as exc:  # noqa: BLE001  one line for the user, not a traceback
+            _send(proto_out, {"error": f"{type(exc).__name__}: {exc}"[:500], "base": base})
+            return
         # Not dumpable: a job with our uid cannot open our descriptors through /proc (B turns it back
         # on for itself until it is confined; T stays so).
         _confine.prctl(_confine.PR_SET_DUMPABLE, 0)

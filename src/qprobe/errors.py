@@ -46,6 +46,14 @@ class CodeExecutionNotAllowed(QProbeError):
     """Model-written code would run, but the user has not opted in."""
 
 
+class UnconfinedSandbox(CodeExecutionNotAllowed):
+    """The sandbox here is below net + pid + mount isolation, and the second opt-in is missing."""
+
+
+class SandboxError(QProbeError):
+    """The sandbox could not start (its worker failed to set up or died before answering)."""
+
+
 class MissingDependencyError(QProbeError, ImportError):
     """An optional extra is needed for this feature but is not installed."""
 

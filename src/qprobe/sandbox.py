@@ -6,12 +6,21 @@ same for a batch, in parallel. Nothing runs unless the user opted in (`--allow-c
 on the CLI, or `QPROBE_ALLOW_CODE_EXECUTION=1`).
 
 How: a few warm worker processes (`python -I qprobe/_sandbox_worker.py`, started with an empty
-environment) each fork one fresh child per program. Where the kernel allows it the child gets its
-own network (none), pid, mount, IPC and UTS namespaces, a size-capped tmpfs as its working
-directory, a fresh /proc, a read-only view of every other file system, and no privileges;
-always its own session, rlimits (address space, CPU, file size, open files, processes, no core),
-stdin at EOF, captured and capped output, and a wall-clock timeout enforced from outside that
-kills the whole process tree. `isolation_level()` says which of these are in effect here.
+environment) each fork one fresh child per program. The child gets its own network (none), pid,
+mount and IPC namespaces and a root file system of its own: an empty tmpfs holding read-only
+binds of /usr, /bin, /lib*, /etc, Python's own directories and a few devices, a size-capped tmpfs
+as its working directory (also HOME and TMPDIR), a fresh /proc, and no privileges (as root: an
+unused uid; as an ordinary user: a nested user namespace that owns nothing). Nothing of the
+user's home, /tmp or /root is visible to it. Always: its own session, a cgroup (memory, pids, CPU
+accounting) where this process may write one, rlimits (address space, CPU, file size, open files,
+processes, no core), stdin at EOF, captured and capped output. The time limit is on CPU time of
+all the job's processes (the cgroup's, else summed from /proc), with a wall-clock backstop of
+4 x the limit + 2 s, enforced from outside; killing the job kills its whole process tree; a
+timeout is retried once before it is cached. `isolation_level()` says which of these are in effect.
+
+Fail closed: below net + pid + mount isolation (no user namespaces for an ordinary user, a
+container without the rights, macOS) code runs only with a second opt-in, `--allow-unconfined` or
+`QPROBE_ALLOW_UNCONFINED=1`; otherwise `UnconfinedSandbox` says what is missing and how to get it.
 
 Who decides the verdict (threat model). The program may be written to attack the harness: it
 controls its whole process, its memory, frames, heap and descriptors. So it never shares a process
@@ -56,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,9 +73,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qprobe.errors import CodeExecutionNotAllowed
+from qprobe._sandbox_cgroup import backstop
+from qprobe.errors import CodeExecutionNotAllowed, SandboxError, UnconfinedSandbox
 
 ENV_VAR = "QPROBE_ALLOW_CODE_EXECUTION"
+UNCONFINED_ENV_VAR = "QPROBE_ALLOW_UNCONFINED"
 STATUSES = ("passed", "failed", "timeout", "error")
 _WORKER = Path(__file__).with_name("_sandbox_worker.py")
 _UID_BASE = 1_700_000  # root only: worker i runs its jobs as this uid + i (no such user exists)
@@ -143,6 +155,50 @@ def require_opt_in() -> None:
             f"in a sandbox, with {isolation_level()} isolation, but no sandbox is perfect); to accept "
             f"the risk pass --allow-code-execution on the command line or set {ENV_VAR}=1"
         )
+    require_confinement()
+
+
+def allow_unconfined() -> None:
+    """The second opt-in (what `--allow-unconfined` does): run code even below net+pid+mount isolation."""
+    os.environ[UNCONFINED_ENV_VAR] = "1"
+
+
+def unconfined_allowed() -> bool:
+    return os.environ.get(UNCONFINED_ENV_VAR, "") == "1"
+
+
+def confined(features: dict[str, Any]) -> bool:
+    """Net + pid + mount namespaces with the job's own read-only root: the level code runs at by default."""
+    return all(features.get(k) for k in ("net", "pid", "mount", "readonly"))
+
+
+def _how_to_confine(features: dict[str, Any], platform: str = sys.platform) -> str:
+    if "QPROBE_SANDBOX_MINIMAL" in features.get("why", ""):
+        return "unset QPROBE_SANDBOX_MINIMAL"
+    if not platform.startswith("linux"):
+        return (f"on {platform} there are no Linux namespaces, so the sandbox can only limit resources "
+                "and code runs only with the second opt-in")
+    if features.get("root"):
+        return ("in a container, start it with --privileged, or with --security-opt seccomp=unconfined "
+                "--security-opt apparmor=unconfined --security-opt systempaths=unconfined (docker, podman)")
+    return ("allow unprivileged user namespaces: sysctl -w kernel.unprivileged_userns_clone=1 (Debian, older "
+            "kernels) and user.max_user_namespaces=15000 (if 0), on Ubuntu 23.10+ sysctl -w "
+            "kernel.apparmor_restrict_unprivileged_userns=0; in a container, --security-opt seccomp=unconfined "
+            "--security-opt apparmor=unconfined --security-opt systempaths=unconfined; or run as root")
+
+
+def require_confinement() -> None:
+    """Raise UnconfinedSandbox if isolation is below net+pid+mount here and there is no second opt-in."""
+    isolation_level()
+    if confined(_FEATURES) or unconfined_allowed():
+        return
+    missing = [k for k in ("net", "pid", "mount") if not _FEATURES.get(k)] or ["read-only root"]
+    why = _FEATURES.get("why") or "unknown reason"
+    raise UnconfinedSandbox(
+        f"expected net+pid+mount isolation before running model-written code, got {_LEVEL} (missing: "
+        f"{', '.join(missing)}; {why}); to get it, {_how_to_confine(_FEATURES)}; to run it anyway with "
+        f"resource limits only, pass --allow-unconfined or set {UNCONFINED_ENV_VAR}=1"
+    )
 
 
 # ------------------------------------------------------------------ workers
@@ -154,18 +210,27 @@ class _Worker:
     def __init__(self, index: int) -> None:
         cfg = {**asdict(Limits()), "timeout": 3.0, "uid": _UID_BASE + index, "tmp": tempfile.gettempdir(),
                "minimal": os.environ.get("QPROBE_SANDBOX_MINIMAL", "") == "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", str(_WORKER), json.dumps(cfg)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={}, close_fds=True,
-            start_new_session=True, cwd="/",
-        )
+        err = tempfile.TemporaryFile()  # the worker's own stderr: only read if it fails to start
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", str(_WORKER), json.dumps(cfg)], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=err, env={}, close_fds=True, start_new_session=True, cwd="/",
+            )
+        except OSError as exc:
+            raise SandboxError(f"expected the sandbox worker to start, got {exc}; check that {sys.executable} "
+                               "can run") from exc
         hello = self._recv(60.0)
-        if hello is None:
+        self.base: str = (hello or {}).get("base", "")  # its job folder, removed here (its own view is read-only)
+        if hello is None or "error" in hello:
             self.close()
-            raise RuntimeError("the sandbox worker did not start")
+            err.seek(0)
+            lines = err.read()[-4000:].decode("utf-8", "replace").strip().splitlines()
+            why = (hello or {}).get("error") or (lines[-1] if lines else "it exited without a word")
+            raise SandboxError(f"expected the sandbox worker to start, got: {why}; set QPROBE_SANDBOX_MINIMAL=1 "
+                               f"to try it without namespaces (code then needs --allow-unconfined too)")
+        err.close()
         self.level: str = hello["level"]
-        self.features: dict[str, bool] = hello["features"]
-        self.base: str = hello.get("base", "")  # its job folder, removed here (its own view is read-only)
+        self.features: dict[str, Any] = hello["features"]
 
     def _recv(self, timeout: float) -> dict | None:
         fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
@@ -194,7 +259,7 @@ class _Worker:
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except OSError:
             return None
-        return self._recv(timeout + 30.0)
+        return self._recv(backstop(timeout) + 30.0)  # the worker stops a job by then
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -206,6 +271,15 @@ class _Worker:
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
             self.proc.wait()
+        for top in getattr(self, "features", {}).get("cgroup_dirs", []):  # the worker's, empty once its
+            for _ in range(50):  # last job's processes are gone
+                try:
+                    os.rmdir(top)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
         base = getattr(self, "base", "")
         if base and Path(base).name.startswith("qprobe-sandbox-"):
             import shutil
@@ -247,6 +321,7 @@ _CACHE: OrderedDict[str, Result] = OrderedDict()
 _CACHE_SIZE = 50_000
 _CACHE_LOCK = threading.Lock()
 _LEVEL: str | None = None
+_FEATURES: dict[str, Any] = {}
 
 
 def isolation_level() -> str:
@@ -257,6 +332,7 @@ def isolation_level() -> str:
     global _LEVEL
     if _LEVEL is None:
         worker = _POOL.acquire()
+        _FEATURES.update(worker.features)
         _LEVEL = worker.level
         _POOL.release(worker)
     return _LEVEL
@@ -282,7 +358,17 @@ def _run_one(program: str, tests: TaskTests, timeout: float, limits: Limits) -> 
     if raw is None:
         return Result("error", "SandboxError", message="the sandbox worker died or stopped answering")
     return Result(**{k: raw.get(k, "") for k in ("status", "error_type", "failing_test", "message", "stderr_tail")},
-                  duration=float(raw.get("duration", 0.0)))
+                  duration=float(raw.get("duration", 0.0)),
+                  extra={k: raw[k] for k in ("cpu_time", "clock", "limit_hit") if k in raw})
+
+
+def _run_retrying(program: str, tests: str, timeout: float, limits: Limits) -> Result:
+    """A timeout is run once more (at once, in this thread) before it counts: load should not cost a reward."""
+    r = _run_one(program, tests, timeout, limits)
+    if r.status != "timeout":
+        return r
+    again = _run_one(program, tests, timeout, limits)
+    return Result(**{**asdict(again), "extra": {**again.extra, "retried": True}})
 
 
 def check(program: str, tests: str | TaskTests, timeout: float = 3.0, limits: Limits | None = None) -> Result:
@@ -310,7 +396,7 @@ def check_many(pairs: Sequence[tuple[str, str | TaskTests]], timeout: float = 3.
         # Default 2 x cores: a check mostly waits (forks, namespace set-up), it rarely fills a core.
         n = max(1, min(workers or min(2 * (os.cpu_count() or 1), 32), len(todo)))
         with ThreadPoolExecutor(n) as ex:
-            results = list(ex.map(lambda pt: _run_one(pt[0], pt[1], timeout, limits), todo.values()))
+            results = list(ex.map(lambda pt: _run_retrying(pt[0], pt[1], timeout, limits), todo.values()))
         with _CACHE_LOCK:
             for k, r in zip(todo, results, strict=True):
                 if r.error_type != "SandboxError":

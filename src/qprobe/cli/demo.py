@@ -29,9 +29,10 @@ from qprobe.cli.options import parse_kv
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("qprobe-demo"), show_default=True,
               help="Where runs and results go; a re-run reuses what is there.")
 @click.option("--allow-code-execution", is_flag=True, help="Allow model-written code to run in the sandbox (code tasks need it).")
+@click.option("--allow-unconfined", is_flag=True, help="Also run that code where the sandbox has no net+pid+mount isolation (resource limits only): a second, explicit opt-in.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars (on stderr).")
 def demo(task, split, task_option, backend, model, feature, n, k, beta, limit, seeds, train_frac, max_new_tokens,
-         greedy, workdir, allow_code_execution, progress):
+         greedy, workdir, allow_code_execution, allow_unconfined, progress):
     """Run Q-probing end to end on one task and print the comparison table.
 
     Collects N samples per problem with the packaged default model, splits the problems into train
@@ -44,6 +45,8 @@ def demo(task, split, task_option, backend, model, feature, n, k, beta, limit, s
 
     if allow_code_execution:
         os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
+    if allow_unconfined:
+        os.environ["QPROBE_ALLOW_UNCONFINED"] = "1"
     cfg = DemoConfig(task=task, split=split, task_options=parse_kv(task_option, "--task-option"), backend=backend,
                      model=model, feature=feature, n=n, k=k, beta=beta, limit=limit, seeds=seeds,
                      train_frac=train_frac, max_new_tokens=max_new_tokens, greedy=greedy, workdir=workdir)

@@ -12,6 +12,7 @@ import click
 from qprobe.cli.config_options import config_options
 from qprobe.cli.options import parse_kv
 from qprobe.collection.collect import CollectConfig
+from qprobe.errors import QProbeError
 
 
 @click.command("collect")
@@ -20,10 +21,11 @@ from qprobe.collection.collect import CollectConfig
 @click.option("--pooling", type=click.Choice(["last", "mean", "tokens"]), default=None, help="Pooling for --layer.")
 @click.option("--resume", is_flag=True, help="Require --out to be an existing run and continue it (re-running the same command does the same).")
 @click.option("--allow-code-execution", is_flag=True, help="Allow running model-written code in the sandbox (needed for code tasks).")
+@click.option("--allow-unconfined", is_flag=True, help="Also run that code where the sandbox has no net+pid+mount isolation (resource limits only): a second, explicit opt-in.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (on stderr).")
 @click.pass_context
 def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool, layer: int | None, pooling: str | None,
-                resume: bool, allow_code_execution: bool, progress: bool) -> None:
+                resume: bool, allow_code_execution: bool, allow_unconfined: bool, progress: bool) -> None:
     """Sample N completions per prompt, embed and reward them, and store them in a run.
 
     Crash-safe and resumable: rows are committed in shards, and re-running the same command
@@ -58,6 +60,8 @@ def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool,
         return
     if allow_code_execution:
         os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
+    if allow_unconfined:
+        os.environ["QPROBE_ALLOW_UNCONFINED"] = "1"
     if resume and not (Path(cfg.out) / "manifest.json").is_file():
         raise StoreError(f"expected an existing run to --resume, got '{cfg.out}' with no manifest.json; drop --resume to start it")
     run = run_collect(cfg, progress=progress)
@@ -162,6 +166,6 @@ def ls():
         from qprobe import sandbox
 
         level = sandbox.isolation_level()
-    except ImportError:
-        level = "unavailable"
+    except (ImportError, QProbeError) as exc:
+        level = f"unavailable ({exc})"
     click.echo(f"sandbox isolation: {level}")
