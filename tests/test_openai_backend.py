@@ -159,6 +159,12 @@ def test_real_llama_server(llama_server_info, tmp_path) -> None:
     assert again[0].text == comps[0].text  # the server honours the seed
     chat = b.generate(chat_json([{"role": "user", "content": "Say hi."}]), sampling, [1])
     assert chat[0].text
+    # the neutral sampler values and more than 4 stop sequences are accepted by the real server
+    neutral = OpenAIBackend(model=srv.model, base_url=srv.base_url, server="llama_cpp")
+    many = SamplingConfig(temperature=0.8, max_new_tokens=12, stop=("\n\n", "zz1", "zz2", "zz3", "zz4"), seed=0)
+    got = neutral.generate("def add(a, b):", many, [7])
+    assert got[0].n_tokens > 0 and neutral.sampler(many)["top_k"] == 0
+    neutral.close()
     emb = make_embedder(b)  # the back-end's own embedder: the server's /v1/embeddings
     feats = emb.embed("def add(a, b):", comps, [FeatureRequest(-1, "last"), FeatureRequest(-1, "mean")])
     assert feats["L-1_last"].shape == (2, 896) and np.isfinite(feats["L-1_mean"]).all()

@@ -268,7 +268,7 @@ def test_cli_embed_train_eval_curve(tmp_path: Path) -> None:
     code, out = cli_run(["train", "--pairs", str(run), "--out", str(tmp_path / "p"), "--holdout", "0"])
     assert code == 0 and "loss bt" in out and "expected return@2" in out, out
     code, out = cli_run(["pairs", "eval", "--run", str(run), "--probe", str(tmp_path / "p"), "--json",
-                         str(tmp_path / "e.json")])
+                         str(tmp_path / "e.json"), "--allow-overlap"])  # the training pairs themselves: wiring only
     assert code == 0 and json.loads((tmp_path / "e.json").read_text())["probes"][str(tmp_path / "p")]["pairs"] == 2
     code, out = cli_run(["pairs", "curve", "--train", str(run), "--test", str(run), "--fractions", "1.0",
                          "--seeds", "1", "--width", "4", "--out", str(tmp_path / "c.png")])
@@ -295,3 +295,14 @@ def test_llamacpp_pairs_use_the_chat_template_and_last_token(tmp_path: Path) -> 
     assert t[0]["prompt"].endswith("<|im_start|>assistant\n") and t[0]["completion"].startswith("Mix flour")
     x = run.features("L-1_last")
     assert x.shape == (6, 896) and not np.allclose(x[0], x[1])
+
+
+def test_pairs_eval_refuses_a_probe_trained_on_the_same_pairs(tmp_path: Path) -> None:
+    run = embed_pairs(load_pairs(DATA / "hh.jsonl"), PairsConfig(out=tmp_path / "r"), progress=False)
+    probe = tmp_path / "bt"
+    code, out = cli_run(["train", "--pairs", str(run.path), "--out", str(probe), "--cv-folds", "1"])
+    assert code == 0, out
+    code, out = cli_run(["pairs", "eval", "--run", str(run.path), "--probe", str(probe)])
+    assert code != 0 and "evaluated prompts" in out and "was trained on" in out and "--allow-overlap" in out
+    res = CliRunner().invoke(cli, ["pairs", "eval", "--run", str(run.path), "--probe", str(probe), "--allow-overlap"])
+    assert res.exit_code == 0 and "not held-out" in res.stderr

@@ -245,7 +245,8 @@ def test_visible_test_pass_is_read_from_the_failing_assertion(shared_data: Path)
     split = SimpleNamespace(cache=SimpleNamespace(run=run, rows=order), index=np.arange(len(cases)),
                             rewards=np.array([cases[i][0] for i in order]),
                             prompt_ids=np.array(["mbpp/11"] * len(cases), dtype=object))
-    split.column = lambda name: sys.modules["methods"].Split.column(split, name)
+    methods = importlib.import_module("methods")  # benchmarks/repro is on sys.path: this test runs alone too
+    split.column = lambda name: methods.Split.column(split, name)
     np.testing.assert_array_equal(visible.passed_visible(split), [cases[i][2] for i in order])
     fake = SimpleNamespace(cache=SimpleNamespace(run=SimpleNamespace(manifest={"task": {"name": "fake"}})))
     assert visible.passed_visible(fake) is None

@@ -90,6 +90,7 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, allo
         from qprobe.core.files import write_json_atomic
 
         write_json_atomic(json_out, {"run": str(run_path), "k": k, "beta": beta, "consensus": consensus,
+                                     "prompts": len(prompts), "unscored_rows_left_out": data.unscored,
                                      "methods": {r.name: [r.mean, r.low, r.high] for r in results}})
 
 

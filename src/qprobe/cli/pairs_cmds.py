@@ -89,18 +89,29 @@ def embed_cmd(pairs_path, fmt, split, fields, offset, limit, max_chars, ids_file
 @pairs.command("eval")
 @click.option("--run", "run_path", required=True, type=click.Path(path_type=Path), help="A pairs run (qprobe pairs embed).")
 @click.option("--probe", "probes", multiple=True, required=True, help="Probe directory or hf://ORG/NAME[@REVISION] (repeatable).")
+@click.option("--allow-overlap", is_flag=True,
+              help="Evaluate even when a probe was trained on some of these prompts (compared by prompt-text hash).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
-def pairs_eval_cmd(run_path, probes, json_out):
+def pairs_eval_cmd(run_path, probes, allow_overlap, json_out):
     """Pairwise accuracy of each probe (ties 1/2) with a 95% bootstrap interval over pairs; with
-    several probes, the paired difference to the first."""
+    several probes, the paired difference to the first. A probe trained on some of the run's
+    prompts is refused unless --allow-overlap."""
+    from qprobe.evaluation.evaluate import check_overlap, run_prompt_hashes
     from qprobe.evaluation.preferences import accuracy, accuracy_difference, run_outcomes
     from qprobe.probes.models import Probe
+    from qprobe.store import Run
+
+    hashes = run_prompt_hashes(Run.open(run_path))
+    loaded = [(path, Probe.from_pretrained(path)) for path in probes]
+    for path, probe in loaded:
+        note = check_overlap(probe, hashes, str(path), allow_overlap)
+        if note:
+            click.echo(note, err=True)
 
     results: dict[str, Any] = {}
     first = None
     click.echo(f"{'probe':<28} {'accuracy':>8}  {'95% CI':<16} {'pairs':>5} {'ties':>5}")
-    for path in probes:
-        probe = Probe.from_pretrained(path)
+    for path, probe in loaded:
         _, out = run_outcomes(probe, run_path)
         acc = accuracy(out)
         line = f"{Path(path).name:<28} {acc.mean:8.4f}  [{acc.low:.3f}, {acc.high:.3f}] {acc.n_pairs:5d} {acc.ties:5d}"

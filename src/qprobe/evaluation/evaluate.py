@@ -72,15 +72,25 @@ class RunData:
         return [texts[i] for i in self.rows]
 
 
-def check_overlap(probe: Any, data: RunData, name: str, allow: bool = False) -> str:
+def run_prompt_hashes(run: Run) -> dict[str, str]:
+    """prompt id -> hash of its prompt text, for every row of a run (sampled or pairs)."""
+    from qprobe.store.run import prompt_hash
+
+    t = run.table(["prompt_id", "prompt"])
+    return {p: prompt_hash(x) for p, x in zip(t.column("prompt_id").to_pylist(), t.column("prompt").to_pylist(),
+                                              strict=True)}
+
+
+def check_overlap(probe: Any, data: RunData | dict[str, str], name: str, allow: bool = False) -> str:
     """Refuse (DataError) a probe whose training prompts include evaluated ones, compared by the hash
     of the prompt text (so a copy or a re-collection of the same prompts counts); with `allow`, or
-    for a probe that records no training prompts, return a note to print instead ("" when clean)."""
+    for a probe that records no training prompts, return a note to print instead ("" when clean).
+    `data`: the evaluated rows, or their {prompt id: hash} (`run_prompt_hashes`)."""
     trained = set((getattr(probe, "source_", {}) or {}).get("train_prompts", {}).get("hashes", []))
     if not trained:
         return (f"note: probe {name} records no training prompts (trained before qprobe recorded them): "
                 "cannot check that it was not trained on the evaluated prompts")
-    hashes = data.prompt_hashes()
+    hashes = data if isinstance(data, dict) else data.prompt_hashes()
     overlap = sorted(p for p, h in hashes.items() if h in trained)
     if not overlap:
         return ""
