@@ -22,6 +22,7 @@ import builtins
 import json
 import os
 import struct
+from typing import Any, cast
 
 MAX_MESSAGE = 64 << 20  # bytes in one frame
 MAX_DEPTH = 200  # nesting of containers
@@ -35,7 +36,7 @@ class UncopyableValue(ValueError):
 
 # ------------------------------------------------------------------ encode (either side)
 
-_SEQ = ((list, "l"), (tuple, "t"), (set, "s"), (frozenset, "f"))
+_SEQ: tuple[tuple[Any, str], ...] = ((list, "l"), (tuple, "t"), (set, "s"), (frozenset, "f"))
 
 
 def encode(x, ref, depth: int = 0, budget: list | None = None):
@@ -74,7 +75,7 @@ def encode(x, ref, depth: int = 0, budget: list | None = None):
     if mod == "decimal" and name == "Decimal":
         return ["D", str(x)]
     if t is type and getattr(builtins, getattr(x, "__name__", ""), None) is x:
-        return ["B", x.__name__]  # a builtin type (e.g. `remove_datatype(t, int)`)
+        return ["B", cast(type, x).__name__]  # a builtin type (e.g. `remove_datatype(t, int)`)
     # Subclasses of builtins travel as their base value: their own methods never reach T.
     if isinstance(x, int):
         return encode(int.__int__(x), ref, depth, budget)
@@ -122,7 +123,7 @@ def _set(items: list, frozen: bool):
     `tuple(s)` reads the same on both sides."""
     if frozen:
         return frozenset(items)
-    merged = set()
+    merged: set = set()
     merged.update(frozenset(items))  # what `{1, 2, 3}` (SET_UPDATE of a constant) does
     added = set()
     for x in items:

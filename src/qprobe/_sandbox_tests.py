@@ -23,6 +23,7 @@ import builtins
 import collections
 import importlib
 import sys
+from typing import Any, cast
 
 import _sandbox_codec as codec
 
@@ -137,7 +138,7 @@ class _Channel:
             raise self._lost("ReportTampered", "the program sent something that is not an answer")
         result = self.decode(rep[1])
         for where, state in rep[2]:  # in-place mutation of the arguments, as B saw it
-            orig = args[where] if type(where) is int and 0 <= where < len(args) else kwargs.get(where) \
+            orig: Any = args[where] if type(where) is int and 0 <= where < len(args) else kwargs.get(where) \
                 if type(where) is str else None
             new = self.decode(state)
             if type(orig) is not type(new) or type(orig) not in (list, dict, set, bytearray):
@@ -151,6 +152,11 @@ class _Channel:
 
 
 _CHANNEL: _Channel | None = None
+
+
+def _chan() -> _Channel:
+    """The job's channel. Between jobs it is None, and a handle used then fails as before (AttributeError)."""
+    return cast(_Channel, _CHANNEL)
 
 
 def _typed(value, kind: type, what: str):
@@ -171,25 +177,25 @@ class Remote:
         object.__setattr__(self, "_qp_n", 1)
 
     def __call__(self, *args, **kwargs):
-        return _CHANNEL.call(self, args, kwargs)
+        return _chan().call(self, args, kwargs)
 
     def __getattr__(self, name: str):
-        return _CHANNEL.value("getattr", self, name)
+        return _chan().value("getattr", self, name)
 
     def __setattr__(self, name: str, value) -> None:
-        _CHANNEL.value("setattr", self, name, _CHANNEL.encode(value))
+        _chan().value("setattr", self, name, _chan().encode(value))
 
     def __getitem__(self, key):
-        return _CHANNEL.value("getitem", self, _CHANNEL.encode(key))
+        return _chan().value("getitem", self, _chan().encode(key))
 
     def __setitem__(self, key, value) -> None:
-        _CHANNEL.value("setitem", self, _CHANNEL.encode(key), _CHANNEL.encode(value))
+        _chan().value("setitem", self, _chan().encode(key), _chan().encode(value))
 
     def __delitem__(self, key) -> None:
-        _CHANNEL.value("delitem", self, _CHANNEL.encode(key))
+        _chan().value("delitem", self, _chan().encode(key))
 
     def __iter__(self):
-        it = _CHANNEL.value("iter", self)
+        it = _chan().value("iter", self)
         if not isinstance(it, Remote):
             raise TypeError(f"iter() of a {self._qp_type} returned a non-iterator")
         return it
@@ -199,15 +205,15 @@ class Remote:
         if not buf:  # fetch 1, 2, 4, ... items at a time: list(gen) is fast, next(gen) takes one
             n = self._qp_n
             object.__setattr__(self, "_qp_n", min(2 * n, 1024))
-            rep = _CHANNEL.raw(["next", self._qp_id, n])
-            items = _CHANNEL.decode(rep[1]) if len(rep) > 2 else None
+            rep = _chan().raw(["next", self._qp_id, n])
+            items = _chan().decode(rep[1]) if len(rep) > 2 else None
             if type(items) is not list:
-                raise _CHANNEL._lost("ReportTampered", "the program sent something that is not an answer")
+                raise _chan()._lost("ReportTampered", "the program sent something that is not an answer")
             buf.extend(("v", v) for v in items)
             end = rep[2]
             if end is not None:
                 if type(end) is not list or len(end) != 4 or end[0] not in ("exc", "base"):
-                    raise _CHANNEL._lost("ReportTampered", "the program sent something that is not an answer")
+                    raise _chan()._lost("ReportTampered", "the program sent something that is not an answer")
                 buf.append(("e", end))
         kind, v = buf[0]
         if kind == "v":
@@ -215,34 +221,34 @@ class Remote:
             return v
         if str(v[1]) != "StopIteration":  # an exhausted iterator stays exhausted; other errors come once
             buf.popleft()
-        return _CHANNEL.check(v)  # raises
+        return _chan().check(v)  # raises
 
     def __len__(self) -> int:
-        n = _typed(_CHANNEL.value("len", self), int, "len()")
+        n = _typed(_chan().value("len", self), int, "len()")
         if n < 0:
             raise ValueError("__len__() should return >= 0")
         return n
 
     def __bool__(self) -> bool:
-        return _typed(_CHANNEL.value("bool", self), bool, "bool()")
+        return _typed(_chan().value("bool", self), bool, "bool()")
 
     def __str__(self) -> str:
-        return _typed(_CHANNEL.value("str", self), str, "str()")
+        return _typed(_chan().value("str", self), str, "str()")
 
     def __repr__(self) -> str:
-        return _typed(_CHANNEL.value("repr", self), str, "repr()")
+        return _typed(_chan().value("repr", self), str, "repr()")
 
     def __format__(self, spec: str) -> str:
-        return _typed(_CHANNEL.value("format", self, spec), str, "format()")
+        return _typed(_chan().value("format", self, spec), str, "format()")
 
     def __float__(self) -> float:
-        return _typed(_CHANNEL.value("float", self), float, "float()")
+        return _typed(_chan().value("float", self), float, "float()")
 
     def __int__(self) -> int:
-        return _typed(_CHANNEL.value("int", self), int, "int()")
+        return _typed(_chan().value("int", self), int, "int()")
 
     def __index__(self) -> int:
-        return _typed(_CHANNEL.value("index", self), int, "index()")
+        return _typed(_chan().value("index", self), int, "index()")
 
     def __eq__(self, other) -> bool:  # identity of handles: the program's __eq__ never judges
         return self is other

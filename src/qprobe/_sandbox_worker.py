@@ -43,6 +43,8 @@ def _load_sibling(name: str) -> types.ModuleType:
 
     spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                      f"{name}.py"))
+    if spec is None or spec.loader is None:  # never for a .py file; using None here raised AttributeError too
+        raise AttributeError(f"no loader for {name}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -248,7 +250,7 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
                 os.close(fd)  # first of all: B never holds T's report socket
             if feats["pid"]:
                 unshare(CLONE_NEWPID | CLONE_NEWNS)
-            b = _fork()
+            b: int | None = _fork()  # B's pid; below, in the worker: as A reports it (None: it did not)
             if b == 0:
                 os.close(pid_w)
                 try:

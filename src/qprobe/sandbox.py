@@ -362,7 +362,7 @@ def _run_one(program: str, tests: TaskTests, timeout: float, limits: Limits) -> 
                   extra={k: raw[k] for k in ("cpu_time", "clock", "limit_hit") if k in raw})
 
 
-def _run_retrying(program: str, tests: str, timeout: float, limits: Limits) -> Result:
+def _run_retrying(program: str, tests: TaskTests, timeout: float, limits: Limits) -> Result:
     """A timeout is run once more (at once, in this thread) before it counts: load should not cost a reward."""
     r = _run_one(program, tests, timeout, limits)
     if r.status != "timeout":
