@@ -145,8 +145,12 @@ def _reap_pending() -> None:
         _PENDING.remove(pid)
 
 
-def _kill_b(b: int, feats: dict, cfg: dict, keep_waiting: bool) -> int | None:
-    """Kill B and everything it started; its wait status when it was reaped here."""
+def _kill_b(b: int, feats: dict, cfg: dict, keep_waiting: bool, drain: bool = False) -> int | None:
+    """Kill B and everything it started; its wait status when it was reaped here.
+
+    `drain` (a job that ran out of time, e.g. a fork bomb): wait until its namespace is gone, since
+    its dying processes still count against the worker's pids cgroup, and a first fork that fails in
+    the next job's fresh pid namespace leaves that namespace unusable (ENOMEM on every later fork)."""
     status = None
     if not keep_waiting:
         try:
@@ -159,7 +163,7 @@ def _kill_b(b: int, feats: dict, cfg: dict, keep_waiting: bool) -> int | None:
         except OSError:
             pass
     try:
-        if feats["pid"] and not keep_waiting:
+        if feats["pid"] and not keep_waiting and not drain:
             _PENDING.append(b)  # killing the namespace's init reaps it all; no need to wait here
         else:
             status = os.waitpid(b, 0)[1]
@@ -327,7 +331,7 @@ def run_job(job: dict, cfg: dict, feats: dict, base: str) -> dict:
         info = None
         t_status = _stop_test_server()  # stuck, dead or out of step: the next job gets a fresh T
     gone = isinstance(info, dict) and bool(info.get("program_gone"))  # B ended on its own: get its status
-    b_status = _kill_b(b, feats, cfg, keep_waiting=gone and not timed_out) if b else None
+    b_status = _kill_b(b, feats, cfg, keep_waiting=gone and not timed_out, drain=bool(timed_out or too_much)) if b else None
     for fd in (out_r, st_r):  # whatever is left in the pipes (writers are all dead now)
         os.set_blocking(fd, False)
         try:
