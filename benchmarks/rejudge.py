@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _task(manifest: dict, shared: Path):
-    from qprobe.registry import TASKS
+    from qprobe.catalog import TASKS
 
     t = manifest["task"]
     opts = dict(t.get("options", {}))
