@@ -393,8 +393,10 @@ def check_many(pairs: Sequence[tuple[str, str | TaskTests]], timeout: float = 3.
             if k not in _CACHE:
                 todo.setdefault(k, (p, t))
     if todo:
-        # Default 2 x cores: a check mostly waits (forks, namespace set-up), it rarely fills a core.
-        n = max(1, min(workers or min(2 * (os.cpu_count() or 1), 32), len(todo)))
+        # Default one worker per core: each worker, its test process and its jobs share one core
+        # (pinned), so a call is a switch on that core; measured on 2 cores (benchmarks/RESULTS.md),
+        # 2 workers made 178-195 checks/s and 4 workers 141-164.
+        n = max(1, min(workers or min(os.cpu_count() or 1, 32), len(todo)))
         with ThreadPoolExecutor(n) as ex:
             results = list(ex.map(lambda pt: _run_retrying(pt[0], pt[1], timeout, limits), todo.values()))
         with _CACHE_LOCK:
