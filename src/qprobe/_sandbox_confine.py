@@ -29,6 +29,7 @@ import os
 import platform
 import resource
 import sys
+import time
 import types
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
@@ -342,3 +343,33 @@ def _check_readable(cfg: dict, feats: dict) -> dict:
                 os._exit(1)
         feats["python_unreadable"] = os.waitpid(pid, 0)[1] != 0
     return feats
+
+
+def level_string(feats: dict) -> str:
+    """E.g. 'namespaces(net,pid,mount,ipc)+own-ro-root+tmpfs-cwd+proc+setuid+cgroup-v1(memory,pids,cpuacct)
+    +cpu-clock(cgroup)+rlimits'; below net+pid+mount it starts with 'UNCONFINED'."""
+    ns = [n for n in ("net", "pid", "mount", "ipc") if feats.get(n)]
+    if feats["userns"]:
+        ns.append("user")
+    missing = [n for n in ("net", "pid", "mount") if not feats.get(n)]
+    parts = [f"UNCONFINED(no {','.join(missing)} namespace{'s' if len(missing) > 1 else ''})"] if missing else []
+    parts += [f"namespaces({','.join(ns)})"] if ns else []
+    if feats["mount"]:
+        parts.append("own-ro-root+tmpfs-cwd+proc")
+    if feats["root"]:
+        # Degraded: the job's uid cannot import modules the worker did not preload.
+        parts.append("setuid(python-unreadable)" if feats.get("python_unreadable") else "setuid")
+    if feats.get("cgroup"):
+        parts.append(feats["cgroup"])
+    return "+".join(parts + [f"cpu-clock({feats.get('cpu_clock', 'proc')})", "rlimits"])
+
+
+def fork() -> int:
+    """os.fork, waiting out a full pids cgroup: a killed job's processes still count against
+    pids.max while the kernel tears them down (a fork bomb's take a few milliseconds)."""
+    for _ in range(400):
+        try:
+            return os.fork()
+        except BlockingIOError:
+            time.sleep(0.005)
+    return os.fork()

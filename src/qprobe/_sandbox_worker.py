@@ -57,28 +57,10 @@ _load_sibling("_sandbox_tests")
 _harness = _load_sibling("_sandbox_harness")
 CLONE_NEWNS, CLONE_NEWPID = _confine.CLONE_NEWNS, _confine.CLONE_NEWPID
 unshare, probe_features, start_meter = _confine.unshare, _confine.probe_features, _confine.start_meter
+level_string, _fork = _confine.level_string, _confine.fork
 worker_view, backstop, POLL = _confine.worker_view, _confine.cgroup.backstop, _confine.cgroup.POLL
 job_main, test_server_main = _harness.job_main, _harness.test_server_main
 verdict, _final_report = _harness.verdict, _harness.final_report
-
-
-def level_string(feats: dict) -> str:
-    """E.g. 'namespaces(net,pid,mount,ipc)+own-ro-root+tmpfs-cwd+proc+setuid+cgroup-v1(memory,pids,cpuacct)
-    +cpu-clock(cgroup)+rlimits'; below net+pid+mount it starts with 'UNCONFINED'."""
-    ns = [n for n in ("net", "pid", "mount", "ipc") if feats.get(n)]
-    if feats["userns"]:
-        ns.append("user")
-    missing = [n for n in ("net", "pid", "mount") if not feats.get(n)]
-    parts = [f"UNCONFINED(no {','.join(missing)} namespace{'s' if len(missing) > 1 else ''})"] if missing else []
-    parts += [f"namespaces({','.join(ns)})"] if ns else []
-    if feats["mount"]:
-        parts.append("own-ro-root+tmpfs-cwd+proc")
-    if feats["root"]:
-        # Degraded: the job's uid cannot import modules the worker did not preload.
-        parts.append("setuid(python-unreadable)" if feats.get("python_unreadable") else "setuid")
-    if feats.get("cgroup"):
-        parts.append(feats["cgroup"])
-    return "+".join(parts + [f"cpu-clock({feats.get('cpu_clock', 'proc')})", "rlimits"])
 
 
 def _kill_stragglers(pid_b: int, uid: int | None) -> None:
@@ -119,17 +101,6 @@ def _kill_stragglers(pid_b: int, uid: int | None) -> None:
         if not kids:  # only our test process is left
             return
         time.sleep(0.002)
-
-
-def _fork() -> int:
-    """os.fork, waiting out a full pids cgroup: a killed job's processes still count against
-    pids.max while the kernel tears them down (a fork bomb's take a few milliseconds)."""
-    for _ in range(400):
-        try:
-            return os.fork()
-        except BlockingIOError:
-            time.sleep(0.005)
-    return os.fork()
 
 
 _PENDING: list[int] = []  # killed jobs whose namespaces the kernel is still tearing down
