@@ -116,6 +116,67 @@ def test_embed_adds_features_to_an_existing_run(tmp_path: Path) -> None:
     assert run.feature_spec("L5_mean").layer == 5
 
 
+def test_embed_token_states_round_trip_through_the_store(tmp_path: Path) -> None:
+    """Ragged per-token states computed by `embed` for an existing run equal those collected with
+    the samples, row for row."""
+    from qprobe.collection.embed import add_features
+
+    collect(fake_cfg(tmp_path / "r", features=("2:mean",)), progress=False)
+    run = add_features(str(tmp_path / "r"), ["2:tokens"], dtype="float16", progress=False)
+    assert run.feature_keys == ["L2_mean", "L2_tokens"]
+    direct = collect(fake_cfg(tmp_path / "d", features=("2:tokens",)), progress=False)
+    got, want = list(run.token_features("L2_tokens")), list(direct.token_features("L2_tokens"))
+    assert len(got) == len(run) and [len(a) for a in got] == [len(b) for b in want]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.astype(np.float32), b, rtol=1e-3, atol=1e-3)  # float16 storage
+    assert run.feature_spec("L2_tokens").dtype == "float16"
+    assert (run.path / "features" / "L2_tokens" / "shard-00000.offsets.npy").is_file()
+    from qprobe.store.summary import run_summary
+
+    line = run_summary(run.path)["features"]["L2_tokens"]
+    assert f"[{sum(len(a) for a in got)} tokens, " in line and "on disk" in line
+
+
+def test_copy_of_some_prompts_keeps_exactly_their_rows(tmp_path: Path) -> None:
+    from qprobe.store.copy import copy_run
+
+    src = collect(fake_cfg(tmp_path / "r", features=("-1:last", "-1:tokens")), progress=False)
+    ids = src.table(["prompt_id"]).column("prompt_id").to_pylist()
+    wanted = sorted(set(ids))[1:4]
+    cp = copy_run(src.path, tmp_path / "c", ["L-1_last", "L-1_tokens"], prompts=wanted)
+    rows = [i for i, p in enumerate(ids) if p in wanted]
+    assert cp.table().equals(src.table().take(rows))
+    np.testing.assert_array_equal(cp.features("L-1_last"), src.features("L-1_last", np.array(rows)))
+    all_states = list(src.token_features("L-1_tokens"))
+    for a, i in zip(cp.token_features("L-1_tokens"), rows, strict=True):
+        np.testing.assert_array_equal(a, all_states[i])
+    assert [s.id for s in cp.shards] == list(range(len(cp.shards)))
+    assert cp.manifest["n_prompts"] == 3 and cp.manifest["subset"]["rows"] == len(rows)
+    with pytest.raises(StoreError, match="does not"):
+        copy_run(src.path, tmp_path / "x", [], prompts=["no-such-prompt"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_embed_cli_on_some_prompts_writes_a_subset_run(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from qprobe.cli.main import cli, main
+
+    src = collect(fake_cfg(tmp_path / "r", features=("-1:last",)), progress=False)
+    wanted = sorted(set(src.table(["prompt_id"]).column("prompt_id").to_pylist()))[:2]
+    (tmp_path / "ids.txt").write_text("\n".join(wanted) + "\n")
+    args = ["embed", str(src.path), "--feature", "3:tokens", "--prompts", str(tmp_path / "ids.txt"),
+            "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and not (tmp_path / "s").exists()
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    sub = Run.open(tmp_path / "s")
+    assert sub.feature_keys == ["L-1_last", "L3_tokens"] and len(sub) == 2 * 3
+    assert "L3_tokens" not in Run.open(src.path).feature_keys  # the source run is only read
+
+
 def test_copy_keeps_rows_and_only_the_named_features(tmp_path: Path) -> None:
     from qprobe.store.copy import copy_run
 

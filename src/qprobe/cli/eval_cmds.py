@@ -51,12 +51,9 @@ def eval_cmd(run_path, probes, greedy_run, k, beta, prompt_file, consensus, allo
     PolicyConfig(consensus=consensus)  # the policy's own check of the weight
     data = RunData.load(run_path)
     if prompt_file is not None:
-        from qprobe.errors import DataError
+        from qprobe.cli.options import read_ids
 
-        if not prompt_file.is_file():
-            raise DataError(f"expected a file of prompt ids (one a line) for --prompts, got '{prompt_file}' which does not exist")
-        wanted = [line.strip() for line in prompt_file.read_text().splitlines() if line.strip()]
-        data = data.only(wanted)
+        data = data.only(read_ids(prompt_file))
     prompts = data.prompts()
     _say_dropped(run_path, data)
     loaded = [(path, Probe.from_pretrained(path)) for path in probes]

@@ -20,3 +20,18 @@ def parse_kv(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def read_ids(path: Any, flag: str = "--prompts") -> list[str]:
+    """The prompt ids listed in a file, one a line (blank lines skipped), in file order."""
+    from pathlib import Path
+
+    from qprobe.errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"expected a file of prompt ids (one a line) for {flag}, got '{p}' which does not exist")
+    ids = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"expected at least one prompt id in {flag} file '{p}', got an empty file")
+    return ids

@@ -77,17 +77,38 @@ def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool,
 @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Back-end option, e.g. n_ctx=4096.")
 @click.option("--backend", "backend_name", default=None,
               help="Back-end computing LAYER:POOLING features (default: the run's), e.g. llamacpp for a run collected with --backend openai --backend-option serve=...; the weights' sha256 must match.")
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), default=None,
+              help="Only the rows of the prompt ids listed in this file (one a line): copied with their features into --out, which is then embedded.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="With --prompts: the subset run to write (resumable: an existing one is embedded further).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (on stderr).")
-def embed(run, features, model, feature_dtype, backend_option, backend_name, progress):
+def embed(run, features, model, feature_dtype, backend_option, backend_name, prompt_file, out, progress):
     """Add feature arrays to an existing run without regenerating its samples.
 
     Each stored prompt+completion is embedded again with the run's own model (another layer or
-    pooling) or an external embedder (the paper's API setting). With --backend llamacpp a run
-    collected through a served GGUF gets that model's own hidden states (chat prompts re-rendered
-    with its chat template). Resumable shard by shard.
+    pooling, `tokens` for every completion token's state, e.g. 18:tokens) or an external embedder
+    (the paper's API setting). With --backend llamacpp a run collected through a served GGUF gets
+    that model's own hidden states (chat prompts re-rendered with its chat template). Resumable
+    shard by shard. Per-token states are large (about t x d x 2 bytes a sample in float16):
+    `qprobe inspect` says their size; regenerate them rather than commit them.
     """
     from qprobe.collection.embed import add_features
+    from qprobe.errors import ConfigError
 
+    if (prompt_file is None) != (out is None):
+        raise ConfigError("expected --prompts FILE and --out NEW_RUN together (the subset is embedded in a copy), "
+                          f"got only {'--prompts' if out is None else '--out'}")
+    if prompt_file is not None:
+        from qprobe.cli.options import read_ids
+        from qprobe.store import Run
+        from qprobe.store.copy import copy_run
+
+        ids = read_ids(prompt_file)
+        if not (out / "manifest.json").is_file():
+            copy_run(run, out, Run.open(run).feature_keys, prompts=ids)
+        elif set(Run.open(out).table(["prompt_id"]).column("prompt_id").to_pylist()) != set(ids):
+            raise ConfigError(f"expected --out to be the subset of the listed prompts, got '{out}' which holds "
+                              "other prompts; choose a new --out")
+        run = out
     r = add_features(str(run), list(features), model=model, dtype=feature_dtype, progress=progress,
                      backend_options=parse_kv(backend_option, "--backend-option"), backend_name=backend_name)
     click.echo(f"{r.path}: features {', '.join(r.feature_keys)}")
@@ -121,11 +142,14 @@ def export(run, out):
 @click.option("--feature", "features", multiple=True,
               help="Feature key to keep (e.g. L18_mean, see `qprobe inspect`); repeatable. None: rows only.")
 @click.option("--replace", is_flag=True, help="OUT is an older copy: swap it for the new one once complete.")
-def copy_cmd(run, out, features, replace):
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), default=None,
+              help="Only the rows of the prompt ids listed in this file (one a line); every id must be in the run.")
+def copy_cmd(run, out, features, replace, prompt_file):
     """Copy a run with its rows (texts, rewards) and only the named features, e.g. to share or commit it."""
+    from qprobe.cli.options import read_ids
     from qprobe.store.copy import copy_run
 
-    r = copy_run(run, out, features, replace=replace)
+    r = copy_run(run, out, features, replace=replace, prompts=None if prompt_file is None else read_ids(prompt_file))
     size = sum(f.stat().st_size for f in r.path.rglob("*") if f.is_file())
     click.echo(f"wrote {len(r)} rows, features {r.feature_keys or 'none'} to {r.path} ({size / 1e6:.1f} MB)", err=True)
 

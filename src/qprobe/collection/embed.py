@@ -126,6 +126,8 @@ def _embed_shards(writer: RunWriter, requests: list[FeatureRequest], embedders: 
     specs: dict[str, Any] = {}
     with CollectProgress(total=len(writer), done=0, enabled=progress) as bar:
         for shard in writer.shards:
+            # The .npy is written last: its presence marks a shard done (a tokens feature's
+            # offsets are written just before it).
             files = {r.key: writer.path / "features" / r.key / f"{shard.name}.npy" for r in requests}
             if all(f.exists() for f in files.values()) and len(specs) == len(requests):
                 bar.advance(shard.rows, 0, 0.0)
@@ -147,12 +149,16 @@ def _embed_shards(writer: RunWriter, requests: list[FeatureRequest], embedders: 
                             rows[r.key][i] = np.asarray(out[r.key][j], dtype=np.float32)
                 bar.advance(len(idx), 0, 0.0)
             for r in requests:
-                if r.pooling == "tokens":
-                    raise StoreError("expected pooling last or mean for `qprobe embed`, got tokens; collect token states with `qprobe collect`")
-                arr = np.stack(rows[r.key]).astype(dtype)  # [rows, d]
+                files[r.key].parent.mkdir(exist_ok=True)
+                if r.pooling == "tokens":  # ragged: [sum t_i, d] and offsets [rows + 1]
+                    lengths = [len(a) for a in rows[r.key]]
+                    arr = np.concatenate(rows[r.key]).astype(dtype)
+                    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+                    write_atomic(files[r.key].with_suffix(".offsets.npy"), _npy_writer(offsets))
+                else:
+                    arr = np.stack(rows[r.key]).astype(dtype)  # [rows, d]
                 if r.key not in specs:
                     specs[r.key] = embedders[r.embedder].spec(r, int(arr.shape[1]), dtype)
-                files[r.key].parent.mkdir(exist_ok=True)
                 write_atomic(files[r.key], _npy_writer(arr))
     return specs
 

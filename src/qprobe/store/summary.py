@@ -41,8 +41,13 @@ def run_summary(path: str | Path) -> dict[str, Any]:
     features = {}
     for key in run.feature_keys:
         spec = run.feature_spec(key)
-        shape = f"[{len(run)}, {spec.dim}]" if spec.pooling != "tokens" else f"[tokens, {spec.dim}]"
-        features[key] = f"{shape} {spec.dtype} ({spec.describe()})"
+        size = sum(f.stat().st_size for f in (run.path / "features" / key).glob("*.npy"))
+        if spec.pooling == "tokens":
+            n = sum(int(np.load(run.path / "features" / key / f"{s.name}.offsets.npy")[-1]) for s in run.shards)
+            shape = f"[{n} tokens, {spec.dim}]"
+        else:
+            shape = f"[{len(run)}, {spec.dim}]"
+        features[key] = f"{shape} {spec.dtype}, {_size(size)} on disk ({spec.describe()})"
     task = m.get("task", {})
     model = m.get("model", {})
     return {
@@ -76,3 +81,10 @@ def _timeout_line(now: dict[str, Any], recorded: dict[str, Any] | None) -> str:
     if recorded is not None and recorded != now:
         line += f"; the manifest recorded {recorded.get('timeouts')} of {recorded.get('scored')}"
     return line
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
