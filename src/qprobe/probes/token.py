@@ -56,8 +56,8 @@ class TokenProbe(LinearProbe):
 
     def __init__(self, *, aggregation: str = "mean", loss: str = "margin_bt",
                  loss_options: dict[str, Any] | None = None, **options: Any) -> None:
-        if loss_options is None and loss == "margin_bt":
-            loss_options = dict(QRM_LOSS_OPTIONS)
+        if loss == "margin_bt":  # Q-RM's constants unless given: recorded in the config either way
+            loss_options = {**QRM_LOSS_OPTIONS, **(loss_options or {})}
         super().__init__(loss=loss, loss_options=loss_options, **options)
         self.aggregation = aggregation
 

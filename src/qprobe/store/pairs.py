@@ -100,7 +100,7 @@ def ordered_pairs(rewards: np.ndarray, groups: np.ndarray, max_per_group: int | 
     order = np.argsort(codes, kind="stable")  # rows grouped, in row order within a group
     bounds = np.cumsum(np.bincount(codes, minlength=labels.size))[:-1]
     out = [np.zeros((0, 2), dtype=np.int64)]
-    for label, rows in zip(labels, np.split(order, bounds), strict=True):
+    for label, rows in zip(labels, np.split(order, bounds) if labels.size else [], strict=True):
         rows = rows[np.isfinite(r[rows])]
         a, b = np.nonzero(r[rows][:, None] > r[rows][None, :])  # [n, n] strictly ordered
         found = np.stack([rows[a], rows[b]], axis=1).astype(np.int64)  # [p, 2]
