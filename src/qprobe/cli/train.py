@@ -119,7 +119,7 @@ def _token_aggregation(data: TrainingData) -> str:
 
     poolings = sorted({spec.pooling for spec in data.specs.values()})
     if len(poolings) != 1 or poolings[0] not in TRAINED_AGGREGATIONS:
-        raise ConfigError(f"expected --arch token features of one pooling among {list(TRAINED_AGGREGATIONS)} (e.g. "
+        raise ConfigError(f"expected --arch token features of one pooling among {list(TRAINED_AGGREGATIONS)} (pass "
                           f"--feature 18:mean for Q-RM, 18:last for the ORM), got {sorted(data.specs)}")
     return poolings[0]
 
@@ -227,7 +227,7 @@ def train(ctx, run_path, pairs_path, pairs_from, pairs_per_prompt, pair_seed, pr
     if pairs_from is not None and kind != "pairwise":
         raise ConfigError(f"expected a pairwise loss (margin_bt, bt, dpo) with --pairs-from, got '{loss}', a {kind} loss")
     cfg = TrainConfig(recipe=recipe, k=k, beta=beta, select_folds=select_folds)
-    arch_options: dict[str, Any] = {"depth": depth, "width": width} if arch == "mlp" else {}
+    arch_options = {"depth": depth, "width": width} if arch == "mlp" else {}
 
     def make_probe():
         return ARCHITECTURES[arch](loss=loss, loss_options=options, train=cfg, standardize=standardize,
