@@ -169,9 +169,10 @@ def literal_run(tmp_path: Path) -> Run:
         for c, v in zip(ROW_COLUMNS, [pid, ord(pid) - 65, j, f"prompt {pid}", f"c{j}", 1, "stop", reward, "{}", j],
                         strict=True):
             cols[c].append(v)
+    tokens = [np.arange(3 * (1 + i % 3), dtype=np.float32).reshape(-1, 3) / 4 + i for i in range(len(ROWS))]  # ragged
     with RunWriter.create_or_open(tmp_path / "run", {"task": {"name": "literal"}}) as w:
-        w.set_features({"L18_mean": spec("mean")})
-        w.append(cols, {"L18_mean": np.arange(len(ROWS) * 3, dtype=np.float32).reshape(-1, 3)})
+        w.set_features({"L18_mean": spec("mean"), "L18_tokens": spec("tokens")})
+        w.append(cols, {"L18_mean": np.arange(len(ROWS) * 3, dtype=np.float32).reshape(-1, 3), "L18_tokens": tokens})
     return Run.open(tmp_path / "run")
 
 
@@ -183,6 +184,16 @@ def test_pairs_from_a_literal_run_are_exact(literal_run: Run) -> None:
     assert chosen[0].tolist() == [0.0, 1.0, 2.0] and rejected[4].tolist() == [36.0, 37.0, 38.0]
     assert ordered_pairs(np.array([1.0, 0.0, np.nan, 1.0]), np.array(["x", "x", "x", "y"])).tolist() == [[0, 1]]
     assert ordered_pairs(np.array([]), np.array([])).shape == (0, 2)
+
+
+def test_a_runs_ragged_token_states_rank_by_the_trained_head(literal_run: Run) -> None:
+    probe = TokenProbe().fit(pairs=pairs_from_run(literal_run).features("L18_mean"), spec=spec("mean"))
+    states = list(literal_run.token_features("L18_tokens"))
+    assert [len(s) for s in states[:4]] == [1, 2, 3, 1]
+    got = probe.sequence_scores(states, spec=literal_run.feature_spec("L18_tokens"))
+    pooled = np.stack([s.mean(axis=0) for s in states])  # [N, d]
+    np.testing.assert_allclose(got, probe.score(pooled), rtol=0, atol=1e-9)
+    assert probe.sequence_scores(states, "min").tolist() == [probe.score_tokens(s).min() for s in states]
 
 
 def test_sampled_pairs_are_seeded_within_prompts_and_never_cross_a_split(literal_run: Run) -> None:
