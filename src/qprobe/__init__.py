@@ -46,7 +46,7 @@ _EXPORTS = {
     # store
     "Run": "qprobe.store", "RunWriter": "qprobe.store", "CollectConfig": "qprobe.collection.collect", "collect": "qprobe.collection.collect",
     # probes
-    "Probe": "qprobe.probes", "LinearProbe": "qprobe.probes", "MLPProbe": "qprobe.probes",
+    "Probe": "qprobe.probes", "LinearProbe": "qprobe.probes", "MLPProbe": "qprobe.probes", "TokenProbe": "qprobe.probes",
     "TrainConfig": "qprobe.probes",
     # policy and evaluation
     "QProbePolicy": "qprobe.policy.select", "PolicyConfig": "qprobe.policy.select",

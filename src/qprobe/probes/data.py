@@ -24,15 +24,24 @@ class Examples:
     features: np.ndarray  # [N, d] float32
     rewards: np.ndarray  # [N] float64
     groups: np.ndarray  # [N] int64 codes 0..P-1, one per prompt
+    pairs: np.ndarray | None = None  # [P, 2] (chosen, rejected) rows for pairwise losses; None = all within-prompt pairs
 
     @property
     def n_prompts(self) -> int:
         return int(self.groups.max()) + 1 if self.groups.size else 0
 
     def take(self, rows: np.ndarray) -> Examples:
-        """A subset of rows, group codes renumbered 0..P'-1."""
+        """A subset of rows, group codes renumbered 0..P'-1; explicit pairs keep those with both rows
+        in the subset (a split by prompt keeps every pair of its prompts), renumbered."""
+        rows = np.asarray(rows, dtype=np.int64)
         _, codes = np.unique(self.groups[rows], return_inverse=True)
-        return Examples(self.features[rows], self.rewards[rows], codes.astype(np.int64))
+        pairs = None
+        if self.pairs is not None:
+            new = np.full(self.groups.size, -1, dtype=np.int64)
+            new[rows] = np.arange(rows.size)
+            mapped = new[self.pairs]  # [P, 2]
+            pairs = mapped[(mapped >= 0).all(axis=1)]
+        return Examples(self.features[rows], self.rewards[rows], codes.astype(np.int64), pairs)
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,24 @@ class Batch:
     mask: np.ndarray | None = None  # [G, k] for grouped batches
 
 
-def make_examples(features, rewards=None, groups=None, pairs=None) -> Examples:
+def _check_pair_rows(pair_rows, codes: np.ndarray) -> np.ndarray:
+    """[P, 2] row numbers, both rows of a pair of one prompt."""
+    idx = np.asarray(pair_rows)
+    if idx.ndim != 2 or idx.shape[1] != 2 or idx.shape[0] == 0 or not np.issubdtype(idx.dtype, np.integer):
+        raise ConfigError(f"expected pair_rows as integer row numbers [P, 2] (chosen, rejected) with P >= 1, got "
+                          f"shape {idx.shape} of {idx.dtype}")
+    if idx.min() < 0 or idx.max() >= codes.size:
+        raise ConfigError(f"expected pair_rows in [0, {codes.size}) (rows of the features), got {idx.min()}..{idx.max()}")
+    if not (codes[idx[:, 0]] == codes[idx[:, 1]]).all():
+        raise DataError("expected pairs of one prompt (same group), got a pair across prompts; pair samples within a prompt")
+    return idx.astype(np.int64)
+
+
+def make_examples(features, rewards=None, groups=None, pairs=None, pair_rows=None) -> Examples:
     """Validate and normalise the inputs of `Probe.fit` into `Examples`."""
     if pairs is not None:
+        if pair_rows is not None:
+            raise ConfigError("expected either pairs=(chosen, rejected) features or pair_rows (row numbers), got both")
         if features is not None or rewards is not None:
             raise ConfigError("expected either features/rewards/groups or pairs=(chosen, rejected), got both")
         try:
@@ -80,7 +104,8 @@ def make_examples(features, rewards=None, groups=None, pairs=None) -> Examples:
         if g.shape != (x.shape[0],):
             raise ConfigError(f"expected groups (a prompt id per row) of shape ({x.shape[0]},), got {g.shape}")
         _, codes = np.unique(g, return_inverse=True)
-    return Examples(x, r, codes.astype(np.int64))
+    codes = codes.astype(np.int64)
+    return Examples(x, r, codes, None if pair_rows is None else _check_pair_rows(pair_rows, codes))
 
 
 def split_prompts(groups: np.ndarray, frac: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -157,17 +182,17 @@ def random_groups(ex: Examples, size: int, rng: np.random.Generator) -> Batch:
 
 
 def within_prompt_pairs(ex: Examples) -> Batch:
-    """All (chosen, rejected) row pairs of one prompt with a higher reward for the chosen: [P, 2]."""
-    full = full_groups(ex)
-    r = np.where(_mask(full), ex.rewards[full.index], np.nan)  # [G, k]
-    better = r[:, :, None] > r[:, None, :]  # [G, k, k]; NaN compares False
-    gi, a, b = np.nonzero(better)
-    if gi.size == 0:
+    """The pairs a pairwise loss trains on: `ex.pairs` when given, else all (chosen, rejected) row
+    pairs of one prompt with a higher reward for the chosen (`qprobe.store.pairs.ordered_pairs`): [P, 2]."""
+    from qprobe.store.pairs import ordered_pairs
+
+    index = ex.pairs if ex.pairs is not None else ordered_pairs(ex.rewards, ex.groups)
+    if index.shape[0] == 0:
         raise DataError(
             "expected some prompt with samples of different rewards to form pairs, got none; "
             "a pairwise loss needs them (use mse/ce, or more samples per prompt)"
         )
-    return Batch(np.stack([full.index[gi, a], full.index[gi, b]], axis=1))  # [P, 2]
+    return Batch(index)  # [P, 2]
 
 
 def full_batch(kind: str, ex: Examples) -> Batch:

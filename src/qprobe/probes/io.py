@@ -93,8 +93,15 @@ def model_card(config: dict[str, Any]) -> str:
         lines.append(f"- trained on run: `{source['run']}` (feature `{source.get('feature', '?')}`)")
     for name, value in (source.get("validation") or {}).items():
         lines.append(f"- validation {name}: {value:.4f}" if isinstance(value, float) else f"- validation {name}: {value}")
-    lines += ["", "```python", "from qprobe.probes import Probe", "probe = Probe.from_pretrained(PATH)",
-              "q = probe.score(features)  # [N, d] -> [N]", "```", ""]
+    usage = ["q = probe.score(features)  # [N, d] -> [N]"]
+    if config["architecture"] == "token":
+        usage += ["z = probe.score_tokens(states)  # one completion's token states [t, d] -> [t]",
+                  "q = probe.sequence_scores([states, ...], aggregation='mean')  # or 'min', 'last'"]
+    if (source.get("pairs") or {}).get("n_pairs"):
+        p = source["pairs"]
+        lines.append(f"- trained on {p['n_pairs']} within-prompt pairs of {p['n_prompts']} prompts "
+                     f"(per prompt: {p['per_prompt']}, seed {p['seed']})")
+    lines += ["", "```python", "from qprobe.probes import Probe", "probe = Probe.from_pretrained(PATH)", *usage, "```", ""]
     return "\n".join(lines)
 
 

@@ -51,15 +51,18 @@ class Probe:
     # -- fitting -----------------------------------------------------------------------------
     def fit(self, features: np.ndarray | None = None, rewards: np.ndarray | None = None,
             groups: np.ndarray | None = None, *, pairs: tuple[np.ndarray, np.ndarray] | None = None,
-            spec: FeatureSpec | None = None, source: dict[str, Any] | None = None) -> Probe:
+            pair_rows: np.ndarray | None = None, spec: FeatureSpec | None = None,
+            source: dict[str, Any] | None = None) -> Probe:
         """Learn Q from features [N, d] with rewards [N] and a prompt id per row (`groups`; grouped
         and pairwise losses compare samples of one prompt), or from `pairs` (chosen [P, d],
-        rejected [P, d]). `spec` is stored and checked when the probe is later used; `source` (the
-        training run, feature key, ...) goes into the saved config. Returns self."""
+        rejected [P, d]). `pair_rows` [P, 2] (chosen, rejected row numbers of `features`, both of
+        one prompt; `qprobe.store.pairs.ordered_pairs`) are the pairs a pairwise loss trains on,
+        instead of every within-prompt pair. `spec` is stored and checked when the probe is later
+        used; `source` (the training run, feature key, ...) goes into the saved config. Returns self."""
         from qprobe.probes.data import make_examples
         from qprobe.probes.train import fit_probe
 
-        examples = make_examples(features, rewards, groups, pairs)
+        examples = make_examples(features, rewards, groups, pairs, pair_rows)
         if spec is not None and spec.pooling != "tokens" and spec.dim != examples.features.shape[1]:
             raise SpecMismatchError(
                 f"expected features of dim {spec.dim} ({spec.describe()}), got {examples.features.shape[1]}"

@@ -265,6 +265,9 @@ def fit_probe(probe: Any, ex: Examples) -> None:
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"expected train=TrainConfig(...), got {type(cfg).__name__}")
     fn, kind = resolve_loss(probe.loss, probe.loss_options)
+    if ex.pairs is not None and kind != "pairwise":
+        raise ConfigError(f"expected a pairwise loss (bt, margin_bt, dpo) to train on given pairs, got "
+                          f"'{probe.loss}', a {kind} loss; pass --loss margin_bt (or bt)")
     standardize = cfg.recipe == "fast" if probe.standardize is None else bool(probe.standardize)
     start = time.perf_counter()
     mean = scale = None
@@ -273,13 +276,15 @@ def fit_probe(probe: Any, ex: Examples) -> None:
         mean = z.mean(axis=0, dtype=np.float64).astype(np.float32)  # [d]
         scale = np.maximum(z.std(axis=0, dtype=np.float64), STD_FLOOR).astype(np.float32)  # [d]
         z = (z - mean) / scale  # [N, d]
-    ex = Examples(np.ascontiguousarray(z, dtype=np.float32), ex.rewards, ex.groups)
+    ex = Examples(np.ascontiguousarray(z, dtype=np.float32), ex.rewards, ex.groups, ex.pairs)
     rng = np.random.default_rng(probe.seed)
     gen = torch.Generator().manual_seed(int(probe.seed))
     layers = _init_layers(probe.layer_shapes(z.shape[1]), gen)
     recipe = _paper if cfg.recipe == "paper" else _fast
     history = recipe(layers, ex, kind, fn, dict(probe.loss_options), cfg, rng)
     q = _scores_np(layers, ex.features)  # [N] the trained probe's scores on its training rows
+    if kind == "pairwise":
+        history["n_pairs"] = int(full_batch(kind, ex).index.shape[0])
     history.update(recipe=cfg.recipe, kind=kind, n_rows=int(z.shape[0]), n_prompts=ex.n_prompts,
                    seconds=time.perf_counter() - start,
                    q_min=float(q.min()) if q.size else None, q_max=float(q.max()) if q.size else None)
@@ -306,11 +311,14 @@ def rerank_metrics(probe: Any, features: np.ndarray, rewards: np.ndarray, groups
 
 def select_feature(candidates: dict[str, np.ndarray], rewards: np.ndarray, groups: np.ndarray,
                    make_probe: Callable[[], Any], *, frac: float = 0.25, k: int = 4, beta: float = 0.0,
-                   seed: int = 0) -> tuple[str, dict[str, float]]:
+                   seed: int = 0, pairs_of: Callable[[np.ndarray], np.ndarray] | None = None,
+                   ) -> tuple[str, dict[str, float]]:
     """Pick the feature key (e.g. a layer) whose probe does best on held-out prompts.
 
     candidates: key -> features [N, d] (rows aligned with rewards and groups). Every key is
     trained by a fresh `make_probe()` on the same prompts and scored on the same held-out ones.
+    `pairs_of(rows)`: the training pairs [P, 2] among those rows (numbered within them), for a
+    pairwise loss on chosen pairs (`Probe.fit(pair_rows=...)`); None = all within-prompt pairs.
     Returns (best key, {key: held-out expected return}); ties go to the first key."""
     if not candidates:
         raise ConfigError("expected at least one feature key to choose from, got none")
@@ -320,7 +328,8 @@ def select_feature(candidates: dict[str, np.ndarray], rewards: np.ndarray, group
         raise ConfigError(f"expected a held-out fraction > 0 to compare features, got {frac}")
     table = {}
     for key, feats in candidates.items():
-        probe = make_probe().fit(feats[keep], rewards[keep], codes[keep])
+        pair_rows = None if pairs_of is None else pairs_of(keep)
+        probe = make_probe().fit(feats[keep], rewards[keep], codes[keep], pair_rows=pair_rows)
         table[key] = rerank_metrics(probe, feats[held], rewards[held], codes[held], k, beta)["expected_return"]
     best = max(table, key=lambda key: table[key])
     return best, table
