@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,18 +40,17 @@ import numpy as np
 
 from qprobe.evaluation.evaluate import MethodResult, RunData, method_result, paired_difference, probe_values
 from qprobe.evaluation.preferences import accuracy, accuracy_difference, pairwise_outcomes
-from qprobe.probes import LinearProbe, TrainConfig
+from qprobe.probes import LinearProbe, TokenProbe, TrainConfig
 from qprobe.store import Run
 from qprobe.store.pairs import read_pairs
 
 LAYER = 18
 KS = (4, 8, 16)
-QRM = {"loss": "margin_bt", "loss_options": {"beta": 0.2, "gamma": 2.0}}  # Q-RM's constants
-HEADS = {  # name -> (feature key, probe options)
-    "qrm": (f"L{LAYER}_mean", QRM),
-    "orm": (f"L{LAYER}_last", {"loss": "bt"}),
-    "pg": (f"L{LAYER}_mean", {"loss": "pg"}),
-    "ce": (f"L{LAYER}_mean", {"loss": "ce"}),
+HEADS = {  # name -> (feature key, probe class, options)
+    "qrm": (f"L{LAYER}_mean", TokenProbe, {"aggregation": "mean"}),  # margin_bt, beta 0.2, gamma 2.0
+    "orm": (f"L{LAYER}_last", TokenProbe, {"aggregation": "last", "loss": "bt"}),
+    "pg": (f"L{LAYER}_mean", LinearProbe, {"loss": "pg"}),
+    "ce": (f"L{LAYER}_mean", LinearProbe, {"loss": "ce"}),
 }
 TESTS = ("mbpp-test", "humaneval")
 # How L2 is chosen, on training problems only. cv4 (the headline): 4-fold CV over the training
@@ -63,18 +63,21 @@ SELECTION = {
 }
 
 
-def fit(key: str, options: dict[str, Any], data: RunData, seed: int, selection: str) -> LinearProbe:
-    probe = LinearProbe(seed=seed, train=SELECTION[selection], **options)
+def fit(name: str, data: RunData, seed: int, selection: str) -> LinearProbe:
+    key, cls, options = HEADS[name]
+    probe = cls(seed=seed, train=SELECTION[selection], **options)
     return probe.fit(data.features(key), data.rewards, data.prompt_ids, spec=data.run.feature_spec(key))
 
 
-def token_scores(probe: LinearProbe, tokens_run: Path, data: RunData) -> tuple[dict[tuple[str, int], np.ndarray], int]:
+def token_scores(probe: TokenProbe, tokens_run: Path) -> tuple[dict[tuple[str, int], np.ndarray], int]:
     """Per-token Z_t of each (prompt, seed) of the tokens run, and how many rows it holds."""
     run = Run.open(tokens_run)
+    key = f"L{LAYER}_tokens"
+    spec = run.feature_spec(key)
     t = run.table(["prompt_id", "seed"]).to_pydict()
     out = {}
-    for pid, seed, states in zip(t["prompt_id"], t["seed"], run.token_features(f"L{LAYER}_tokens"), strict=True):
-        out[(pid, int(seed))] = probe.score(np.asarray(states, dtype=np.float32))  # [t]
+    for pid, seed, states in zip(t["prompt_id"], t["seed"], run.token_features(key), strict=True):
+        out[(pid, int(seed))] = probe.score_tokens(np.asarray(states, dtype=np.float32), spec)  # [t]
     return out, len(run)
 
 
@@ -113,7 +116,7 @@ def best_of_n(runs: Path, seeds: int, today: Path, selection: str) -> dict[str, 
                                      "rows": len(train.rows)}, "checks": {}, "tests": {}}
     for name in ("mbpp-train", *TESTS):
         out["checks"][name] = check_rows(hist / name, today / name)
-    probes = {m: [fit(key, opt, train, s, selection) for s in range(seeds)] for m, (key, opt) in HEADS.items()}
+    probes = {m: [fit(m, train, s, selection) for s in range(seeds)] for m in HEADS}
     out["l2"] = {m: [p.history_["l2"] for p in ps] for m, ps in probes.items()}
     for test in TESTS:
         data = RunData.load(hist / test)
@@ -125,7 +128,7 @@ def best_of_n(runs: Path, seeds: int, today: Path, selection: str) -> dict[str, 
         if (tokens / "manifest.json").is_file() and f"L{LAYER}_tokens" in Run.open(tokens).feature_keys:
             scores["minz"] = []
             for p in probes["qrm"]:
-                z, n_rows = token_scores(p, tokens, data)
+                z, n_rows = token_scores(p, tokens)
                 scores["minz"].append(min_z(z, data))
             note = f"token states of {n_rows} samples ({len(set(k[0] for k in z))} mixed-reward problems)"
         per_k: dict[str, Any] = {}
@@ -151,7 +154,7 @@ def pairwise(runs: Path, seeds: int, selection: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("gsm8k", "math"):
         path = runs / f"{name}-pairs"
-        if not (path / "manifest.json").is_file():
+        if not (path / "manifest.json").is_file() or not Run.open(path).manifest.get("complete"):
             out[name] = "not embedded (prepare.sh stage " + name + "-pairs)"
             continue
         pairs = read_pairs(path)
@@ -160,12 +163,12 @@ def pairwise(runs: Path, seeds: int, selection: str) -> dict[str, Any]:
         n_tokens = np.asarray(pairs.run.table(["n_tokens"]).column("n_tokens").to_numpy(), dtype=float)
         res: dict[str, np.ndarray] = {}
         for m in ("qrm", "orm"):
-            key, opt = HEADS[m]
+            key, cls, opt = HEADS[m]
             c, r = pairs.take(tr).features(key)
             tc, trj = pairs.take(te).features(key)
             outs = []
             for s in range(seeds):
-                probe = LinearProbe(seed=s, train=SELECTION[selection], **opt).fit(pairs=(c, r), spec=pairs.run.feature_spec(key))
+                probe = cls(seed=s, train=SELECTION[selection], **opt).fit(pairs=(c, r), spec=pairs.run.feature_spec(key))
                 outs.append(pairwise_outcomes(probe.score(tc), probe.score(trj)))
             res[m] = np.mean(outs, axis=0)  # [P_test], averaged over seeds
         test = pairs.take(te)
@@ -228,20 +231,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3, help="probe seeds averaged per method")
     ap.add_argument("--selection", choices=list(SELECTION), default="cv4", help="how L2 is chosen (training data only)")
     ap.add_argument("--out", default="benchmarks/results", type=Path)
+    ap.add_argument("--part", choices=["bestofn", "pairwise", "all"], default="all")
     args = ap.parse_args(argv)
-    t0 = time.time()
-    bon = best_of_n(args.runs, args.seeds, args.today, args.selection)
-    pw = pairwise(args.runs, args.seeds, args.selection)
-    meta = {"command": "python benchmarks/qrm/study.py " + " ".join(argv or []), "seconds": round(time.time() - t0, 1),
-            "layer": LAYER, "ks": list(KS), "seeds": args.seeds,
-            "pick": "argmax (beta 0)", "l2_selection": args.selection, "train_config": SELECTION[args.selection].to_dict()}
-    args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.selection == "cv4" else f"_{args.selection}"
-    (args.out / f"qrm_bestofn{suffix}.json").write_text(json.dumps({**meta, **bon}, indent=1) + "\n")
-    (args.out / f"qrm_pairwise{suffix}.json").write_text(json.dumps({**meta, "pairwise": pw}, indent=1) + "\n")
-    md = markdown(bon, pw)
-    (args.out / f"qrm{suffix}.md").write_text(md)
-    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = {"bestofn": args.out / f"qrm_bestofn{suffix}.json", "pairwise": args.out / f"qrm_pairwise{suffix}.json"}
+    for part in (["bestofn", "pairwise"] if args.part == "all" else [args.part]):
+        t0 = time.time()
+        got = best_of_n(args.runs, args.seeds, args.today, args.selection) if part == "bestofn" else \
+            {"pairwise": pairwise(args.runs, args.seeds, args.selection)}
+        meta = {"command": "python benchmarks/qrm/study.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "seconds": round(time.time() - t0, 1), "layer": LAYER, "ks": list(KS), "seeds": args.seeds,
+                "pick": "argmax (beta 0)", "l2_selection": args.selection,
+                "train_config": SELECTION[args.selection].to_dict()}
+        files[part].write_text(json.dumps({**meta, **got}, indent=1) + "\n")
+    if all(f.is_file() for f in files.values()):
+        md = markdown(json.loads(files["bestofn"].read_text()), json.loads(files["pairwise"].read_text())["pairwise"])
+        (args.out / f"qrm{suffix}.md").write_text(md)
+        print(md)
 
 
 if __name__ == "__main__":
