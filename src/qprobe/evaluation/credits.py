@@ -35,7 +35,8 @@ def rgb(z: float, zmax: float) -> tuple[int, int, int]:
         return NEUTRAL
     t = min(abs(float(z)) / zmax, 1.0)
     end = POSITIVE if z > 0 else NEGATIVE
-    return tuple(round(n + t * (e - n)) for n, e in zip(NEUTRAL, end, strict=True))  # type: ignore[return-value]
+    r, g, b = (int(n + t * (e - n) + 0.5) for n, e in zip(NEUTRAL, end, strict=True))  # halves round up
+    return r, g, b
 
 
 def hex_colour(c: tuple[int, int, int]) -> str:
