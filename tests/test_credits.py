@@ -323,3 +323,34 @@ def test_a_hung_browser_is_killed_at_the_timeout(tmp_path: Path) -> None:
     with pytest.raises(BrowserError, match="took over 0.5 s"):
         Chromium(str(hung), timeout=0.5).dump_dom(page)
     assert time.monotonic() - start < 10
+
+
+# ------------------------------------------------------------------ a real model (slow)
+@pytest.mark.slow
+def test_credits_on_the_default_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("llama_cpp")
+    code, _, err = _cli(["collect", "--task", "fake", "--backend", "llamacpp", "--n", "2", "--limit", "1",
+                         "--max-new-tokens", "24", "--feature", "18:mean", "--out", str(tmp_path / "run"),
+                         "--no-progress"], capsys)
+    if code == 2 and "pip install" in err:
+        pytest.skip(err)
+    assert code == 0, err
+    run = Run.open(tmp_path / "run")
+    spec = run.feature_spec("L18_mean")
+    w = np.random.default_rng(0).standard_normal(spec.dim) / 30
+    probe = LinearProbe()
+    probe._set_learned({"layers.0.weight": w[None, :], "layers.0.bias": np.zeros(1)}, None, None, {})
+    probe.feature_spec_, probe.source_ = spec, {}
+    probe.save_pretrained(tmp_path / "probe")
+    page = tmp_path / "page.html"
+    code, _, err = _cli(["credits", "--probe", str(tmp_path / "probe"), "--run", str(run.path),
+                         "--prompt", "train/0", "--out", str(page)], capsys)
+    assert code == 0, err
+    sections = _parse(page.read_text()).sections
+    samples = _prompt_samples(run, "train/0")
+    pooled = run.features("L18_mean", np.array([i for i, _ in samples])) @ w
+    for (_, row), q in zip(samples, pooled, strict=True):
+        sec = sections[row["sample_index"]]
+        assert "".join(t for t, _, _ in sec["spans"]) == (row["completion"] or "\u2205")
+        # Stored: captured while generating; shown: the re-tokenised text evaluated again.
+        assert sec["score"] == pytest.approx(float(q), rel=0.02, abs=0.02)

@@ -121,7 +121,7 @@ section.candidate { border-top: 1px solid #ccc; padding: .6em 0; }
 section.candidate h2 { font-size: 1em; margin: 0 0 .3em; font-weight: 600; }
 .pass { color: #1a7f37; } .fail { color: #b2182b; } .unscored { color: #777; }
 pre.tokens { white-space: pre-wrap; word-break: break-all; font-size: .9em; line-height: 1.5; margin: 0; }
-pre.tokens span.tok { border-radius: 2px; }
+pre.tokens span.tok { box-shadow: inset -1px 0 0 rgba(0, 0, 0, .15); }  /* token boundaries */
 """
 
 

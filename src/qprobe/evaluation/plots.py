@@ -94,12 +94,16 @@ def credit_map_png(cmap: Any, max_candidates: int | None = None, width: int = 10
     ax.set_ylim(len(rows), 0)
     ax.axis("off")
     size = cell_w * 72 / 0.602
+
+    def ink_of(z: float | None) -> str:
+        return "#111111" if z is None else ink(z, zmax)
+
     for r, cells in enumerate(rows):
         start = 0
         while start < len(cells):  # one text per run of cells with the same ink
-            colour = "#111111" if cells[start][1] is None else ink(cells[start][1], zmax)
+            colour = ink_of(cells[start][1])
             end = start + 1
-            while end < len(cells) and ("#111111" if cells[end][1] is None else ink(cells[end][1], zmax)) == colour:
+            while end < len(cells) and ink_of(cells[end][1]) == colour:
                 end += 1
             text = "".join(ch for ch, _ in cells[start:end])
             if text.strip():
