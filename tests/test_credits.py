@@ -220,7 +220,7 @@ def test_hostile_completion_is_text_in_chromium(tmp_path: Path, capsys: pytest.C
                                                 chromium: Chromium) -> None:
     path = tmp_path / "run"
     manifest = {"backend": {"name": "fake", "options": {}}, "model": {"model": "fake", "sha256": "fake-16", "dim": 16}}
-    texts = [HOSTILE, f"ok\n{HOSTILE} two", ""]
+    texts = [HOSTILE, f"ok\n{HOSTILE} two\t$a^{{$ \x07", ""]  # and for the PNG: broken mathtext, a tab, a bell
     with RunWriter.create_or_open(path, manifest) as w:
         w.append({"prompt_id": ["x/<b>"] * 3, "prompt_index": [0] * 3, "sample_index": [0, 1, 2],
                   "prompt": ["<script>alert(3)</script>"] * 3, "completion": texts,
@@ -228,8 +228,9 @@ def test_hostile_completion_is_text_in_chromium(tmp_path: Path, capsys: pytest.C
                   "reward": [1.0, 0.0, None], "details": ["{}"] * 3, "seed": [1, 2, 3]}, {})
     page = tmp_path / "page.html"
     code, _, err = _cli(["credits", "--probe", str(_hand_probe(tmp_path / "probe")), "--run", str(path),
-                         "--prompt", "x/<b>", "--out", str(page)], capsys)
+                         "--prompt", "x/<b>", "--out", str(page), "--png", str(tmp_path / "page.png")], capsys)
     assert code == 0, err
+    assert colour_count(read_pixels(tmp_path / "page.png")) > 2
     raw = page.read_text()
     assert "<script" not in raw and "<img" not in raw and "<b>" not in raw
     dom = _parse(chromium.dump_dom(page))

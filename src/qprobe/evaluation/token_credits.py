@@ -113,9 +113,11 @@ def credit_map(probe: Any, run_path: str | os.PathLike[str], prompt_id: str, *, 
             embedder.close()
     finally:
         backend.close()
+    # A token probe names its per-token scorer; any other linear probe scores rows one by one.
+    per_token = getattr(probe, "score_tokens", None) or probe.score
     candidates = []
     for (_, row), toks, h in zip(rows, pieces, states, strict=True):
-        z = probe.score(np.asarray(h, dtype=np.float32))  # [t]: the head is linear per row
+        z = per_token(np.asarray(h, dtype=np.float32))  # [t]: the head is linear per row
         reward = row["reward"]
         candidates.append(CandidateCredits(int(row["sample_index"]), None if reward is None else float(reward),
                                            tuple(toks), z))
