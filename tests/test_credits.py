@@ -355,3 +355,19 @@ def test_credits_on_the_default_model(tmp_path: Path, capsys: pytest.CaptureFixt
         assert "".join(t for t, _, _ in sec["spans"]) == (row["completion"] or "\u2205")
         # Stored: captured while generating; shown: the re-tokenised text evaluated again.
         assert sec["score"] == pytest.approx(float(q), rel=0.02, abs=0.02)
+
+
+def test_default_page_name_and_max_candidates(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _collect(tmp_path / "run", capsys, "2:mean")
+    probe = _hand_probe(tmp_path / "probe")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = _cli(["credits", "--probe", str(probe), "--run", str(run.path), "--prompt", "train/3",
+                           "--max-candidates", "2"], capsys)
+    assert code == 0, err
+    assert [p.name for p in work.iterdir()] == ["credits-train-3.html"]
+    sections = _parse((work / "credits-train-3.html").read_text()).sections
+    assert sorted(s["rank"] for s in sections.values()) == [1, 2]  # the best two of six
+    assert "2 shown of 6" in (work / "credits-train-3.html").read_text()
