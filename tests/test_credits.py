@@ -44,6 +44,13 @@ def test_colour_scale_ends_and_centre() -> None:
     assert colour(1.0, 0.0) == "#ffffff" and colour(float("nan"), 1.0) == "#ffffff"
 
 
+def test_only_an_empty_completion_shows_the_empty_sign() -> None:
+    cands = (CandidateCredits(0, 1.0, ("",), np.array([0.5])), CandidateCredits(1, 1.0, ("", "\u00e9"), np.array([0.1, 0.2])))
+    page = credit_html(CreditMap("p", "q", cands))
+    spans = _parse(page).sections
+    assert [t for t, _, _ in spans[0]["spans"]] == ["\u2205"] and [t for t, _, _ in spans[1]["spans"]] == ["", "\u00e9"]
+
+
 def test_sequence_score_is_the_pooled_score_of_a_linear_probe() -> None:
     probe = LinearProbe(standardize=True)
     probe._set_learned({"layers.0.weight": np.array([[1.0, -2.0, 0.5]]), "layers.0.bias": np.array([0.25])},

@@ -100,6 +100,12 @@ class CreditMap:
         return max((float(np.abs(c.z).max()) for _, c in self.shown(max_candidates)), default=0.0)
 
 
+def label(token: str, n_tokens: int) -> str:
+    """What a token shows: its text; the one state of an empty completion shows EMPTY_TOKEN (an empty
+    piece of a longer completion, such as the first half of a split character, shows nothing)."""
+    return EMPTY_TOKEN if not token and n_tokens == 1 else token
+
+
 def format_reward(r: float | None) -> str:
     return "unscored" if r is None else f"{r:g}"
 
@@ -135,7 +141,7 @@ def _legend(zmax: float) -> str:
 def _tokens_html(c: CandidateCredits, zmax: float) -> str:
     spans = []
     for i, (tok, z) in enumerate(zip(c.tokens, c.z, strict=True)):
-        text = tok if tok else EMPTY_TOKEN
+        text = label(tok, len(c.tokens))
         spans.append(
             f'<span class="tok" style="background-color:{colour(z, zmax)};color:{ink(z, zmax)}" '
             f'title="Z = {z:+.4f} (token {i})" data-z="{z:.6g}">{_e(text)}</span>'

@@ -37,7 +37,7 @@ Cell = tuple[str, float | None, int]  # (character, Z or None for no colour, tok
 
 def _grid_lines(cmap: Any, max_candidates: int | None, width: int, max_lines: int) -> list[list[Cell]]:
     """The credit map as rows of character cells, wrapped at `width`."""
-    from qprobe.evaluation.credits import EMPTY_TOKEN, format_reward
+    from qprobe.evaluation.credits import format_reward, label
 
     zmax = cmap.zmax(max_candidates)
     rows: list[list[Cell]] = []
@@ -53,7 +53,7 @@ def _grid_lines(cmap: Any, max_candidates: int | None, width: int, max_lines: in
         plain(f"#{rank}  score {c.score:+.4f}  reward {format_reward(c.reward)}  sample {c.sample_index}")
         lines: list[list[Cell]] = [[]]
         for t, (tok, z) in enumerate(zip(c.tokens, c.z, strict=True)):
-            for ch in (tok or EMPTY_TOKEN).replace("\t", "    "):
+            for ch in label(tok, len(c.tokens)).replace("\t", "    "):
                 if ch == "\n":
                     lines[-1].append((" ", float(z), t))  # the newline's own cell keeps its colour
                     lines.append([])
