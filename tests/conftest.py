@@ -28,3 +28,11 @@ def _no_code_execution_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests opt in explicitly where they run code.
     if os.environ.get("QPROBE_ALLOW_CODE_EXECUTION") and not os.environ.get("QPROBE_TEST_KEEP_OPT_IN"):
         monkeypatch.delenv("QPROBE_ALLOW_CODE_EXECUTION")
+
+
+@pytest.fixture
+def chromium():
+    """The system's headless chromium (tests/browser.py): skipped when absent, failed under CI."""
+    from browser import chromium_or_skip
+
+    return chromium_or_skip()

@@ -81,6 +81,21 @@ def test_features_match_output_hidden_states(backend: TransformersBackend, share
     assert feats["L-1_last"].shape == (3, 32) and feats["L-1_last"].dtype == np.float32
 
 
+def test_token_pieces_align_with_token_states(backend: TransformersBackend) -> None:
+    """One string per 'tokens' state row (the credit map's token labels), joining to the decoded text."""
+    emb = TransformersEmbedder(backend)
+    comps = [Completion("the mat", 2, "stop", 1), Completion("a very long, unusual mat!", 7, "stop", 2),
+             Completion("", 0, "stop", 3)]
+    states = emb.embed("the cat sat on", comps, [FeatureRequest(1, "tokens")])["L1_tokens"]
+    pieces = emb.token_pieces(comps)
+    for c, p, s in zip(comps, pieces, states, strict=True):
+        ids = completion_ids(backend.tokenizer, c)
+        assert len(p) == len(s) == max(len(ids), 1)
+        assert "".join(p) == (backend.tokenizer.decode(ids) if ids else "")
+    tok = backend.tokenizer
+    assert pieces[1] == [tok.decode([i]) for i in completion_ids(tok, comps[1])]  # ASCII: each token's own text
+
+
 def test_layer_out_of_range(backend: TransformersBackend) -> None:
     emb = TransformersEmbedder(backend)
     with pytest.raises(ConfigError, match=r"layer in \[-4, 3\]"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qprobe.core.types import Prompt
+from qprobe.core.types import Completion, Prompt
 from qprobe.errors import ConfigError, DataError, MissingDependencyError
 from qprobe.generation import models
 from qprobe.generation.base import SamplingConfig
@@ -283,6 +283,23 @@ def test_features_match_llama_cpp_embed(backend) -> None:
             assert cos(v, np.array(ref.embed(CODE + c.text, normalize=False))) > 0.999
     finally:
         ref.close()
+
+
+@pytest.mark.slow
+def test_token_pieces_align_with_token_states(backend) -> None:
+    """One string per 'tokens' state row (the credit map's labels): multi-byte characters split across
+    tokens go to the token that completes them, and the pieces join to the completion's text."""
+    from qprobe.features.llamacpp import LlamaCppEmbedder
+    from qprobe.features.spec import FeatureRequest
+
+    emb = LlamaCppEmbedder(backend)
+    comps = [Completion("    return 'h\u00e9llo \u2713 \u4f60\u597d \U0001f600'\n", 0, "stop", 1),
+             Completion("", 0, "stop", 2)]
+    states = emb.embed(CODE, comps, [FeatureRequest(18, "tokens")])["L18_tokens"]
+    pieces = emb.token_pieces(comps)
+    assert [len(p) for p in pieces] == [len(s) for s in states] == [len(emb.completion_ids(comps[0])), 1]
+    assert "".join(pieces[0]) == comps[0].text and pieces[1] == [""]
+    assert "\ufffd" not in "".join(pieces[0])
 
 
 @pytest.mark.slow

@@ -25,6 +25,14 @@ def test_ci_runs_ruff_and_mypy_after_installing() -> None:
     assert install < lines.index("mypy src/") < tests
 
 
+def test_ci_installs_chromium_before_the_tests_and_requires_it() -> None:
+    """The browser tests (tests/browser.py) must run in CI, never skip there."""
+    lines = [line.split("#")[0].strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    tests = next(i for i, line in enumerate(lines) if "pytest" in line and not line.startswith("if"))
+    install = next(i for i, line in enumerate(lines) if "apt-get install" in line and "chromium" in line)
+    assert install < lines.index("export QPROBE_REQUIRE_BROWSER=1") < tests
+
+
 def test_the_test_extra_installs_the_tools_and_pyproject_configures_them() -> None:
     cfg = pyproject()
     extra = " ".join(cfg["project"]["optional-dependencies"]["test"])

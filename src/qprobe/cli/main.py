@@ -13,6 +13,7 @@ from qprobe.errors import QProbeError
 COMMANDS = {
     "collect": "qprobe.cli.run_cmds:collect_cmd",
     "copy": "qprobe.cli.run_cmds:copy_cmd",
+    "credits": "qprobe.cli.credits_cmd:credits_cmd",
     "demo": "qprobe.cli.demo:demo",
     "embed": "qprobe.cli.run_cmds:embed",
     "eval": "qprobe.cli.eval_cmds:eval_cmd",

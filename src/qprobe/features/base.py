@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from qprobe.core.types import Completion
+from qprobe.errors import ConfigError
 from qprobe.features.spec import FeatureRequest, FeatureSpec
 
 
@@ -41,6 +42,13 @@ class Embedder(ABC):
             embedder=request.embedder,
         )
 
+    def token_pieces(self, completions: list[Completion]) -> list[list[str]]:
+        """The text of each completion token whose state pooling 'tokens' returns: one string per
+        state row, in order (an empty completion, whose one row is the last prompt token: [""])."""
+        raise ConfigError(
+            f"expected an embedder that can name its tokens (llamacpp, transformers, fake), got '{self.name}'"
+        )
+
     def close(self) -> None:  # noqa: B027 (a no-op by default, on purpose)
         """Release the model."""
 
@@ -52,3 +60,15 @@ def pool(states: np.ndarray, pooling: str) -> np.ndarray:
     if pooling == "mean":
         return states.mean(axis=0)  # [d]
     return states  # [t, d]
+
+
+def utf8_pieces(pieces: list[bytes]) -> list[str]:
+    """Token byte pieces -> one string per token whose concatenation is the decoded text: a character
+    split across tokens belongs to the token that completes it."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = [decoder.decode(p) for p in pieces]
+    if out:
+        out[-1] += decoder.decode(b"", final=True)
+    return out

@@ -174,6 +174,11 @@ class TransformersEmbedder(Embedder):
             feats[req.key] = rows if req.pooling == "tokens" else np.stack(rows).astype(np.float32)  # [k, d]
         return feats
 
+    def token_pieces(self, completions: list[Completion]) -> list[list[str]]:
+        """Each completion token's text, aligned with 'tokens' states (see `decoded_pieces`)."""
+        return [decoded_pieces(self.tokenizer, ids) if ids else [""]
+                for ids in (completion_ids(self.tokenizer, c) for c in completions)]
+
     def token_states(
         self, prompt: list[int], comps: list[list[int]], layers: list[int]
     ) -> dict[int, list[np.ndarray]]:
@@ -261,6 +266,21 @@ class TransformersEmbedder(Embedder):
     def close(self) -> None:
         if self._owns:
             self.lm = None  # type: ignore[assignment]
+
+
+def decoded_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """One string per token that joins to the decoded text: the growth of the decoded prefix (a
+    character split across tokens belongs to the token that completes it)."""
+    out: list[str] = []
+    prev = ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd") and i < len(ids) - 1:
+            out.append("")  # an unfinished character: wait for the token that completes it
+            continue
+        out.append(text[len(prev):] if text.startswith(prev) else tokenizer.decode([ids[i]]))
+        prev = text
+    return out
 
 
 def _f32(t: Any) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 
 from qprobe.core.types import Completion
 from qprobe.errors import ConfigError
-from qprobe.features.base import Embedder, pool
+from qprobe.features.base import Embedder, pool, utf8_pieces
 from qprobe.features.spec import FeatureRequest
 from qprobe.generation.llamacpp import LlamaCppBackend
 from qprobe.generation.llamacpp_capture import resolve_layer
@@ -110,6 +110,11 @@ class LlamaCppEmbedder(Embedder):
         if c.token_ids is not None:
             return tuple(c.token_ids)
         return tuple(self.backend.tokenize(c.text, add_special=False, parse_special=True))
+
+    def token_pieces(self, completions: list[Completion]) -> list[list[str]]:
+        """Each completion token's text (special tokens spelled out), aligned with 'tokens' states."""
+        return [utf8_pieces([self.backend.piece(t) for t in ids]) if ids else [""]
+                for ids in (self.completion_ids(c) for c in completions)]
 
     def token_states(
         self, text: str, completions: list[Completion], layers: list[int] | None = None
