@@ -14,7 +14,9 @@ and paired intervals for differences. Methods:
   problem; ranks by mean Z;
 - minz: the same head, ranking by its weakest token, min_t Z_t (per-token states);
 - orm: Bradley-Terry on the last token's state only (Q-RM's ORM baseline), the same pairs;
-- pg, ce: the Q-probe losses L_PG and L_CE on the mean-pooled states.
+- pg, ce: the Q-probe losses L_PG and L_CE on the mean-pooled states;
+- qrm-464, pg-464, ce-464: the same heads trained on all 464 MBPP-train problems of today's runs
+  (--today), which carry no last-token states, so no ORM can be trained on them.
 
 Every head is fitted by the fast recipe (L-BFGS), its L2 chosen on the training problems only
 (--selection: 4-fold CV, or the library's single held-out quarter), never on test data; the
@@ -117,12 +119,17 @@ def best_of_n(runs: Path, seeds: int, today: Path, selection: str) -> dict[str, 
     for name in ("mbpp-train", *TESTS):
         out["checks"][name] = check_rows(hist / name, today / name)
     probes = {m: [fit(m, train, s, selection) for s in range(seeds)] for m in HEADS}
+    if (today / "mbpp-train" / "manifest.json").is_file():  # a variant: every MBPP-train problem (no L18_last)
+        full = RunData.load(today / "mbpp-train")
+        out["train"]["variant_464"] = {"run": str(today / "mbpp-train"), "prompts": len(full.prompts()), "rows": len(full.rows)}
+        probes.update({f"{m}-{len(full.prompts())}": [fit(m, full, s, selection) for s in range(seeds)]
+                       for m in ("qrm", "pg", "ce")})
     out["l2"] = {m: [p.history_["l2"] for p in ps] for m, ps in probes.items()}
     for test in TESTS:
         data = RunData.load(hist / test)
         prompts = data.prompts()
-        scores: dict[str, list[np.ndarray]] = {m: [np.asarray(p.score(data.features(HEADS[m][0])), float) for p in ps]
-                                               for m, ps in probes.items()}
+        scores: dict[str, list[np.ndarray]] = {m: [np.asarray(p.score(data.features(HEADS[m.split("-")[0]][0])), float)
+                                                   for p in ps] for m, ps in probes.items()}
         tokens = runs / f"{test}-tokens"
         note = "no token states: minz left out"
         if (tokens / "manifest.json").is_file() and f"L{LAYER}_tokens" in Run.open(tokens).feature_keys:
@@ -141,7 +148,8 @@ def best_of_n(runs: Path, seeds: int, today: Path, selection: str) -> dict[str, 
             rows = {m: {"mean": r.mean, "ci": [r.low, r.high]} for m, r in res.items()}
             diffs = {}
             for a, b in [("qrm", "orm"), ("minz", "orm"), ("minz", "qrm"), ("qrm", "pg"), ("qrm", "ce"),
-                         ("orm", "pass@1"), ("qrm", "pass@1"), ("pg", "pass@1")]:
+                         ("orm", "pass@1"), ("qrm", "pass@1"), ("pg", "pass@1"), ("qrm-464", "pass@1"),
+                         ("qrm-464", "orm"), ("qrm-464", "pg-464")]:
                 if a in res and b in res:
                     d, lo, hi = paired_difference(res[a], res[b])
                     diffs[f"{a} - {b}"] = {"mean": d, "ci": [lo, hi]}
@@ -193,7 +201,7 @@ def markdown(bon: dict[str, Any], pw: dict[str, Any]) -> str:
     for test, t in bon["tests"].items():
         lines += [f"## {test}: {t['prompts']} problems x 16, argmax best-of-k ({t['tokens']})", "",
                   "| method | " + " | ".join(f"k={k}" for k in KS) + " |", "|---|" + "---|" * len(KS)]
-        for m in ("pass@1", "qrm", "minz", "orm", "pg", "ce", "pass@k"):
+        for m in ("pass@1", "qrm", "minz", "orm", "pg", "ce", "qrm-464", "pg-464", "ce-464", "pass@k"):
             got = [t["k"][str(k)]["methods"].get(m) for k in KS]
             if all(r is None for r in got):
                 continue
