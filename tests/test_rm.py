@@ -161,7 +161,7 @@ def test_cached_states_give_the_full_forward_loss_and_gradients(tiny: str, pairs
 
     plain = rm.loss_fn_(full("chosen")[None], full("rejected")[None])
     g_full = _grads(rm, plain)
-    assert float(cached) == pytest.approx(float(plain), abs=1e-6)
+    assert float(cached.detach()) == pytest.approx(float(plain.detach()), abs=1e-6)
     assert set(g_cached) == set(g_full) and any("lora_A" in n for n in g_full)
     for n in g_full:
         assert float(g_full[n].abs().max()) > 0, n
@@ -251,3 +251,28 @@ def test_cli_trains_resumes_and_evaluates(tiny: str, pairs_file: Path, tmp_path:
     bad = subprocess.run([*qprobe_cmd, "rm", "eval", "--rm", str(out), "--pairs", str(pairs_file), "--model",
                           _tiny(tmp_path / "other", 1)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "expected the base model" in bad.stderr
+
+
+def test_normalised_margin_and_head_names() -> None:
+    from qprobe.errors import UnknownNameError
+    from qprobe.evaluation.preferences import normalised_margin
+
+    std = np.std([1.0, 3.0, 0.0, 1.0])
+    assert normalised_margin(np.array([1.0, 3.0]), np.array([0.0, 1.0])) == pytest.approx(1.5 / std)
+    assert normalised_margin(np.ones(3), np.ones(3)) == 0.0
+    with pytest.raises(UnknownNameError, match="did you mean 'qrm'"):
+        RewardModel(head="qrn")
+
+
+def test_one_cache_serves_every_head_and_evaluation(tiny: str, pairs: list, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    ex = _rm(tiny, "ex").fit(pairs, cache_dir=cache, max_steps=2)
+    assert ex.provenance_["cached_pairs_this_run"] == len(pairs)
+    im = _rm(tiny, "im").fit(pairs, cache_dir=cache, max_steps=2)  # adds pi_ref's log-probs only
+    assert im.provenance_["cached_pairs_this_run"] == len(pairs)
+    again = _rm(tiny, "im", lr=0.01).fit(pairs, cache_dir=cache, max_steps=1)
+    assert again.provenance_["cached_pairs_this_run"] == 0
+    for rm in (ex, im):
+        np.testing.assert_allclose(np.c_[rm.rewards(pairs, cache_dir=cache)], np.c_[rm.rewards(pairs)], atol=1e-6)
+    with pytest.raises(ConfigError, match="cache"):
+        _rm(tiny, "ex", top_blocks=1).fit(pairs, cache_dir=cache, max_steps=1)  # another first block

@@ -83,10 +83,11 @@ def rm() -> None:
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps in all (re-run to continue).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder: the reward model, and work/ (cache + checkpoint).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None, help="Frozen-trunk cache folder to share between runs on the same pairs and base model (any head, seed, lr); default OUT/work/cache.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
-def train_cmd(head, pairs_path, fmt, split, fields, limit, max_chars, words, data_seed, model, top_blocks, lora_r,
+def rm_train_cmd(head, pairs_path, fmt, split, fields, limit, max_chars, words, data_seed, model, top_blocks, lora_r,
               lora_alpha, lr, epochs, batch_pairs, max_response_tokens, max_prompt_tokens, seed, dtype, threads,
-              max_steps, out, progress):
+              max_steps, out, cache_dir, progress):
     """Train a reward model on preference pairs. Re-running with the same --out resumes from the last
     step (the cached trunk states are reused); with more --epochs it trains on."""
     from qprobe.rm import RewardModel, RMConfig, save_rm
@@ -102,7 +103,7 @@ def train_cmd(head, pairs_path, fmt, split, fields, limit, max_chars, words, dat
     if ck is not None:
         click.echo(f"resumed at step {ck[1]['step']} from {work}")
     model_ = RewardModel(config).fit(items, source=_source(pairs_path, fmt, split, words, data_seed), workdir=work,
-                                     progress=progress, max_steps=max_steps)
+                                     cache_dir=cache_dir, progress=progress, max_steps=max_steps)
     save_rm(model_, out)
     p = model_.provenance_
     state = "done" if p["finished"] else f"stopped at step {p['steps']} of {p['steps_planned']} (re-run to continue)"
@@ -117,10 +118,11 @@ def train_cmd(head, pairs_path, fmt, split, fields, limit, max_chars, words, dat
 @_pair_options
 @click.option("--model", default=None, help="Base model path, when it moved (its weights must be the ones trained on).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None, help="Frozen-trunk cache folder to share between runs on the same pairs and base model (any head, seed, lr); default none.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the figures and per-pair rewards here.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def eval_cmd(rm_path, pairs_path, fmt, split, fields, limit, max_chars, words, data_seed, model, threads, json_out,
-             progress):
+def rm_eval_cmd(rm_path, pairs_path, fmt, split, fields, limit, max_chars, words, data_seed, model, threads, cache_dir,
+                json_out, progress):
     """Pairwise accuracy (ties 1/2) with a 95% bootstrap interval over pairs, and the normalised
     margin mean|r_c - r_r| / std(all rewards)."""
     from qprobe.core.files import write_json_atomic
@@ -130,7 +132,7 @@ def eval_cmd(rm_path, pairs_path, fmt, split, fields, limit, max_chars, words, d
     items = _load(pairs_path, fmt, split, fields, limit, max_chars, words, data_seed)
     _threads(threads)
     reward_model = load_rm(rm_path, model=model)
-    chosen, rejected = reward_model.rewards(items, progress=progress)
+    chosen, rejected = reward_model.rewards(items, progress=progress, cache_dir=cache_dir)
     acc = accuracy(pairwise_outcomes(chosen, rejected))
     margin = normalised_margin(chosen, rejected)
     click.echo(f"{reward_model.config.head} on {len(items)} pairs: accuracy {acc}  normalised margin {margin:.3f}")

@@ -110,18 +110,40 @@ class RewardModel:
         self.head_.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
 
     # ----------------------------------------------------------------------------- rewards
-    def _frozen(self, enc: Encoded) -> dict[str, torch.Tensor]:
-        """The cache entry of one pair: bottom states (and pi_ref's log-probs when the head needs them)."""
-        out: dict[str, torch.Tensor] = {}
+    def _frozen(self, enc: Encoded, have: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The cache entry of one pair: bottom states (and pi_ref's log-probs when the head needs
+        them), computing only what `have` (an existing entry) lacks."""
+        out = dict(have or {})
         for side in SIDES:
             ids = enc.sequence(side)
-            h = self.trunk_.bottom_states(ids)  # [T, d]
-            out[side] = h
-            if self.head_.needs_reference:
+            if side not in out:
+                out[side] = self.trunk_.bottom_states(ids)  # [T, d]
+            if self.head_.needs_reference and f"{side}_ref" not in out:
                 with torch.no_grad(), self.trunk_.reference():
-                    ref = self.trunk_.logprobs(self.trunk_.top_states(h), ids, len(enc.prompt))  # [t]
-                out[f"{side}_ref"] = ref
+                    top = self.trunk_.top_states(out[side])
+                    out[f"{side}_ref"] = self.trunk_.logprobs(top, ids, len(enc.prompt))  # [t]
         return out
+
+    def _missing(self, cache: StateCache, i: int) -> bool:
+        if not cache.has(i):
+            return True
+        return self.head_.needs_reference and "chosen_ref" not in cache.get(i)
+
+    def _fill(self, cache: StateCache, encoded: list[Encoded], progress: bool) -> tuple[int, float]:
+        """Compute the missing cache entries -> (how many, seconds)."""
+        t0 = _seconds()
+        todo = [i for i in range(len(encoded)) if self._missing(cache, i)]
+        with _bar(len(todo), progress and bool(todo), "rm cache") as bar:
+            for i in todo:
+                t1 = _seconds()
+                cache.put(i, self._frozen(encoded[i], cache.get(i) if cache.has(i) else None))
+                bar.advance(1, len(encoded[i].chosen) + len(encoded[i].rejected), _seconds() - t1)
+        return len(todo), _seconds() - t0
+
+    def cache_fingerprint(self, encoded: list[Encoded]) -> dict[str, Any]:
+        """What a cache folder depends on: base weights, token ids, the first adapted block, dtype."""
+        return {"base_sha256": self.trunk_.lm.sha256, "pairs_sha256": _ids_sha256(encoded),
+                "first_block": self.trunk_.start, "dtype": self.config.dtype}
 
     def _reward(self, enc: Encoded, side: str, frozen: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = enc.sequence(side)
@@ -133,24 +155,32 @@ class RewardModel:
         r_c, r_r = (self._reward(enc, s, frozen) for s in SIDES)
         return self.loss_fn_(r_c[None], r_r[None])  # type: ignore[no-any-return]
 
-    def rewards(self, pairs: list[Pair], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(r_chosen [P], r_rejected [P]) as float64."""
+    def rewards(self, pairs: list[Pair], progress: bool = False,
+                cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(r_chosen [P], r_rejected [P]) as float64. `cache_dir` keeps the frozen-trunk entries of
+        these pairs for the next model evaluated on them (any head, seed or learning rate)."""
         self._check_fitted()
         encoded = self.encode(pairs)
+        cache = None if cache_dir is None else StateCache(Path(cache_dir), self.cache_fingerprint(encoded))
+        if cache is not None:
+            self._fill(cache, encoded, progress)
         out = np.zeros((len(encoded), 2))
         with torch.no_grad(), _bar(len(encoded), progress, "rm eval") as bar:
             for i, enc in enumerate(encoded):
                 t0 = _seconds()
-                frozen = self._frozen(enc)
+                frozen = self._frozen(enc) if cache is None else cache.get(i)
                 out[i] = [float(self._reward(enc, s, frozen)) for s in SIDES]
                 bar.advance(1, len(enc.chosen) + len(enc.rejected), _seconds() - t0)
         return out[:, 0], out[:, 1]
 
     # --------------------------------------------------------------------------------- fit
     def fit(self, pairs: list[Pair], *, source: str | None = None, workdir: str | Path | None = None,
-            progress: bool = False, max_steps: int | None = None, lm: Any = None) -> RewardModel:
-        """Train on `pairs` (resuming from `workdir` when it holds a checkpoint); `max_steps` stops
-        after that many steps in all (counting those of earlier runs); `lm` reuses a loaded model."""
+            cache_dir: str | Path | None = None, progress: bool = False, max_steps: int | None = None,
+            lm: Any = None) -> RewardModel:
+        """Train on `pairs` (resuming from `workdir` when it holds a checkpoint); the frozen-trunk
+        cache lives in `cache_dir` (default `workdir`/cache; another run's on the same pairs may be
+        shared); `max_steps` stops after that many steps in all (counting those of earlier runs);
+        `lm` reuses a loaded model."""
         if not pairs:
             raise ConfigError("expected at least one preference pair to train on, got none")
         if max_steps is not None and max_steps < 1:
@@ -161,15 +191,10 @@ class RewardModel:
         folder = None if workdir is None else Path(workdir)
         if folder is not None:
             open_workdir(folder, self.fingerprint(encoded))
-        cache = StateCache(folder)
-        t0 = _seconds()
-        todo = [i for i in range(len(encoded)) if not cache.has(i)]
-        with _bar(len(todo), progress and bool(todo), "rm cache") as bar:
-            for i in todo:
-                t1 = _seconds()
-                cache.put(i, self._frozen(encoded[i]))
-                bar.advance(1, len(encoded[i].chosen) + len(encoded[i].rejected), _seconds() - t1)
-        cache_seconds = _seconds() - t0
+        if cache_dir is None and folder is not None:
+            cache_dir = folder / "cache"
+        cache = StateCache(None if cache_dir is None else Path(cache_dir), self.cache_fingerprint(encoded))
+        n_cached, cache_seconds = self._fill(cache, encoded, progress)
 
         params = self.trunk_.parameters() + list(self.head_.parameters())
         opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
@@ -210,7 +235,7 @@ class RewardModel:
         self.provenance_ = {
             "pairs_source": source, "pairs": len(encoded), "pair_ids_first": [p.id for p in pairs[:3]],
             "truncated": sum(e.cuts for e in encoded), "steps": step, "steps_planned": total,
-            "finished": step >= total, "cache_seconds": round(cache_seconds, 3), "cached_pairs_this_run": len(todo),
+            "finished": step >= total, "cache_seconds": round(cache_seconds, 3), "cached_pairs_this_run": n_cached,
             "train_seconds_this_run": round(train_seconds, 3),
             "seconds_per_pair": round(train_seconds / trained, 4) if trained else None,
             "final_loss": losses[-1] if losses else None,
@@ -219,12 +244,15 @@ class RewardModel:
 
     def fingerprint(self, encoded: list[Encoded]) -> dict[str, Any]:
         """What a training folder must agree on to be resumed (everything but the epochs)."""
-        import hashlib
-        import json
-
-        ids = hashlib.sha256(json.dumps([[e.prompt, e.chosen, e.rejected] for e in encoded]).encode()).hexdigest()
         settings = {k: v for k, v in asdict(self.config).items() if k not in ("epochs", "model", "device")}
-        return {"base_sha256": self.trunk_.lm.sha256, "pairs_sha256": ids, "settings": settings}
+        return {"base_sha256": self.trunk_.lm.sha256, "pairs_sha256": _ids_sha256(encoded), "settings": settings}
+
+
+def _ids_sha256(encoded: list[Encoded]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([[e.prompt, e.chosen, e.rejected] for e in encoded]).encode()).hexdigest()
 
 
 def _loss(name: str) -> Any:

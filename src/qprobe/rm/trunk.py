@@ -49,7 +49,7 @@ class Encoded:
 
 
 def _template_parts(tokenizer: Any, pair: Pair, response: str) -> tuple[str, str]:
-    messages = [dict(m) for m in pair.prompt.messages] or [{"role": "user", "content": pair.prompt.text}]
+    messages = [dict(m) for m in pair.prompt.messages or ()] or [{"role": "user", "content": pair.prompt.text}]
     head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(head):

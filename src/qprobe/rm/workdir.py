@@ -1,9 +1,10 @@
 """A training folder: the frozen-trunk cache and the last checkpoint, so a killed run resumes.
 
     WORK/work.json                  what the folder is for (fingerprint of model, pairs, settings)
+    WORK/cache/cache.json           what the cache is for (base weights, token ids, first adapted block)
     WORK/cache/000123.safetensors   pair 123: "chosen", "rejected" = states entering the first
                                     adapted block [T, d]; "chosen_ref", "rejected_ref" = pi_ref's
-                                    log-probs of the response tokens [t] (heads that need them)
+                                    log-probs of the response tokens [t] (added when a head needs them)
     WORK/checkpoint/state.safetensors   adapters ("adapter.*"), head ("head.*"), AdamW moments
                                         ("optim.<i>.<key>")
     WORK/checkpoint/state.json          step, the per-step losses, AdamW's param_groups
@@ -14,6 +15,11 @@ moment resumes after the last completed step: no step is lost and none is applie
 pair order of epoch e is `np.random.default_rng([seed, e]).permutation(P)`, a pure function of
 (seed, epoch), so the step number is all the random state a checkpoint needs (the trunk has no
 dropout). The fingerprint leaves out the number of epochs: re-running with more epochs continues.
+
+The cache depends only on the base weights, the token ids and the first adapted block, never on
+the head or the adapters (pi_ref is the model with adapters off), so one cache folder can serve
+every head, seed and learning rate trained or evaluated on the same pairs (`cache_dir=`,
+`qprobe rm train|eval --cache DIR`).
 """
 
 from __future__ import annotations
@@ -30,29 +36,29 @@ from qprobe.errors import ConfigError, DataError
 WORK_VERSION = 1
 
 
-def open_workdir(folder: Path, fingerprint: dict[str, Any]) -> None:
+def open_workdir(folder: Path, fingerprint: dict[str, Any], name: str = "work.json") -> None:
     """Create `folder` for this fingerprint, or check that it was made for the same one."""
     folder.mkdir(parents=True, exist_ok=True)
-    meta = folder / "work.json"
+    meta = folder / name
     want = {"version": WORK_VERSION, **fingerprint}
     if meta.is_file():
         have = json.loads(meta.read_text())
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         if diff:
-            raise ConfigError(f"expected the training folder '{folder}' to hold this run, got one made with other "
-                              f"{', '.join(diff)}; pass another --out or delete that folder")
+            raise ConfigError(f"expected the folder '{folder}' to hold this run's {name[:-5]}, got one made with "
+                              f"other {', '.join(diff)}; pass another folder or delete that one")
     else:
         write_json_atomic(meta, want)
 
 
 class StateCache:
-    """Per-pair cached tensors under `folder/cache` (or in memory when `folder` is None)."""
+    """Per-pair cached tensors in `folder` (or in memory when `folder` is None), for `fingerprint`."""
 
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = None if folder is None else folder / "cache"
+    def __init__(self, folder: Path | None, fingerprint: dict[str, Any]) -> None:
+        self.folder = folder
         self._mem: dict[int, dict[str, torch.Tensor]] = {}
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+        if folder is not None:
+            open_workdir(folder, fingerprint, "cache.json")
 
     def _path(self, i: int) -> Path:
         assert self.folder is not None
