@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -231,26 +230,40 @@ def test_persona_pairs_follow_the_authors_construction(tmp_path: Path) -> None:
         ("certainly", "not really"), ("certainly", "nope"), ("absolutely", "not really"), ("absolutely", "nope")}
 
 
-def test_cli_trains_resumes_and_evaluates(tiny: str, pairs_file: Path, tmp_path: Path, qprobe_cmd: list[str]) -> None:
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from qprobe.cli.main import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_trains_resumes_and_evaluates(tiny: str, pairs_file: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rm"
-    train = [*qprobe_cmd, "rm", "train", "--head", "qrm", "--pairs", str(pairs_file), "--model", tiny,
-             "--top-blocks", "2", "--lora-r", "4", "--lr", "0.05", "--batch-pairs", "3", "--epochs", "2",
-             "--out", str(out), "--no-progress"]
-    got = subprocess.run([*train, "--max-steps", "1"], capture_output=True, text=True)
-    assert got.returncode == 0, got.stderr
-    got = subprocess.run(train, capture_output=True, text=True)
-    assert got.returncode == 0, got.stderr
-    assert "resumed at step 1" in got.stdout and json.loads((out / "config.json").read_text())["provenance"]["steps"] == 4
+    train = ["rm", "train", "--head", "qrm", "--pairs", str(pairs_file), "--model", tiny, "--top-blocks", "2",
+             "--lora-r", "4", "--lr", "0.05", "--batch-pairs", "3", "--epochs", "2", "--out", str(out), "--no-progress"]
+    code, _, err = _cli([*train, "--max-steps", "1"], capsys)
+    assert code == 0, err
+    code, stdout, err = _cli(train, capsys)
+    assert code == 0, err
+    assert "resumed at step 1" in stdout and json.loads((out / "config.json").read_text())["provenance"]["steps"] == 4
     report = tmp_path / "eval.json"
-    got = subprocess.run([*qprobe_cmd, "rm", "eval", "--rm", str(out), "--pairs", str(pairs_file), "--json",
-                          str(report), "--no-progress"], capture_output=True, text=True)
-    assert got.returncode == 0, got.stderr
+    code, stdout, err = _cli(["rm", "eval", "--rm", str(out), "--pairs", str(pairs_file), "--json", str(report),
+                              "--no-progress"], capsys)
+    assert code == 0, err
     res = json.loads(report.read_text())
     assert res["accuracy"]["pairs"] == len(ROWS) and 0 <= res["accuracy"]["accuracy"] <= 1
-    assert "accuracy" in got.stdout and res["normalised_margin"] >= 0
-    bad = subprocess.run([*qprobe_cmd, "rm", "eval", "--rm", str(out), "--pairs", str(pairs_file), "--model",
-                          _tiny(tmp_path / "other", 1)], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "expected the base model" in bad.stderr
+    assert "accuracy" in stdout and res["normalised_margin"] >= 0
+    code, _, err = _cli(["rm", "eval", "--rm", str(out), "--pairs", str(pairs_file), "--model",
+                         _tiny(tmp_path / "other", 1)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "expected the base model" in err
+    code, _, err = _cli(["rm", "train", "--head", "exx", "--pairs", str(pairs_file), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "did you mean 'ex'" in err
 
 
 def test_normalised_margin_and_head_names() -> None:
