@@ -138,9 +138,9 @@ def _grads(rm: RewardModel, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in params.items()}
 
 
-@pytest.mark.parametrize("head", ["ex", "im", "qrm"])
-def test_cached_states_give_the_full_forward_loss_and_gradients(tiny: str, pairs: list, head: str) -> None:
-    rm = _rm(tiny, head).build()
+@pytest.mark.parametrize(("head", "top"), [("ex", 2), ("im", 2), ("qrm", 2), ("im", 3)])
+def test_cached_states_give_the_full_forward_loss_and_gradients(tiny: str, pairs: list, head: str, top: int) -> None:
+    rm = _rm(tiny, head, top_blocks=top).build()  # top 3 of 3: the cache is the embedding output
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero adapters, so every adapter parameter has a gradient
         for n, p in rm.trunk_.model.named_parameters():
@@ -212,6 +212,10 @@ def test_a_folder_made_for_other_settings_is_refused(tiny: str, pairs: list, tmp
     _rm(tiny, "ex").fit(pairs, workdir=tmp_path / "w", max_steps=1)
     with pytest.raises(ConfigError, match="other settings"):
         _rm(tiny, "ex", lr=0.01).fit(pairs, workdir=tmp_path / "w")
+    lm = load_causal_lm(tiny, dtype="float32", device="cpu")
+    _rm(tiny, "ex").fit(pairs, max_steps=1, lm=lm)
+    with pytest.raises(ConfigError, match="without adapters"):  # peft would stack a second set
+        _rm(tiny, "ex").fit(pairs, max_steps=1, lm=lm)
 
 
 # ---------------------------------------------------------------------------- persona, CLI

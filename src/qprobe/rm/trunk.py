@@ -115,6 +115,9 @@ class Trunk:
         if getattr(self.decoder, "has_sliding_layers", False):
             raise BackendError("expected a model without sliding-window layers (the cut block list would "
                                "read the wrong layer types), got one; use a full-attention model")
+        if any("lora_" in name for name, _ in model.named_parameters()):
+            raise ConfigError("expected a base model without adapters, got one a Trunk already adapted; "
+                              "load the model again for each reward model")
         self.n_blocks, self.start = n, n - settings.top_blocks
         for p in model.parameters():
             p.requires_grad_(False)
