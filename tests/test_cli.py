@@ -133,7 +133,7 @@ def test_every_option_the_readme_shows_exists() -> None:
         words = span.split()
         if len(words) < 2 or words[1] not in COMMANDS:
             continue
-        sub = [words[2]] if words[1] == "pairs" and len(words) > 2 and not words[2].startswith("-") else []
+        sub = [words[2]] if words[1] in ("pairs", "rm") and len(words) > 2 and not words[2].startswith("-") else []
         code, text, _ = run([words[1], *sub, "--help"])
         assert code == 0, span
         for opt in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span):

@@ -13,7 +13,8 @@ registries (it imports that registry's targets). tests/test_layers.py reads this
   5. features    qprobe.features (hidden states and embedders)
   6. store       qprobe.store (runs on disk, nothing else)
   7. collection  qprobe.collection (the pipeline that writes runs)
-  8. probes      qprobe.probes (probes, their losses, training and files)
+  8. probes      qprobe.probes, qprobe.rm (probes, their losses, training and files; reward models
+                 with a trainable trunk: LoRA adapters + an EX / IM / Q-RM head)
   9. policy      qprobe.policy (best-of-k selection with a probe)
  10. evaluation  qprobe.evaluation (expected returns, tables, judges, reports)
  11. cli         qprobe.cli
@@ -48,6 +49,7 @@ _EXPORTS = {
     # probes
     "Probe": "qprobe.probes", "LinearProbe": "qprobe.probes", "MLPProbe": "qprobe.probes", "TokenProbe": "qprobe.probes",
     "TrainConfig": "qprobe.probes",
+    "RewardModel": "qprobe.rm", "RMConfig": "qprobe.rm", "load_rm": "qprobe.rm", "save_rm": "qprobe.rm",
     # policy and evaluation
     "QProbePolicy": "qprobe.policy.select", "PolicyConfig": "qprobe.policy.select",
     "Selection": "qprobe.policy.select", "Candidate": "qprobe.policy.select",

@@ -15,6 +15,7 @@ REWARDS: Registry[Any] = Registry("reward")
 LOSSES: Registry[Any] = Registry("loss")
 EMBEDDERS: Registry[Any] = Registry("embedder")
 EXTERNAL_EMBEDDERS: Registry[Any] = Registry("external embedder")
+RM_HEADS: Registry[Any] = Registry("reward-model head")
 
 TASKS.add("fake", "qprobe.tasks.fake:FakeTask", "deterministic fake prompts whose reward is learnable from fake features")
 TASKS.add("mbpp", "qprobe.tasks.mbpp:MBPPTask", "MBPP (train 601-974 + 511-600, test 11-510, prompt 1-10); reward: unit tests in the sandbox")
@@ -55,3 +56,8 @@ EXTERNAL_EMBEDDERS.add("minilm", "qprobe.features.external:SentenceTransformerEm
 EXTERNAL_EMBEDDERS.add("st", "qprobe.features.external:SentenceTransformerEmbedder", "st=PATH: any sentence-transformers model folder or hub id")
 EXTERNAL_EMBEDDERS.add("openai", "qprobe.features.external:OpenAIEmbedder", "openai=MODEL: an OpenAI-compatible embeddings endpoint")
 EXTERNAL_EMBEDDERS.add("hf", "qprobe.features.hf:TransformersEmbedder", "hf=PATH: hidden states of another local causal LM")
+
+# Heads of reward models with a trainable trunk (qprobe.rm, `qprobe rm train --head NAME`).
+RM_HEADS.add("ex", "qprobe.rm.ex:ExplicitHead", "EX-RM: linear head on the last token's final-norm state (template end tokens included), BT loss")
+RM_HEADS.add("im", "qprobe.rm.im:ImplicitHead", "IM-RM: 0.01 * sum over response tokens of log pi - log pi_ref (adapters off), BT loss")
+RM_HEADS.add("qrm", "qprobe.rm.qrm:TokenHead", "Q-RM: linear head on every response token, mean over tokens, margin loss -log sigmoid(0.2 d - 2)")

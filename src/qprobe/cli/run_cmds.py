@@ -177,12 +177,13 @@ def inspect_run(run, as_json):
 @click.command()
 def ls():
     """List the registered tasks, back-ends, embedders, rewards and losses, one line each."""
-    from qprobe.catalog import BACKENDS, EMBEDDERS, EXTERNAL_EMBEDDERS, LOSSES, REWARDS, TASKS
+    from qprobe.catalog import BACKENDS, EMBEDDERS, EXTERNAL_EMBEDDERS, LOSSES, REWARDS, RM_HEADS, TASKS
 
     for title, reg in (("tasks", TASKS), ("back-ends", BACKENDS),
                        ("embedders (the generator's own hidden states, by back-end; --feature LAYER:POOLING)", EMBEDDERS),
                        ("external embedders (--feature embed=NAME:POOLING)", EXTERNAL_EMBEDDERS),
-                       ("rewards", REWARDS), ("losses", LOSSES)):
+                       ("rewards", REWARDS), ("losses", LOSSES),
+                       ("reward-model heads (qprobe rm train --head NAME)", RM_HEADS)):
         click.echo(f"{title}:")
         for e in reg:
             click.echo(f"  {e.name:<14} {e.summary}")

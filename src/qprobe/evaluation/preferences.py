@@ -74,6 +74,15 @@ def accuracy_difference(a: np.ndarray, b: np.ndarray, rng: np.random.Generator |
     return float(m), float(lo), float(hi)
 
 
+def normalised_margin(chosen_scores: np.ndarray, rejected_scores: np.ndarray) -> float:
+    """mean |r_c - r_r| / std(all 2P rewards) (EX-RM vs IM-RM's normalised margin; 0 when all are equal)."""
+    c = np.asarray(chosen_scores, dtype=np.float64)
+    r = np.asarray(rejected_scores, dtype=np.float64)
+    pairwise_outcomes(c, r)  # the same shape checks
+    std = float(np.concatenate([c, r]).std())
+    return float(np.abs(c - r).mean() / std) if std > 0 else 0.0
+
+
 def probe_outcomes(probe: Any, pairs: FeaturePairs, spec: Any = None) -> np.ndarray:
     """Per-pair outcomes of a fitted probe on (chosen, rejected) features ([P] in {0, 0.5, 1})."""
     chosen, rejected = pairs
