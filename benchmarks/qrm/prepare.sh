@@ -3,6 +3,9 @@
 #
 #   QPROBE=.venv/bin/qprobe bash benchmarks/qrm/prepare.sh            # every stage, in order
 #   STAGES="hist mbpp-tokens" bash benchmarks/qrm/prepare.sh          # some of them
+#   BACKEND_OPTIONS=n_threads=1 STAGES="gsm8k-pairs math-pairs" bash benchmarks/qrm/prepare.sh &
+#   BACKEND_OPTIONS=n_threads=1 STAGES="mbpp-tokens he-tokens-a" bash benchmarks/qrm/prepare.sh &
+#       (two chains at once, one thread each, as the committed results were made; then he-tokens-b)
 #
 # hist: the committed runs at 23d19af (MBPP-train 128, MBPP-test 64, HumanEval 64 problems x 16), the
 #   last commit whose runs still carried last-token states (L18_last, the ORM's feature) beside
@@ -57,11 +60,19 @@ for stage in $STAGES; do
         mkdir -p "$OUT/hist"
         git archive 23d19af runs/repro/mbpp-train runs/repro/mbpp-test runs/repro/humaneval | tar -x -C "$OUT/hist"
       fi ;;
-    mbpp-tokens|he-tokens)
+    mbpp-tokens|he-tokens|he-tokens-a|he-tokens-b)
+      # he-tokens-a / -b: the odd / even mixed HumanEval problems, two runs that two single-thread
+      # jobs fill at once (study.py reads every RUN-tokens* folder).
       run=$([ "$stage" = mbpp-tokens ] && echo mbpp-test || echo humaneval)
+      part=${stage#he-tokens}
       mixed_ids "$OUT/hist/runs/repro/$run" > "$OUT/$run-mixed.txt"
+      case $part in
+        -a) awk 'NR % 2 == 1' "$OUT/$run-mixed.txt" > "$OUT/$run-mixed$part.txt" ;;
+        -b) awk 'NR % 2 == 0' "$OUT/$run-mixed.txt" > "$OUT/$run-mixed$part.txt" ;;
+        *) part="" ;;
+      esac
       $QPROBE embed "$OUT/hist/runs/repro/$run" --feature 18:tokens --feature-dtype float16 \
-        --prompts "$OUT/$run-mixed.txt" --out "$OUT/$run-tokens" "${BOPTS[@]}" --no-progress ;;
+        --prompts "$OUT/$run-mixed$part.txt" --out "$OUT/$run-tokens$part" "${BOPTS[@]}" --no-progress ;;
     gsm8k-pairs|math-pairs)
       name=${stage%-pairs}
       sample_ids "$DATA/$name/test_pairwise.jsonl" "$N_PAIRS" > "$OUT/$name-ids.txt"

@@ -93,7 +93,7 @@ def min_z(z: dict[tuple[str, int], np.ndarray], data: RunData) -> np.ndarray:
         if got is not None:
             out[i] = float(got.min())
         elif len(set(data.rewards[data.prompt_ids == pid])) > 1:
-            raise SystemExit(f"no token states for {pid}, whose rewards are mixed: run prepare.sh's *-tokens stages")
+            raise LookupError(f"none for {pid}, whose rewards are mixed: run prepare.sh's *-tokens stages")
     return out
 
 
@@ -130,14 +130,21 @@ def best_of_n(runs: Path, seeds: int, today: Path, selection: str) -> dict[str, 
         prompts = data.prompts()
         scores: dict[str, list[np.ndarray]] = {m: [np.asarray(p.score(data.features(HEADS[m.split("-")[0]][0])), float)
                                                    for p in ps] for m, ps in probes.items()}
-        tokens = runs / f"{test}-tokens"
+        tokens = [t for t in sorted(runs.glob(f"{test}-tokens*")) if (t / "manifest.json").is_file()
+                  and f"L{LAYER}_tokens" in Run.open(t).feature_keys]
         note = "no token states: minz left out"
-        if (tokens / "manifest.json").is_file() and f"L{LAYER}_tokens" in Run.open(tokens).feature_keys:
-            scores["minz"] = []
+        try:
+            minz = []
             for p in probes["qrm"]:
-                z, n_rows = token_scores(p, tokens)
-                scores["minz"].append(min_z(z, data))
-            note = f"token states of {n_rows} samples ({len(set(k[0] for k in z))} mixed-reward problems)"
+                z: dict[tuple[str, int], np.ndarray] = {}
+                for t in tokens:
+                    z.update(token_scores(p, t)[0])
+                minz.append(min_z(z, data))
+            if tokens:
+                scores["minz"] = minz
+                note = f"token states of {len(z)} samples ({len(set(k[0] for k in z))} mixed-reward problems)"
+        except LookupError as missing:
+            note = f"token states incomplete ({missing}): minz left out"
         per_k: dict[str, Any] = {}
         for k in KS:
             res: dict[str, MethodResult] = {"pass@1": method_result("pass@1", probe_values(data, np.zeros(len(data.rows)), 1), prompts)}
