@@ -37,7 +37,7 @@ def _literal(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def plot_curves(ks: list[int], curves: dict[str, list[float]], path: str | Path, title: str,
+def plot_return_vs_k(ks: list[int], curves: dict[str, list[float]], path: str | Path, title: str,
                 flat: tuple[str, ...] = ("pass@1", "greedy")) -> bool:
     """Expected reward against k, one line per method (dashed: the `flat` baselines and the skyline,
     a name starting with "pass@" or "oracle"); False when matplotlib is missing."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 
 from qprobe.evaluation.credits import NEGATIVE, NEUTRAL, POSITIVE, hex_colour, tokens_html
-from qprobe.evaluation.report import CandidateView, PromptView, Report
+from qprobe.evaluation.report_view import CandidateView, PromptView, Report
 
 CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
