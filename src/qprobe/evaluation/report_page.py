@@ -25,13 +25,16 @@ table.methods { border-collapse: collapse; font-size: .92em; }
 table.methods th, table.methods td { padding: .25em .7em; border-bottom: 1px solid #ddd; text-align: right; }
 table.methods th:first-child, table.methods td:first-child { text-align: left; }
 td.up { color: #1a7f37; } td.down { color: #b2182b; }
-img.figure { max-width: 40em; width: 100%; border: 1px solid #ddd; }
+div.top { display: flex; flex-wrap: wrap; column-gap: 2em; align-items: flex-start; }
+div.top > div { flex: 0 1 auto; min-width: 0; } div.top p { max-width: 34em; }
+img.figure { width: 34em; max-width: 100%; border: 1px solid #ddd; }
 #filters { position: sticky; top: 0; background: #f6f8fa; padding: .5em .8em; border: 1px solid #ddd;
   display: flex; gap: 1.4em; align-items: center; flex-wrap: wrap; z-index: 1; }
 section.prompt { border-top: 2px solid #888; margin-top: 1em; padding-top: .3em; }
 section.prompt h3 { font-size: 1em; margin: .2em 0; }
 details.text pre, pre.completion, pre.tokens { background: #f4f4f4; padding: .5em; max-height: 18em; overflow: auto;
   white-space: pre-wrap; word-break: break-word; font-size: .85em; margin: .2em 0; }
+pre.completion, pre.tokens { max-height: 14em; }
 div.candidate { border-left: 4px solid #ccc; padding: .2em .6em; margin: .5em 0; }
 div.candidate.pass { border-left-color: #1a7f37; } div.candidate.fail { border-left-color: #b2182b; }
 div.candidate .head { font-size: .9em; } .verdict { font-size: .85em; color: #555; font-family: monospace; }
@@ -178,10 +181,11 @@ def report_html(report: Report) -> str:
         f"<script>{_GUARD}</script><title>qprobe report: {_e(dict(report.about).get('run', ''))}</title>"
         f"<style>{style}</style></head><body>",
         "<h1>qprobe report</h1>", _about(report),
-        "<h2>Methods</h2>", methods_html(report),
-        "<p>Probe rows: the exact expected reward of picking by softmax(Q/beta) from a random k-subset of each "
-        "prompt's candidates; intervals: 95% bootstrap over prompts; gains paired on the same prompts.</p>",
-        "<h2>Expected reward against k</h2>", _figure(report),
+        '<div class="top"><div><h2>Methods</h2>', methods_html(report),
+        "<p>Probe rows: the exact expected reward of picking by softmax(Q/beta) from a "
+        "random k-subset of each prompt's candidates; intervals: 95% bootstrap over prompts; gains paired on the "
+        "same prompts.</p></div>",
+        "<div><h2>Expected reward against k</h2>", _figure(report), "</div></div>",
         f"<h2>Prompts</h2><p>Candidates {order}; p: the probability of picking the candidate among all of "
         f"the prompt's candidates, softmax(Q/beta) at beta = {report.beta:g}"
         + (" (argmax, ties split)" if report.beta == 0 else "") + ".</p>",
