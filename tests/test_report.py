@@ -256,6 +256,44 @@ def test_cli_end_to_end_matches_eval(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert read_pixels(tmp_path / "rep" / "return_vs_k.png").shape[2] == 3
 
 
+def test_cli_on_a_jsonl_task_with_a_real_valued_reward(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_reward.py").write_text("def length(prompt, completion):\n    return len(completion) / 100\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"# problem {i}\ndef f():\n"}) for i in range(3)))
+    code, _, err = _cli(["collect", "--task", "jsonl", "--task-option", f"data={data}", "--task-option",
+                         "reward=my_reward:length", "--split", "all", "--backend", "fake", "--n", "5", "--feature", "2:mean",
+                         "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 0, err
+    w = np.random.default_rng(7).standard_normal(16)
+    spec = FeatureSpec(backend="fake", model="fake", sha256="fake-16", layer=2, pooling="mean", dim=16)
+    probe = LinearProbe()
+    probe._set_learned({"layers.0.weight": w[None, :], "layers.0.bias": np.zeros(1)}, None, None, {})
+    probe.feature_spec_, probe.source_ = spec, {}
+    probe.save_pretrained(tmp_path / "probe")
+    code, _, err = _cli(["report", str(tmp_path / "run"), "--probe", str(tmp_path / "probe"), "-k", "2",
+                         "--out", str(tmp_path / "rep")], capsys)
+    assert code == 0, err
+    assert "records no training prompts" in err  # check_overlap's note, as eval prints it
+    dom = _parse((tmp_path / "rep" / "index.html").read_text())
+    assert set(dom.methods) == {"pass@1", "probe (k=2)", "oracle best-of-2"}
+    from qprobe.store.run import Run
+
+    run = Run.open(tmp_path / "run")
+    rows = run.table().to_pylist()
+    q = run.features("L2_mean").astype(np.float64) @ w  # [N]
+    assert list(dom.prompts) == ["q0", "q1", "q2"]
+    for pid in dom.prompts:
+        mine = [(q[i], r["reward"], r["completion"]) for i, r in enumerate(rows) if r["prompt_id"] == pid]
+        assert all(rw == pytest.approx(len(c) / 100) for _, rw, c in mine)
+        cands = dom.prompts[pid]["candidates"]
+        assert [float(c["data-reward"]) for c in cands] == pytest.approx([rw for _, rw, _ in sorted(mine, key=lambda m: -m[0])])
+        picked = max(mine, key=lambda m: m[0])[1]
+        assert dom.prompts[pid]["data-wrong"] == ("0" if picked < max(m[1] for m in mine) else "")
+        assert dom.prompts[pid]["data-mixed"] == "1"
+
+
 # ------------------------------------------------------------------ hostile text
 def _hostile_run(path: Path) -> Path:
     prompts = {f"x/<b>{HOSTILE}": [(HOSTILE, 1.0, [1, 0, 0], {"status": "failed", "message": HOSTILE,
