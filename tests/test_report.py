@@ -312,6 +312,11 @@ def test_hostile_text_is_escaped(tmp_path: Path) -> None:
     assert dom.tags.count("script") == 2 and dom.tags.count("img") == 1
     cands = dom.prompts[f"x/<b>{HOSTILE}"]["candidates"]
     assert "".join(cands[0]["tokens"]) == HOSTILE and html.unescape(raw).count(HOSTILE) > 5
+    # Self-contained: nothing from the network, only the folder's own figure.
+    assert "http://" not in raw and "https://" not in raw and raw.count(" src=\"") == 1
+    assert 'src="return_vs_k.png"' in raw
+    assert ("default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+            in html.unescape(raw))
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing written

@@ -13,7 +13,8 @@ import html
 from qprobe.evaluation.credits import NEGATIVE, NEUTRAL, POSITIVE, hex_colour, tokens_html
 from qprobe.evaluation.report_view import CandidateView, PromptView, Report
 
-CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+# 'self' and file: (a page opened from disk: browsers differ on whether 'self' matches file URLs).
+CSP = "default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #111; background: #fff; max-width: 80em; }
@@ -173,7 +174,7 @@ def report_html(report: Report) -> str:
     """The whole page: about, table, figure, filters, then one section per prompt."""
     style = (_STYLE.replace("NEG", hex_colour(NEGATIVE)).replace("NEU", hex_colour(NEUTRAL))
              .replace("POS", hex_colour(POSITIVE)))
-    order = "best Q of " + _e(report.probes[0]) + " first" if report.probes else "by sample"
+    order = f"sorted by Q of {_e(report.probes[0])}, best first" if report.probes else "by sample"
     parts = [
         "<!DOCTYPE html>", '<html lang="en" data-errors="0"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">',
