@@ -374,6 +374,15 @@ def test_mlp_probe_scores_without_credits(tmp_path: Path) -> None:
     assert "mlp: no token credits (they need a linear probe" in page.read_text()
 
 
+def test_probes_of_the_same_name_are_numbered(tmp_path: Path) -> None:
+    from qprobe.evaluation.report import load_probes
+
+    a, b = _probe(tmp_path / "a" / "pg"), _probe(tmp_path / "b" / "pg", -W)
+    loaded = load_probes([a, str(b)])
+    assert list(loaded) == ["pg", "pg (2)"]
+    assert float(loaded["pg (2)"].score(np.array([[1.0, 0.0, 0.0]]))[0]) == pytest.approx(-1.0 + B)
+
+
 # ------------------------------------------------------------------ the page in chromium
 @pytest.mark.browser
 def test_page_in_chromium_loads_clean_and_filters(tmp_path: Path, chromium: Chromium) -> None:

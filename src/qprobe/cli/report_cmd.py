@@ -37,12 +37,6 @@ def report_cmd(run_path, probes, greedy_run, k, beta, prompt_file, allow_overlap
         from qprobe.cli.options import read_ids
 
         prompt_ids = read_ids(prompt_file)
-    named: dict[str, str] = {}
-    for p in probes:
-        name, n = Path(p).name or str(p), 2
-        while name in named:
-            name, n = f"{Path(p).name} ({n})", n + 1
-        named[name] = p
-    page = write_report(run_path, named, out, k, beta, greedy_run=greedy_run, prompt_ids=prompt_ids,
+    page = write_report(run_path, list(probes), out, k, beta, greedy_run=greedy_run, prompt_ids=prompt_ids,
                         allow_overlap=allow_overlap, say=lambda line: click.echo(line, err=True))
     click.echo(f"{page}")

@@ -142,7 +142,7 @@ def load_probes(probes: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
     from qprobe.probes.models import Probe
 
     items = list(probes.items()) if isinstance(probes, Mapping) else [
-        (Path(str(p)).name if isinstance(p, (str, os.PathLike)) else type(p).__name__, p) for p in probes]
+        ((Path(str(p)).name or str(p)) if isinstance(p, (str, os.PathLike)) else type(p).__name__, p) for p in probes]
     out: dict[str, Any] = {}
     for name, p in items:
         label, n = str(name), 2
