@@ -258,12 +258,13 @@ def test_cli_end_to_end_matches_eval(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_cli_on_a_jsonl_task_with_a_real_valued_reward(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "my_reward.py").write_text("def length(prompt, completion):\n    return len(completion) / 100\n")
+    # A module name of its own (tests/test_rewards.py's `my_reward` differs, and imports stay cached).
+    (tmp_path / "report_length_reward.py").write_text("def length(prompt, completion):\n    return len(completion) / 100\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"# problem {i}\ndef f():\n"}) for i in range(3)))
     code, _, err = _cli(["collect", "--task", "jsonl", "--task-option", f"data={data}", "--task-option",
-                         "reward=my_reward:length", "--split", "all", "--backend", "fake", "--n", "5", "--feature", "2:mean",
+                         "reward=report_length_reward:length", "--split", "all", "--backend", "fake", "--n", "5", "--feature", "2:mean",
                          "--out", str(tmp_path / "run"), "--no-progress"], capsys)
     assert code == 0, err
     w = np.random.default_rng(7).standard_normal(16)
