@@ -8,6 +8,7 @@ fresh browser with its own throw-away profile.
 
     def test_page(chromium: Chromium, tmp_path: Path) -> None:
         dom = chromium.dump_dom(page)                     # the DOM after parsing, as HTML text
+        dom, console = chromium.load(page, "#filter=x")   # the DOM after scripts ran, and console lines
         png = chromium.screenshot(page, tmp_path / "shot.png", size=(1200, 900))
         pixels = read_pixels(png)                         # [H, W, 3] uint8
         assert has_colour(pixels, (33, 102, 172))
@@ -62,13 +63,13 @@ class Chromium:
         self.path = path
         self.timeout = timeout
 
-    def _run(self, args: list[str], page: Path, size: tuple[int, int]) -> str:
+    def _run(self, args: list[str], page: Path, size: tuple[int, int], fragment: str = "") -> tuple[str, str]:
         page = Path(page).resolve()
         if not page.is_file():
             raise BrowserError(f"no such page: {page}")
         with tempfile.TemporaryDirectory(prefix="qprobe-chromium-") as profile:
             cmd = [self.path, *FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
-                   *args, page.as_uri()]
+                   *args, page.as_uri() + fragment]
             # Its own session, so a timeout kills the renderer and GPU processes too.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     start_new_session=True, env={**os.environ, "HOME": profile})
@@ -81,14 +82,20 @@ class Chromium:
         if proc.returncode != 0:
             tail = "\n".join(line for line in err.splitlines() if "dbus" not in line)[-2000:]
             raise BrowserError(f"chromium exited with {proc.returncode} on {page}:\n{tail}")
-        return out
+        return out, err
 
     def dump_dom(self, page: Path, size: tuple[int, int] = (1200, 900)) -> str:
         """The page's DOM after parsing and styling, serialised as HTML (`--dump-dom`)."""
-        dom = self._run(["--dump-dom"], page, size)
+        return self.load(page, size=size)[0]
+
+    def load(self, page: Path, fragment: str = "", size: tuple[int, int] = (1200, 900)) -> tuple[str, list[str]]:
+        """(DOM after the load event, as HTML text; every console message the page logged, errors
+        included: uncaught exceptions, blocked loads). `fragment`: e.g. "#filter=wrong", read by the
+        page's script through `location.hash`."""
+        dom, err = self._run(["--dump-dom", "--enable-logging=stderr", "--v=0"], page, size, fragment)
         if "<html" not in dom.lower():
             raise BrowserError(f"chromium dumped no DOM for {page}")
-        return dom
+        return dom, [line.split(":CONSOLE", 1)[1] for line in err.splitlines() if ":CONSOLE" in line]
 
     def screenshot(self, page: Path, out: Path, size: tuple[int, int] = (1200, 900)) -> Path:
         """A PNG of the page's first `size` = (width, height) CSS pixels."""

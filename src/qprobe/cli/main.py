@@ -21,6 +21,7 @@ COMMANDS = {
     "inspect": "qprobe.cli.run_cmds:inspect_run",
     "ls": "qprobe.cli.run_cmds:ls",
     "pairs": "qprobe.cli.pairs_cmds:pairs",
+    "report": "qprobe.cli.report_cmd:report_cmd",
     "rm": "qprobe.cli.rm_cmds:rm",
     "select": "qprobe.cli.eval_cmds:select_cmd",
     "train": "qprobe.cli.train:train",

@@ -138,7 +138,8 @@ def _legend(zmax: float) -> str:
             f'hover a token for its Z<sub>t</sub>)</span></div>')
 
 
-def _tokens_html(c: CandidateCredits, zmax: float) -> str:
+def tokens_html(c: CandidateCredits, zmax: float) -> str:
+    """The candidate's tokens as escaped `<span class="tok">` elements coloured on the scale +/-`zmax`."""
     spans = []
     for i, (tok, z) in enumerate(zip(c.tokens, c.z, strict=True)):
         text = label(tok, len(c.tokens))
@@ -179,7 +180,7 @@ def credit_html(cmap: CreditMap, max_candidates: int | None = None) -> str:
             f'<h2>#{rank} &middot; score {c.score:+.4f} &middot; reward <span class="{rc}">'
             f"{_e(format_reward(c.reward))}</span> &middot; sample {c.sample_index} &middot; "
             f"{len(c.tokens)} tokens</h2>"
-            f'<pre class="tokens">{_tokens_html(c, zmax)}</pre></section>'
+            f'<pre class="tokens">{tokens_html(c, zmax)}</pre></section>'
         )
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -32,6 +32,28 @@ def save(fig: Any, ax: Any, title: str, path: str | Path) -> None:
     plt.close(fig)
 
 
+def _literal(text: str) -> str:
+    """Text matplotlib shows as written: a '$' would start mathtext (and a lone one fails to parse)."""
+    return text.replace("$", r"\$")
+
+
+def plot_return_vs_k(ks: list[int], curves: dict[str, list[float]], path: str | Path, title: str,
+                flat: tuple[str, ...] = ("pass@1", "greedy")) -> bool:
+    """Expected reward against k, one line per method (dashed: the `flat` baselines and the skyline,
+    a name starting with "pass@" or "oracle"); False when matplotlib is missing."""
+    axes = new_axes()
+    if axes is None:
+        return False
+    fig, ax = axes
+    for name, ys in curves.items():
+        dashed = name in flat or name.startswith(("pass@", "oracle"))
+        ax.plot(ks, ys, marker="o", ms=3, label=_literal(name), linestyle="--" if dashed else "-")
+    ax.set_xlabel("k (candidates)")
+    ax.set_ylabel("expected reward")
+    save(fig, ax, _literal(title), path)
+    return True
+
+
 Cell = tuple[str, float | None, int]  # (character, Z or None for no colour, token number or -1)
 
 

@@ -72,7 +72,9 @@ def prompt_rows(run: Run, prompt_id: str) -> list[tuple[int, dict[str, Any]]]:
     return sorted(rows, key=lambda ir: int(ir[1]["sample_index"]))
 
 
-def _stored_states(run: Run, key: str, spec: FeatureSpec, numbers: list[int]) -> list[np.ndarray] | None:
+def stored_states(run: Run, key: str, spec: FeatureSpec, numbers: list[int]) -> list[np.ndarray] | None:
+    """The run's stored per-token states [t, d] of these row numbers, or None when the run has no
+    `key` of the probe's dimension and weights."""
     if key not in run.feature_keys:
         return None
     stored = run.feature_spec(key)
@@ -103,7 +105,7 @@ def credit_map(probe: Any, run_path: str | os.PathLike[str], prompt_id: str, *, 
         embedder = make_embedder(backend, "")
         try:
             pieces = embedder.token_pieces(comps)
-            states = _stored_states(run, request.key, spec, [i for i, _ in rows])
+            states = stored_states(run, request.key, spec, [i for i, _ in rows])
             source = f"stored feature {request.key}"
             if states is None or any(len(s) != len(p) for s, p in zip(states, pieces, strict=True)):
                 own = prompt_for(text, backend, run_backend)
