@@ -175,6 +175,10 @@ def test_demo_on_fake_end_to_end(tmp_path: Path) -> None:
     for loss in ("mse", "ce", "pg"):
         assert methods["pass@1"][0] < methods[loss][0] <= methods["pass@k"][0] + 1e-12
     assert (tmp_path / "results.json").exists() and (tmp_path / "return_vs_k.png").exists()
+    page = (tmp_path / "report" / "index.html").read_text()  # the browsable report of the test problems
+    assert out["report"].endswith("index.html")
+    assert all(f'data-prompt-id="{p}"' in page for p in out["test_problems"])
+    assert not any(f'data-prompt-id="{p}"' in page for p in out["train_problems"])
     assert len(set(out["train_problems"]) & set(out["test_problems"])) == 0
     # A re-run reuses the collected runs.
     before = {p: p.stat().st_mtime for p in tmp_path.rglob("*.parquet")}

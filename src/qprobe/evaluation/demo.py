@@ -142,10 +142,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, progress: bool
     key = feature_key_for(run, run.feature_spec(run.feature_keys[0]))
     say(f"[3/5] training linear probes ({', '.join(DEMO_LOSSES)}) x {cfg.seeds} seeds on {key}")
     curves: dict[str, list[float]] = {}
-    scores_by_loss = {}
+    scores_by_loss, first_probe = {}, {}
     for loss in DEMO_LOSSES:
-        scores, _ = train_and_score(data, key, train_ids, loss, cfg.seeds, cfg.k, cfg.beta)
-        scores_by_loss[loss] = scores
+        scores, probes = train_and_score(data, key, train_ids, loss, cfg.seeds, cfg.k, cfg.beta)
+        scores_by_loss[loss], first_probe[loss] = scores, probes[0]
         results[loss] = method_result(f"Q-probe {loss} (k={cfg.k})", seed_averaged_values(data, scores, test_ids, cfg.k, cfg.beta), test_ids)
     results["pass@k"] = method_result(f"pass@{cfg.k}", pass_at_k_values(test_data, cfg.k), test_ids)
     say("[4/5] return against k")
@@ -168,6 +168,12 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, progress: bool
     }
     write_json_atomic(Path(cfg.workdir) / "results.json", out)
     say(f"wrote {Path(cfg.workdir) / 'results.json'}" + (f" and {png}" if plotted else " (no matplotlib: no figure)"))
+    from qprobe.evaluation.report import write_report
+
+    page = write_report(data, first_probe, Path(cfg.workdir) / "report", cfg.k, cfg.beta,
+                        greedy_run=greedy.run if cfg.greedy else None, prompt_ids=test_ids)
+    out["report"] = str(page)
+    say(f"report (seed-0 probes, test problems; open it in a browser): {page}")
     return out
 
 
