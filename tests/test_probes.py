@@ -318,3 +318,29 @@ def test_hub_probes_load_pinned_through_huggingface_hub(tmp_path: Path, monkeypa
     monkeypatch.setattr(hub, "HfApi", FakeApi)
     assert probe.push_to_hub("hf://org/probe") == "hf://org/probe@deadbeef"
     assert uploads[1] == ("upload", "org/probe", ["README.md", "config.json", "model.safetensors"])
+
+
+def test_shipped_probe_loads_by_name_and_checks_its_features(tmp_path, monkeypatch) -> None:
+    """`default-code` is packaged: it loads by name, scores the default model's layer-18 mean states,
+    refuses another model's features, and a local folder of the same name wins."""
+    from qprobe.errors import DataError, SpecMismatchError
+    from qprobe.features.spec import FeatureSpec
+    from qprobe.probes import Probe
+    from qprobe.probes.token import TokenProbe
+
+    probe = Probe.from_pretrained("default-code")
+    assert isinstance(probe, TokenProbe) and probe.source_["pretrained"] == "default-code"
+    spec = probe.feature_spec_
+    assert (spec.layer, spec.pooling, spec.dim) == (18, "mean", 896)
+    assert spec.sha256.startswith("1d9614638d18")  # the default GGUF's weights
+    x = np.random.default_rng(0).standard_normal((3, 896)).astype(np.float32)
+    assert probe.score(x, spec).shape == (3,)
+    other = FeatureSpec(**{**spec.to_dict(), "sha256": "0" * 64, "model": "another"})
+    with pytest.raises(SpecMismatchError):
+        probe.score(x, other)
+    mine = tmp_path / "default-code"  # a user's folder of that name wins over the shipped probe
+    LinearProbe(loss="mse").fit(x, np.array([0.0, 1.0, 0.5])).save_pretrained(mine)
+    monkeypatch.chdir(tmp_path)
+    assert type(Probe.from_pretrained("default-code")) is LinearProbe
+    with pytest.raises(DataError, match="default-code"):
+        Probe.from_pretrained("no-such-probe")

@@ -11,7 +11,7 @@ import click
 
 @click.command("eval")
 @click.option("--run", "run_path", required=True, type=click.Path(path_type=Path), help="Test run (collected with the probes' features).")
-@click.option("--probe", "probes", multiple=True, help="Probe directory, or hf://ORG/NAME[@REVISION] from the Hub (repeatable).")
+@click.option("--probe", "probes", multiple=True, help="Probe directory, hf://ORG/NAME[@REVISION] from the Hub, or a shipped probe (default-code) (repeatable).")
 @click.option("--greedy-run", type=click.Path(path_type=Path), default=None, help="A run of the same prompts decoded at temperature 0.")
 @click.option("-k", "k", default=4, show_default=True, help="Candidates per selection.")
 @click.option("--beta", default=0.0, show_default=True, help="Selection temperature (0 = argmax).")
@@ -98,7 +98,7 @@ def _say_dropped(path, data) -> None:
 
 
 @click.command("select")
-@click.option("--probe", "probe_path", required=True, help="A trained probe directory, or hf://ORG/NAME[@REVISION] from the Hub.")
+@click.option("--probe", "probe_path", required=True, help="A trained probe directory, hf://ORG/NAME[@REVISION] from the Hub, or a shipped probe (default-code).")
 @click.option("--prompt", "prompt_text", default=None, help="One prompt (sent as a user chat message).")
 @click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), default=None, help="JSONL of {\"id\", \"prompt\"} or a text file, one prompt a line.")
 @click.option("-k", "k", default=8, show_default=True, help="Candidates sampled per prompt.")

@@ -140,14 +140,21 @@ def parse_hub(name: str) -> tuple[str, str | None]:
 
 def _resolve(path: str | os.PathLike[str], local_files_only: bool = False) -> tuple[Path, dict[str, Any]]:
     """A local probe directory as given, or `hf://org/name[@revision]` downloaded through
-    huggingface_hub's own cache (`snapshot_download`); returns the folder and, for the Hub, where it
-    came from (repo, revision asked, commit got)."""
+    huggingface_hub's own cache (`snapshot_download`), or a probe shipped in the package by name
+    (`qprobe.probes.pretrained`; an existing local path of that name wins); returns the folder and
+    where it came from (for the Hub: repo, revision asked, commit got)."""
+    from qprobe.probes.pretrained import PRETRAINED, pretrained_path
+
     text = str(path)
     if not text.startswith(HUB_PREFIX):
         p = Path(path)
         if not p.exists():
+            shipped = pretrained_path(text)
+            if shipped is not None:  # a local path of that name would have won
+                return shipped, {"pretrained": text}
             raise DataError(f"expected a probe directory, got '{text}' which does not exist; pass the --out of "
-                            f"`qprobe train`, or a Hub probe as {HUB_PREFIX}ORG/NAME[@REVISION]")
+                            f"`qprobe train`, a Hub probe as {HUB_PREFIX}ORG/NAME[@REVISION], or a shipped probe "
+                            f"({', '.join(PRETRAINED)})")
         return p, {}
     repo, revision = parse_hub(text)
     hub = require("huggingface_hub", "hub")
@@ -212,7 +219,9 @@ def load_probe(path: str | os.PathLike[str], architectures: Mapping[str, Callabl
                        config.get("history") or {})
     probe.feature_spec_ = spec
     probe.source_ = config.get("source") or {}
-    if hub_source:
+    if hub_source.get("pretrained"):
+        probe.source_ = {**probe.source_, "pretrained": hub_source["pretrained"]}
+    elif hub_source:
         probe.source_ = {**probe.source_, "hub": hub_source}
     return probe
 
