@@ -69,6 +69,9 @@ def test_ls_lists_components_one_line_each() -> None:
         matching = [h for h, names in sections.items() if names == reg.names()]
         assert matching, f"`qprobe ls` lists no section with the {reg.kind}s {reg.names()}"
     assert "minilm" in sections[next(h for h in sections if h.startswith("external embedders"))]
+    from qprobe.probes.pretrained import PRETRAINED
+
+    assert sections[next(h for h in sections if h.startswith("shipped probes"))] == list(PRETRAINED)
     assert "sandbox isolation:" in out
 
 

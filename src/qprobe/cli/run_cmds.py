@@ -187,6 +187,11 @@ def ls():
         click.echo(f"{title}:")
         for e in reg:
             click.echo(f"  {e.name:<14} {e.summary}")
+    from qprobe.probes.pretrained import PRETRAINED
+
+    click.echo("shipped probes (--probe NAME; a local path of that name wins):")
+    for name, summary in PRETRAINED.items():
+        click.echo(f"  {name:<14} {summary}")
     try:
         from qprobe import sandbox
 
