@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser import Chromium, colour_count, has_colour, read_pixels
+from helpers import hand_probe, run_cli
 
-from qprobe.cli.main import main
 from qprobe.evaluation.credits import (
     NEGATIVE,
     NEUTRAL,
@@ -24,7 +24,7 @@ from qprobe.evaluation.credits import (
     rgb,
 )
 from qprobe.features.spec import FeatureSpec
-from qprobe.probes.models import LinearProbe, MLPProbe
+from qprobe.probes.models import LinearProbe
 from qprobe.store.run import Run, RunWriter
 
 HOSTILE = '</span><script>alert(1)</script>"><img src=x onerror=alert(2)>&amp;'
@@ -101,14 +101,7 @@ def test_fake_tokens_align_with_their_states_and_average_to_mean() -> None:
 
 
 # ------------------------------------------------------------------ runs and probes on disk
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    got = capsys.readouterr()
-    return code, got.out, got.err
+_cli = run_cli
 
 
 def _collect(out: Path, capsys: pytest.CaptureFixture[str], *features: str) -> Run:
@@ -123,17 +116,7 @@ def _collect(out: Path, capsys: pytest.CaptureFixture[str], *features: str) -> R
 
 def _hand_probe(path: Path, spec: FeatureSpec = FAKE_SPEC, mlp: bool = False) -> Path:
     """A probe with literal weights (no training): Q = W . x on the fake features."""
-    if mlp:
-        probe: LinearProbe | MLPProbe = MLPProbe(depth=1, width=2)
-        params = {"layers.0.weight": np.stack([W, -W]), "layers.0.bias": np.zeros(2),
-                  "layers.1.weight": np.array([[1.0, 1.0]]), "layers.1.bias": np.zeros(1)}
-    else:
-        probe = LinearProbe()
-        params = {"layers.0.weight": W[None, :], "layers.0.bias": np.zeros(1)}
-    probe._set_learned(params, None, None, {})
-    probe.feature_spec_, probe.source_ = spec, {}
-    probe.save_pretrained(path)
-    return path
+    return hand_probe(path, W, spec, mlp=mlp)
 
 
 class _Spans(HTMLParser):

