@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qprobe import _sandbox_cgroup as cgroup
-from qprobe import sandbox
+from qprobe import _sandbox_pool, sandbox
 from qprobe.errors import CodeExecutionNotAllowed, QProbeError, SandboxError, UnconfinedSandbox
 
 SRC = str(Path(sandbox.__file__).resolve().parents[1])
@@ -309,7 +309,7 @@ def test_cli_has_the_second_opt_in():
 def test_worker_that_fails_to_start_is_one_line(tmp_path, monkeypatch):
     broken = tmp_path / "worker.py"
     broken.write_text("import sys\nsys.stderr.write('cannot set up the view: EPERM\\n')\nsys.exit(1)\n")
-    monkeypatch.setattr(sandbox, "_WORKER", broken)
+    monkeypatch.setattr(_sandbox_pool, "WORKER_SCRIPT", broken)
     with pytest.raises(SandboxError) as info:
         sandbox._Worker(990)
     assert "cannot set up the view: EPERM" in str(info.value) and "\n" not in str(info.value)
@@ -317,7 +317,7 @@ def test_worker_that_fails_to_start_is_one_line(tmp_path, monkeypatch):
     answers = tmp_path / "answers.py"
     answers.write_text("import json, os, struct\nd = json.dumps({'error': 'OSError: mount /x: denied'}).encode()\n"
                        "os.write(1, struct.pack('<I', len(d)) + d)\n")
-    monkeypatch.setattr(sandbox, "_WORKER", answers)
+    monkeypatch.setattr(_sandbox_pool, "WORKER_SCRIPT", answers)
     with pytest.raises(SandboxError, match="got: OSError: mount /x: denied; "):
         sandbox._Worker(991)
 

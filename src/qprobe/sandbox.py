@@ -57,30 +57,22 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import os
-import select
-import struct
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from qprobe._sandbox_cgroup import backstop
-from qprobe.errors import CodeExecutionNotAllowed, SandboxError, UnconfinedSandbox
+from qprobe._sandbox_pool import Pool as _Pool
+from qprobe._sandbox_pool import Worker as _Worker  # noqa: F401 (tests start one directly)
+from qprobe.errors import CodeExecutionNotAllowed, UnconfinedSandbox
 
 ENV_VAR = "QPROBE_ALLOW_CODE_EXECUTION"
 UNCONFINED_ENV_VAR = "QPROBE_ALLOW_UNCONFINED"
 STATUSES = ("passed", "failed", "timeout", "error")
-_WORKER = Path(__file__).with_name("_sandbox_worker.py")
-_UID_BASE = 1_700_000  # root only: worker i runs its jobs as this uid + i (no such user exists)
 
 
 @dataclass(frozen=True)
@@ -201,121 +193,7 @@ def require_confinement() -> None:
     )
 
 
-# ------------------------------------------------------------------ workers
-
-
-class _Worker:
-    """One warm worker process; used by one thread at a time."""
-
-    def __init__(self, index: int) -> None:
-        cfg = {**asdict(Limits()), "timeout": 3.0, "uid": _UID_BASE + index, "tmp": tempfile.gettempdir(),
-               "minimal": os.environ.get("QPROBE_SANDBOX_MINIMAL", "") == "1"}
-        err = tempfile.TemporaryFile()  # the worker's own stderr: only read if it fails to start
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", str(_WORKER), json.dumps(cfg)], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=err, env={}, close_fds=True, start_new_session=True, cwd="/",
-            )
-        except OSError as exc:
-            raise SandboxError(f"expected the sandbox worker to start, got {exc}; check that {sys.executable} "
-                               "can run") from exc
-        hello = self._recv(60.0)
-        self.base: str = (hello or {}).get("base", "")  # its job folder, removed here (its own view is read-only)
-        if hello is None or "error" in hello:
-            self.close()
-            err.seek(0)
-            lines = err.read()[-4000:].decode("utf-8", "replace").strip().splitlines()
-            why = (hello or {}).get("error") or (lines[-1] if lines else "it exited without a word")
-            raise SandboxError(f"expected the sandbox worker to start, got: {why}; set QPROBE_SANDBOX_MINIMAL=1 "
-                               f"to try it without namespaces (code then needs --allow-unconfined too)")
-        err.close()
-        self.level: str = hello["level"]
-        self.features: dict[str, Any] = hello["features"]
-
-    def _recv(self, timeout: float) -> dict | None:
-        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
-        buf = b""
-        need = 4
-        size = None
-        while len(buf) < need:
-            ready, _, _ = select.select([fd], [], [], timeout)
-            if not ready:
-                return None
-            chunk = os.read(fd, need - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-            if size is None and len(buf) == 4:
-                size = struct.unpack("<I", buf)[0]
-                need, buf = size, b""
-        return json.loads(buf) if size is not None else None
-
-    def run(self, program: str, tests: TaskTests, timeout: float, limits: Limits) -> dict | None:
-        data = json.dumps({"program": program, "tests": tests.code, "setup": tests.setup,
-                           "entry_points": list(tests.entry_points),
-                           "limits": {**asdict(limits), "timeout": timeout}}).encode()
-        try:
-            self.proc.stdin.write(struct.pack("<I", len(data)) + data)  # type: ignore[union-attr]
-            self.proc.stdin.flush()  # type: ignore[union-attr]
-        except OSError:
-            return None
-        return self._recv(backstop(timeout) + 30.0)  # the worker stops a job by then
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()  # type: ignore[union-attr]
-            self.proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
-        for top in getattr(self, "features", {}).get("cgroup_dirs", []):  # the worker's, empty once its
-            for _ in range(50):  # last job's processes are gone
-                try:
-                    os.rmdir(top)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
-        base = getattr(self, "base", "")
-        if base and Path(base).name.startswith("qprobe-sandbox-"):
-            import shutil
-
-            shutil.rmtree(base, ignore_errors=True)
-
-
-class _Pool:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.idle: list[_Worker] = []
-        self.count = 0
-
-    def acquire(self) -> _Worker:
-        with self.lock:
-            if self.idle:
-                return self.idle.pop()
-            self.count += 1
-            index = self.count
-        return _Worker(index)
-
-    def release(self, worker: _Worker) -> None:
-        if not worker.alive():
-            worker.close()
-            return
-        with self.lock:
-            self.idle.append(worker)
-
-    def close(self) -> None:
-        with self.lock:
-            workers, self.idle = self.idle, []
-        for w in workers:
-            w.close()
-
-
-_POOL = _Pool()
+_POOL = _Pool(lambda: asdict(Limits()))
 atexit.register(_POOL.close)
 _CACHE: OrderedDict[str, Result] = OrderedDict()
 _CACHE_SIZE = 50_000
