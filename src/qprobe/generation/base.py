@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qprobe.core.config import config_from_dict, config_to_dict
 from qprobe.core.types import Completion, Prompt
 from qprobe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from qprobe.generation.pool import Pool
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,12 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
         """len(seeds) completions of the rendered prompt `text`, one per seed."""
+
+    def pool(self) -> Pool:
+        """Requests in flight across prompts (`qprobe.generation.pool`); one at a time by default."""
+        from qprobe.generation.pool import SequentialPool
+
+        return SequentialPool(self)
 
     def close(self) -> None:  # noqa: B027 (a no-op by default, on purpose)
         """Release the model."""
