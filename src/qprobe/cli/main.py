@@ -24,6 +24,7 @@ COMMANDS = {
     "report": "qprobe.cli.report_cmd:report_cmd",
     "rm": "qprobe.cli.rm_cmds:rm",
     "select": "qprobe.cli.eval_cmds:select_cmd",
+    "serve": "qprobe.cli.serve_cmd:serve_cmd",
     "train": "qprobe.cli.train:train",
 }
 
