@@ -219,6 +219,7 @@ class Engine:
             if self._running.pop(job.key, None) is not None:
                 pool.cancel(job.key)
                 self.stats.cancelled_in_pool += 1
+                self.stats.in_flight = len(self._running)
 
     def _start(self, pool: Pool, job: Job) -> None:
         try:
@@ -236,6 +237,7 @@ class Engine:
             self._fail(job, exc)
             return
         self._running[job.key] = job
+        self.stats.in_flight = len(self._running)
 
     def _finish(self, job: Job, comps: list[Completion]) -> None:
         took = time.perf_counter() - job.started
