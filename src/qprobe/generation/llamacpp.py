@@ -1,25 +1,26 @@
 """The llama.cpp back-end (llama-cpp-python's low-level API): batched sampling on a CPU.
 
-The k samples of a prompt share one prompt evaluation: the prompt is decoded once into
-sequence 0 of a unified KV cache, copied (by reference) to sequences 1..k-1, and then all
-sequences decode together, one `llama_batch` per step, each with its own sampler chain
-(temperature -> top_p -> dist(seed), or greedy at temperature 0). The context is created
+Generation is continuous batching (`llamacpp_pool.LlamaCppPool`): up to n_seq_max sequences of a
+unified KV cache decode together, one `llama_batch` per step, each with its own sampler chain
+(temperature -> top_p -> dist(seed), or greedy at temperature 0), across prompts: the k samples
+of a prompt share one prompt evaluation, and a new prompt's samples take the slots of finished
+ones (`pool()`; `generate` is one prompt through the same pool). The context is created
 with `embeddings=True, pooling NONE`, so every decode also returns the last layer's state
 (after the final norm) of each token it feeds; `capture(layers)` adds any other layers, read
 by llama.cpp's eval callback during the same decodes (`llamacpp_capture.LayerCapture`).
 `LlamaCppEmbedder` reuses those states instead of evaluating prompt+completion again.
 
-Determinism: one `generate(text, sampling, seeds)` call is reproducible (same seeds, same
-texts, across restarts), because the batch composition at every step is itself a function
-of (text, seeds). The same seed inside a *different* set of seeds decodes in a different
-batch, and llama.cpp's CPU kernels may then round differently (see benchmarks/results/
-generation.md for how often that changes a text).
+Determinism: the same requests in the same order (a `generate` call, or a whole collection)
+give the same texts across restarts, because the batch composition at every step is a function
+of them. The same seed decoded next to other sequences (another set of seeds, a resumed
+collection, another n_seq_max) may round differently in llama.cpp's CPU kernels and give
+another text (benchmarks/bench_batching.py measures how often).
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,10 +31,12 @@ from qprobe.errors import BackendError, ConfigError
 from qprobe.generation.base import Backend, SamplingConfig
 from qprobe.generation.llamacpp_capture import LayerCapture, resolve_layer
 from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load, set_verbose
-from qprobe.generation.llamacpp_text import LlamaText, find_stop
+from qprobe.generation.llamacpp_pool import LlamaCppPool
+from qprobe.generation.llamacpp_text import LlamaText
 from qprobe.generation.models import file_sha256, model_name, resolve_model
+from qprobe.generation.pool import GenRequest
 
-CAPTURED_PROMPTS = 4  # prompts whose generation-time states are kept for the embedder
+CAPTURED_PROMPTS = 4  # finished prompts whose generation-time states are kept for the embedder
 
 
 class LlamaCppBackend(LlamaText, Backend):
@@ -76,6 +79,8 @@ class LlamaCppBackend(LlamaText, Backend):
         self.capture_states = False
         self.captured: OrderedDict[str, dict[Any, dict[int, np.ndarray]]] = OrderedDict()
         self.capture_layers: tuple[int, ...] = ()  # intermediate layers read by the eval callback
+        self.live_texts: Counter[str] = Counter()  # prompts of requests in flight (their states stay)
+        self.in_flight = 0  # sequences running in pools (the context must not change under them)
         self._layer_capture: LayerCapture | None = None
         self._layer_rows: dict[int, np.ndarray] = {}  # captured rows of the last decode
         self._sha256: str | None = None
@@ -124,6 +129,11 @@ class LlamaCppBackend(LlamaText, Backend):
         wanted = tuple(sorted({resolve_layer(int(L), self.n_layers) for L in layers} - {self.n_layers}))
         if wanted == self.capture_layers:
             return
+        if self.in_flight:
+            raise BackendError(
+                f"expected no sequences in flight to change the captured layers, got {self.in_flight}; "
+                "ask for the layers before generating (Embedder.prepare)"
+            )
         self.capture_layers = wanted
         self.captured.clear()
         self._lib.llama_free(self._ctx)
@@ -234,136 +244,35 @@ class LlamaCppBackend(LlamaText, Backend):
                 "stop": list(sampling.stop), "max_tokens": sampling.max_new_tokens}
 
     # ----------------------------------------------------------------- generation
-    def group_size(self, n_prompt: int, max_new_tokens: int) -> int:
-        room = self.n_ctx - n_prompt
-        if room < max_new_tokens + 1:
-            raise BackendError(
-                f"expected prompt + max_new_tokens <= n_ctx, got {n_prompt} + {max_new_tokens} > {self.n_ctx}; "
-                "raise n_ctx or lower max_new_tokens"
-            )
-        return max(1, min(self.n_seq_max, room // (max_new_tokens + 1)))
+    def pool(self, slots: int | None = None) -> LlamaCppPool:
+        """Continuous batching: up to `slots` (default n_seq_max) sequences in flight across requests."""
+        return LlamaCppPool(self, slots)
 
     def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
-        tokens = self.prompt_tokens(text)
-        g = self.group_size(len(tokens), sampling.max_new_tokens)
-        self.captured.pop(text, None)
-        out: list[Completion] = []
-        for start in range(0, len(seeds), g):
-            out.extend(self._generate_group(text, tokens, sampling, list(seeds[start : start + g])))
-        return out
-
-    def _generate_group(
-        self, text: str, tokens: list[int], sampling: SamplingConfig, seeds: list[int]
-    ) -> list[Completion]:
-        n_prompt, k = len(tokens), len(seeds)
-        capture = self.capture_states
-        if self._layer_capture is not None:
-            self._layer_capture.enabled = capture
-        prompt_states = self.evaluate_prompt(tokens, k, want_state=capture)
-        if capture:
-            self._captured(text)["prompt"] = prompt_states  # type: ignore[assignment]
-        self.set_embeddings(capture)  # states of the fed completion tokens, for the embedder
-        samplers = [self._sampler(sampling, s) for s in seeds]
-        gen: list[list[int]] = [[] for _ in range(k)]
-        raw: list[bytearray] = [bytearray() for _ in range(k)]
-        layers = (self.n_layers, *self.capture_layers)
-        states: list[dict[int, list[np.ndarray]]] = [{L: [] for L in layers} for _ in range(k)]
-        finish: list[str | None] = [None] * k
-        cut: list[int | None] = [None] * k  # character index of a stop sequence
-        rows = [0] * k  # output row of each sequence's logits in the last decode
+        pool = self.pool()
         try:
-            active = list(range(k))
-            while active:
-                feed: list[tuple[int, int, int, bool]] = []
-                fed: list[int] = []
-                for s in active:
-                    tok = int(self._lib.llama_sampler_sample(samplers[s], self._ctx, rows[s]))
-                    if self.is_eog(tok):
-                        finish[s] = "stop"
-                        continue
-                    gen[s].append(tok)
-                    raw[s] += self.piece(tok)
-                    if sampling.stop and (at := find_stop(raw[s], sampling.stop)) is not None:
-                        finish[s], cut[s] = "stop", at
-                        continue
-                    if len(gen[s]) >= sampling.max_new_tokens:
-                        finish[s] = "length"
-                        if not capture:
-                            continue  # its state is only needed for features
-                    feed.append((tok, n_prompt + len(gen[s]) - 1, s, True))
-                    fed.append(s)
-                if feed:
-                    self.decode(feed)  # one llama_batch: k <= n_seq_max <= batch_size
-                    fed_states = self.states(len(fed)) if capture else {}
-                    for j, s in enumerate(fed):
-                        rows[s] = j
-                        for layer, arr in fed_states.items():
-                            states[s][layer].append(arr[j])
-                active = [s for s in fed if finish[s] is None]
+            pool.submit(GenRequest(0, text, sampling, tuple(seeds)))
+            out: list[Completion] = []
+            while pool.busy():
+                for _, comps in pool.step():
+                    out = comps
+            return out
         finally:
-            for smp in samplers:
-                self._lib.llama_sampler_free(smp)
-        kept = [self._kept(gen[s], raw[s], cut[s]) for s in range(k)]
-        if capture:
-            self._feed_tails(n_prompt, gen, kept, states)
-        out = []
-        for s in range(k):
-            body, ids = kept[s]
-            if capture and len(states[s][self.n_layers]) == len(ids):
-                self._captured(text)[(seeds[s], ids)] = {
-                    layer: np.stack(rows) if ids else np.zeros((0, self.dim), np.float32)  # [t, d]
-                    for layer, rows in states[s].items()
-                }
-            out.append(
-                Completion(
-                    text=body,
-                    n_tokens=len(ids),
-                    finish_reason=finish[s] or "length",
-                    seed=seeds[s],
-                    token_ids=ids,
-                )
-            )
-        return out
+            pool.close()
 
-    def _feed_tails(
-        self,
-        n_prompt: int,
-        gen: list[list[int]],
-        kept: list[tuple[str, tuple[int, ...]]],
-        states: list[dict[int, list[np.ndarray]]],
-    ) -> None:
-        """States for kept tokens that were never fed (a stop sequence cut inside a token and the
-        kept text re-tokenised differently): drop the sequence's cells from the first differing
-        position and decode the kept tail there, all such sequences in one batch."""
-        rows: list[tuple[int, int, int, bool]] = []
-        mem = self._memory()
-        for s, (_, ids) in enumerate(kept):
-            m = 0
-            while m < min(len(ids), len(gen[s]), len(states[s][self.n_layers])) and ids[m] == gen[s][m]:
-                m += 1
-            for rows_of_layer in states[s].values():
-                del rows_of_layer[m:]
-            if m < len(ids):
-                self._lib.llama_memory_seq_rm(mem, s, n_prompt + m, -1)
-                rows.extend((tok, n_prompt + m + j, s, True) for j, tok in enumerate(ids[m:]))
-        try:
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start : start + self.batch_size]
-                self.decode(chunk)
-                chunk_states = self.states(len(chunk))
-                for j, (_, _, s, _) in enumerate(chunk):
-                    for layer, arr in chunk_states.items():
-                        states[s][layer].append(arr[j])
-        except BackendError:  # no room in the KV cache: the embedder evaluates these itself
-            for s in {r[2] for r in rows}:
-                for rows_of_layer in states[s].values():
-                    rows_of_layer.clear()
+    def begin_prompt(self, text: str) -> None:
+        """A request for `text` starts: forget states captured for it earlier unless one is in flight."""
+        if not self.live_texts[text]:
+            self.captured.pop(text, None)
+        self.live_texts[text] += 1
 
     def _captured(self, text: str) -> dict[Any, dict[int, np.ndarray]]:
+        """The states kept for `text`: those of prompts in flight, and of the last few finished."""
         if text not in self.captured:
             self.captured[text] = {}
-            while len(self.captured) > CAPTURED_PROMPTS:
-                self.captured.popitem(last=False)
+            done = [t for t in self.captured if not self.live_texts[t]]
+            for old in done[: max(0, len(done) - CAPTURED_PROMPTS)]:
+                del self.captured[old]
         return self.captured[text]
 
     def close(self) -> None:

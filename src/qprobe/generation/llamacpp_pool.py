@@ -1,0 +1,308 @@
+"""Continuous batching on llama.cpp: S sequence slots shared by all requests in flight.
+
+Each slot is one llama.cpp sequence (seq id = slot index) of a unified KV cache. A step:
+1. admit: free slots take the seeds of queued requests, oldest request first. A request's first
+   slots evaluate its prompt once into one of them (in chunks of at most batch_size tokens,
+   embeddings off, a decode of their own), its last token goes into the next batch, and the
+   others share all those cells once it is decoded (`llama_memory_seq_cp`, by reference) and
+   sample from the same row; a slot admitted later, while a sibling is still
+   running, shares the sibling's prompt cells but the last one and feeds that last token
+   itself (its logits are long gone); if no sibling is left the prompt is evaluated again.
+2. decode: one `llama_batch` with one row per running slot (its last sampled token, or the last
+   prompt token of a new request), every row an output: logits, and, when the embedder asked
+   for them (`backend.capture_states`), the states of every fed token, per sequence.
+3. sample: each slot's own sampler chain draws its next token from its row; an end-of-generation
+   token, a stop sequence or max_new_tokens ends the slot, whose cells are then dropped.
+A request finishes when all its seeds have; its completions come back in seed order.
+
+KV budget: a request is admitted only while n_prompt + (max_new_tokens + 1) per slot, summed
+over what runs, fits n_ctx, so no decode can run out of cells.
+
+Determinism: the schedule (which rows share a batch at every step) is a function of the
+ordered requests, their seeds and (S, n_ctx, batch_size), so the same command gives the same
+texts. The same seed decoded next to other requests (a resumed collection, another S, a
+server's traffic) can give another text where llama.cpp's CPU kernels round a batch
+differently (benchmarks/bench_batching.py measures how often).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qprobe.core.types import Completion
+from qprobe.errors import BackendError
+from qprobe.generation.llamacpp_text import find_stop
+from qprobe.generation.pool import Finished, GenRequest, Pool
+
+if TYPE_CHECKING:
+    from qprobe.generation.llamacpp import LlamaCppBackend
+
+
+@dataclass
+class _Job:
+    req: GenRequest
+    tokens: list[int]
+    waiting: deque[int]  # indices into req.seeds not yet given a slot
+    done: list[Completion | None]
+    slots: set[int] = field(default_factory=set)  # running slots
+    prompt_states: dict[int, np.ndarray] | None = None
+
+
+@dataclass
+class _Slot:
+    job: _Job
+    index: int  # which seed of the job
+    sampler: Any
+    feed: tuple[int, int] | None  # (token, position) to decode next
+    gen: list[int] = field(default_factory=list)
+    raw: bytearray = field(default_factory=bytearray)
+    states: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    finish: str | None = None
+    cut: int | None = None
+    prefill: bool = False  # its row is the job's last prompt token
+    shares: int | None = None  # the slot whose output row it samples from this step (same prompt)
+    row: int = 0
+
+
+class LlamaCppPool(Pool):
+    """Up to `slots` sequences of one `LlamaCppBackend` in flight, across requests."""
+
+    def __init__(self, backend: LlamaCppBackend, slots: int | None = None) -> None:
+        self.b = backend
+        self.n_slots = int(slots or backend.n_seq_max)
+        if not 1 <= self.n_slots <= backend.n_seq_max:
+            raise BackendError(f"expected 1 <= slots <= n_seq_max={backend.n_seq_max}, got {self.n_slots}")
+        self.slots: list[_Slot | None] = [None] * self.n_slots
+        self.queue: deque[_Job] = deque()
+        self.jobs: dict[Hashable, _Job] = {}
+        self.capture = backend.capture_states
+        self.layers = (backend.n_layers, *backend.capture_layers)
+        self.steps = 0
+        backend._lib.llama_memory_clear(backend._memory(), True)
+
+    # ----------------------------------------------------------------- the Pool contract
+    def submit(self, request: GenRequest) -> None:
+        if request.key in self.jobs:
+            raise BackendError(f"expected a new request key, got {request.key!r} twice; keys must be unique")
+        tokens = self.b.prompt_tokens(request.text)
+        need = len(tokens) + request.sampling.max_new_tokens + 1
+        if need > self.b.n_ctx:
+            raise BackendError(
+                f"expected prompt + max_new_tokens <= n_ctx, got {len(tokens)} + "
+                f"{request.sampling.max_new_tokens} > {self.b.n_ctx}; raise n_ctx or lower max_new_tokens"
+            )
+        job = _Job(request, tokens, deque(range(len(request.seeds))), [None] * len(request.seeds))
+        self.b.begin_prompt(request.text)
+        self.jobs[request.key] = job
+        self.queue.append(job)
+
+    def cancel(self, key: Hashable) -> None:
+        job = self.jobs.pop(key, None)
+        if job is None:
+            return
+        if job in self.queue:
+            self.queue.remove(job)
+        for s in sorted(job.slots):
+            self._free(s)
+        self.b.live_texts[job.req.text] -= 1
+
+    def has_room(self) -> bool:
+        return sum(len(j.waiting) for j in self.queue) < self.n_slots
+
+    def busy(self) -> bool:
+        return bool(self.jobs)
+
+    def step(self) -> list[Finished]:
+        self._admit()
+        running = [s for s, slot in enumerate(self.slots) if slot is not None and slot.feed is not None]
+        if not running:
+            if self.queue and not any(self.slots):
+                raise BackendError("expected a queued request to fit the KV cache, got none; raise n_ctx")
+            return self._finished()
+        self.steps += 1
+        b = self.b
+        self.capture = b.capture_states  # the embedder may have changed its mind (then it re-evaluates)
+        b.set_embeddings(self.capture)
+        if b._layer_capture is not None:
+            b._layer_capture.enabled = self.capture
+        items = []
+        for s in running:
+            slot = self.slots[s]
+            assert slot is not None and slot.feed is not None
+            items.append((slot.feed[0], slot.feed[1], s, True))
+        b.decode(items)  # every row an output; at most n_slots <= batch_size rows
+        fed = b.states(len(items)) if self.capture else {}
+        for j, s in enumerate(running):
+            slot = self.slots[s]
+            assert slot is not None
+            slot.row = j
+            if fed and not slot.prefill:
+                for layer in self.layers:
+                    slot.states[layer].append(fed[layer][j])
+            if fed and slot.prefill and slot.job.prompt_states is None:
+                slot.job.prompt_states = {layer: fed[layer][j] for layer in self.layers}
+            slot.prefill = False
+        for s in range(self.n_slots):
+            slot = self.slots[s]
+            if slot is not None and slot.shares is not None:
+                src = self.slots[slot.shares]
+                assert src is not None
+                # the first slot's cells are the whole prompt now: share them (by reference)
+                b._lib.llama_memory_seq_cp(b._memory(), slot.shares, s, -1, -1)
+                slot.row, slot.shares = src.row, None
+                running.append(s)
+        ended = [s for s in sorted(running) if self._sample(s)]  # every slot samples before any tail decode
+        for s in ended:
+            self._end(s)
+        return self._finished()
+
+    def close(self) -> None:
+        for s in range(self.n_slots):
+            self._free(s)
+        for job in self.jobs.values():
+            self.b.live_texts[job.req.text] -= 1
+        self.jobs.clear()
+        self.queue.clear()
+
+    # ----------------------------------------------------------------- admission
+    def _reserved(self) -> int:
+        jobs = {id(sl.job): sl.job for sl in self.slots if sl is not None}
+        per_slot = sum(sl.job.req.sampling.max_new_tokens + 1 for sl in self.slots if sl is not None)
+        return per_slot + sum(len(j.tokens) for j in jobs.values())
+
+    def _admit(self) -> None:
+        b, lib = self.b, self.b._lib
+        free = [s for s, slot in enumerate(self.slots) if slot is None]
+        room = b.n_ctx - self._reserved()
+        while free and self.queue:
+            job = self.queue[0]
+            per = job.req.sampling.max_new_tokens + 1
+            fresh = not job.slots
+            n = min(len(job.waiting), len(free), (room - (len(job.tokens) if fresh else 0)) // per)
+            if n < 1:
+                return  # wait for cells: oldest request first, no overtaking
+            taken, free = free[:n], free[n:]
+            room -= n * per + (len(job.tokens) if fresh else 0)
+            new = [self._open(job, job.waiting.popleft(), s) for s in taken]
+            if fresh:  # evaluate the prompt into the first slot, share it with the others
+                first = taken[0]
+                self._prefill(job.tokens, first)
+                new[0].feed, new[0].prefill = (job.tokens[-1], len(job.tokens) - 1), True
+                for slot in new[1:]:
+                    slot.shares = first
+            else:  # a running sibling holds the prompt: share all of it but the last token
+                src, mem = min(job.slots - set(taken)), b._memory()
+                for s, slot in zip(taken, new, strict=True):
+                    lib.llama_memory_seq_cp(mem, src, s, 0, len(job.tokens) - 1)
+                    slot.feed, slot.prefill = (job.tokens[-1], len(job.tokens) - 1), True
+            if not job.waiting:
+                self.queue.popleft()
+
+    def _open(self, job: _Job, index: int, s: int) -> _Slot:
+        slot = _Slot(job, index, self.b._sampler(job.req.sampling, job.req.seeds[index]), None,
+                     states={layer: [] for layer in self.layers})
+        self.slots[s] = slot
+        job.slots.add(s)
+        self.b.in_flight += 1
+        return slot
+
+    def _prefill(self, tokens: list[int], seq: int) -> None:
+        """All prompt tokens but the last into `seq`, no outputs (the LM head does not run on them)."""
+        b = self.b
+        b.set_embeddings(False)
+        if b._layer_capture is not None:
+            b._layer_capture.enabled = False
+        n = len(tokens) - 1
+        for start in range(0, n, b.batch_size):
+            b.decode([(tokens[p], p, seq, False) for p in range(start, min(n, start + b.batch_size))])
+
+    # ----------------------------------------------------------------- sampling and finishing
+    def _sample(self, s: int) -> bool:
+        """Draw the slot's next token from its row; whether the slot has ended."""
+        slot = self.slots[s]
+        assert slot is not None
+        b, sampling = self.b, slot.job.req.sampling
+        if slot.finish is not None:  # its last token was fed for its state only
+            return True
+        tok = int(b._lib.llama_sampler_sample(slot.sampler, b._ctx, slot.row))
+        if b.is_eog(tok):
+            slot.finish = "stop"
+            return True
+        slot.gen.append(tok)
+        slot.raw += b.piece(tok)
+        if sampling.stop and (at := find_stop(slot.raw, sampling.stop)) is not None:
+            slot.finish, slot.cut = "stop", at
+            return True
+        slot.feed = (tok, len(slot.job.tokens) + len(slot.gen) - 1)
+        if len(slot.gen) >= sampling.max_new_tokens:
+            slot.finish = "length"
+            return not self.capture  # with features, its last token is fed once more for its state
+        return False
+
+    def _end(self, s: int) -> None:
+        slot = self.slots[s]
+        assert slot is not None
+        job = slot.job
+        body, ids = self.b._kept(slot.gen, slot.raw, slot.cut)
+        if self.capture:
+            self._feed_tail(s, slot, ids)
+            if len(slot.states[self.b.n_layers]) == len(ids):
+                self.b._captured(job.req.text)[(job.req.seeds[slot.index], ids)] = {
+                    layer: np.stack(rows) if ids else np.zeros((0, self.b.dim), np.float32)  # [t, d]
+                    for layer, rows in slot.states.items()
+                }
+        job.done[slot.index] = Completion(text=body, n_tokens=len(ids), finish_reason=slot.finish or "length",
+                                          seed=job.req.seeds[slot.index], token_ids=ids)
+        self._free(s)
+
+    def _feed_tail(self, s: int, slot: _Slot, ids: tuple[int, ...]) -> None:
+        """States for kept tokens that were never fed (a stop sequence cut inside a token and the
+        kept text re-tokenised differently): drop the cells from the first differing position
+        and decode the kept tail there (this overwrites only logits already sampled from)."""
+        n_prompt, states = len(slot.job.tokens), slot.states
+        m = 0
+        while m < min(len(ids), len(slot.gen), len(states[self.b.n_layers])) and ids[m] == slot.gen[m]:
+            m += 1
+        for rows in states.values():
+            del rows[m:]
+        if m >= len(ids):
+            return
+        b = self.b
+        b._lib.llama_memory_seq_rm(b._memory(), s, n_prompt + m, -1)
+        try:
+            for start in range(m, len(ids), b.batch_size):
+                chunk = [(tok, n_prompt + start + j, s, True) for j, tok in enumerate(ids[start : start + b.batch_size])]
+                b.set_embeddings(True)
+                b.decode(chunk)
+                got = b.states(len(chunk))
+                for layer in self.layers:
+                    states[layer].extend(got[layer])
+        except BackendError:  # no room in the KV cache: the embedder evaluates these itself
+            for rows in states.values():
+                rows.clear()
+
+    def _free(self, s: int) -> None:
+        slot = self.slots[s]
+        if slot is None:
+            return
+        self.b._lib.llama_sampler_free(slot.sampler)
+        self.b._lib.llama_memory_seq_rm(self.b._memory(), s, -1, -1)
+        slot.job.slots.discard(s)
+        self.slots[s] = None
+        self.b.in_flight -= 1
+
+    def _finished(self) -> list[Finished]:
+        out: list[Finished] = []
+        for key, job in list(self.jobs.items()):
+            if not job.waiting and not job.slots and all(c is not None for c in job.done):
+                if job.prompt_states is not None:
+                    self.b._captured(job.req.text)["prompt"] = job.prompt_states  # type: ignore[assignment]
+                del self.jobs[key]
+                self.b.live_texts[job.req.text] -= 1
+                out.append((job.req, [c for c in job.done if c is not None]))
+        return out
