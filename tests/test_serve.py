@@ -444,6 +444,9 @@ def test_cli_refuses_bad_options_in_one_line(capsys: pytest.CaptureFixture[str],
     assert code == 2 and "fake" in err and err.count("\n") == 1
     code, _, err = run_cli(["serve", "--probe", str(path), "--backend", "fake", "--queue", "0"], capsys)
     assert code == 2 and "queue" in err
+    other = hand_probe(tmp_path / "other", W, FeatureSpec(**{**SPEC.to_dict(), "sha256": "other-weights"}))
+    code, _, err = run_cli(["serve", "--probe", str(other), "--backend", "fake"], capsys)  # fails at warm-up
+    assert code == 2 and err.startswith("qprobe: error: expected features") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------ the default model

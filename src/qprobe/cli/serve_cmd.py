@@ -72,6 +72,7 @@ def _run(be: Any, probe: Any, probe_path: str, defaults: Any, *, host: str, port
     from qprobe.serve.engine import Engine
 
     engine = Engine(be, probe, consensus=consensus, queue_size=queue_size)
+    engine.warm_up()  # a probe that does not fit the back-end's features fails here, in one line
     about = {"probe": str(probe_path), "backend": be.name, "identity": be.identity(), "consensus": consensus}
     info = ServeInfo(model_id=served_name or str(probe_path), defaults=defaults, api_key=api_key, about=about)
     click.echo(f"qprobe serve: {info.model_id} on http://{host}:{port}/v1 (back-end {be.name}, k = {defaults.k}, "

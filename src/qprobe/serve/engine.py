@@ -119,10 +119,33 @@ class Engine:
         self._keys = itertools.count()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._warm = False
         self._service = 0.0  # moving average of a job's seconds in the pool (for Retry-After)
+
+    def warm_up(self) -> None:
+        """One 1-token sample of a short prompt through a pool of its own, then the embedder and the
+        probe on it, before any request: the back-end sets up what its features need while nothing
+        else is in flight (llama.cpp picks the layers to capture, which it refuses to change under
+        running sequences), and a probe that does not fit the back-end's features fails here, at
+        start-up, not on the first request. Called by `start` unless done before."""
+        text = self.backend.render(Prompt(id="warm-up", text="Hello", messages=({"role": "user", "content": "Hello"},)))
+        pool = self.backend.pool()
+        try:
+            pool.submit(GenRequest("warm-up", text, SamplingConfig(max_new_tokens=1), (0,)))
+            done: list[Completion] = []
+            while pool.busy():
+                for _, comps in pool.step():
+                    done = comps
+        finally:
+            pool.close()
+        self.picks(text, done, 1, 1, 0.0, 0)
+        self._warm = True
 
     # ------------------------------------------------------------------ the asyncio side
     def start(self) -> None:
+        """Start the worker thread (warming up first, in this thread, unless `warm_up` ran)."""
+        if not self._warm:
+            self.warm_up()
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="qprobe-serve-worker", daemon=True)
