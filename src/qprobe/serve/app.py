@@ -36,8 +36,8 @@ from qprobe.serve.protocol import (
     PolicyRequest,
     RequestError,
     ServeDefaults,
-    parse_chat,
-    parse_completion,
+    parse_chat_body,
+    parse_completion_body,
     parse_json,
 )
 from qprobe.serve.responses import chat_body, completion_body, error_body, stream_events
@@ -140,11 +140,11 @@ class _Api:
         return parse_json(raw)
 
     async def chat(self, request: Request) -> Response:
-        req = parse_chat(await self._body(request), self.info.defaults)
+        req = parse_chat_body(await self._body(request), self.info.defaults)
         return await self._answer(request, req, chat=True)
 
     async def completions(self, request: Request) -> Response:
-        req = parse_completion(await self._body(request), self.info.defaults)
+        req = parse_completion_body(await self._body(request), self.info.defaults)
         return await self._answer(request, req, chat=False)
 
     async def _answer(self, request: Request, req: PolicyRequest, chat: bool) -> Response:

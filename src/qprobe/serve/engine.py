@@ -303,6 +303,9 @@ class Engine:
         self._resolve(job, None, error)
 
     def _resolve(self, job: Job, answer: Answer | None, error: RequestError | None) -> None:
+        if job.cancelled:  # its client has gone: nobody awaits the future
+            return
+
         def settle() -> None:
             if job.future.done():
                 return

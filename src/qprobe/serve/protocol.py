@@ -111,7 +111,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def parse_chat(body: dict[str, Any], defaults: ServeDefaults) -> PolicyRequest:
+def parse_chat_body(body: dict[str, Any], defaults: ServeDefaults) -> PolicyRequest:
     """A /v1/chat/completions body: `messages` become one chat prompt (the back-end renders it)."""
     _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
     if "messages" not in body:
@@ -126,7 +126,7 @@ def parse_chat(body: dict[str, Any], defaults: ServeDefaults) -> PolicyRequest:
     return _request(body, defaults, (prompt,), name)
 
 
-def parse_completion(body: dict[str, Any], defaults: ServeDefaults) -> PolicyRequest:
+def parse_completion_body(body: dict[str, Any], defaults: ServeDefaults) -> PolicyRequest:
     """A /v1/completions body: `prompt`, a string or a list of strings, is continued as plain text."""
     _check_fields(body, COMPLETION_FIELDS, "/v1/completions")
     value = body.get("prompt")
