@@ -397,6 +397,23 @@ def test_a_client_that_disconnects_cancels_its_work(probe: Probe) -> None:
         assert engine.stats.sampled_tokens == sampled  # the cancelled one was never generated
 
 
+class _BrokenOnBoom(FakeBackend):
+    def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Any]:
+        if "boom" in text:
+            raise RuntimeError("the model fell over")
+        return super().generate(text, sampling, seeds)
+
+
+def test_a_back_end_failure_is_a_500_in_openai_shape_and_the_server_goes_on(probe: Probe) -> None:
+    with serving(probe, _BrokenOnBoom()) as (url, engine):
+        code, _, text = post(url, "/v1/completions", {"prompt": "boom"})
+        assert code == 500 and "Traceback" not in text
+        error = json.loads(text)["error"]
+        assert error["type"] == "server_error" and "RuntimeError: the model fell over" in error["message"]
+        code, _, text = post(url, "/v1/completions", {"prompt": "fine"})
+        assert code == 200 and engine.stats.failed == 1 and engine.stats.finished == 1
+
+
 # ------------------------------------------------------------------------ the CLI
 def _start_cli(args: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     src = str(Path(__file__).resolve().parents[1] / "src")

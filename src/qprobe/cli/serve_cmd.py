@@ -32,6 +32,9 @@ def serve_cmd(probe_path, backend, model, backend_option, host, port, api_key, q
               max_samples, consensus, served_name, access_log):
     """Serve the Q-probe policy over HTTP: POST /v1/chat/completions and /v1/completions answer with the
     probe's pick among k samples (the openai client works as is); GET /v1/models, GET /health.
+    A request's k, beta and return_candidates go in its "qprobe" object; what it leaves out comes
+    from the probe's card (k and beta it was validated with, the stop sequences of its task) or the
+    options below. See GET /v1/models for the defaults in force.
 
     \b
       qprobe serve --probe default-code --port 8000

@@ -181,6 +181,7 @@ class _Api:
     async def _wait(self, request: Request, jobs: list[Job]) -> list[Answer] | None:
         """The jobs' answers, or None when the client disconnects first (its jobs are cancelled)."""
         gathered = asyncio.gather(*(job.future for job in jobs))
+        gathered.add_done_callback(_retrieved)  # a cancelled wait's outcome is read by nobody else
         gone = asyncio.ensure_future(_disconnected(request))
         waiters: set[asyncio.Future[Any]] = {gathered, gone}
         try:
@@ -217,6 +218,11 @@ class _Api:
                 "queue": {"waiting": self.engine.queued(), "size": self.engine.queue_size},
                 "stats": asdict(self.engine.stats)}
         return JSONResponse(body, status_code=200 if alive else 503)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _disconnected(request: Request) -> None:
