@@ -307,8 +307,8 @@ def wait_for(cond: Any, timeout: float = 20.0) -> None:
 
 
 def test_a_full_queue_gets_429_with_retry_after(probe: Probe) -> None:
-    with serving(probe, FakeBackend(delay=0.05), queue=1) as (url, engine):
-        slow = {"messages": MSG, "qprobe": {"k": 8}}  # 8 x 0.05 s in the back-end
+    with serving(probe, FakeBackend(delay=0.1), queue=1) as (url, engine):
+        slow = {"messages": MSG, "qprobe": {"k": 8}}  # 8 x 0.1 s in the back-end
         results: list[int] = []
         first = threading.Thread(target=lambda: results.append(post(url, "/v1/chat/completions", slow)[0]))
         first.start()
@@ -385,7 +385,7 @@ def test_a_client_that_disconnects_cancels_its_work(probe: Probe) -> None:
         assert be.generated < 16 and engine.stats.finished == 0 and engine.stats.in_flight == 0
     plain = FakeBackend(delay=0.05)  # SequentialPool: a queued request never reaches the back-end
     with serving(probe, plain, queue=4) as (url, engine):
-        t = threading.Thread(target=post, args=(url, "/v1/chat/completions", {"messages": MSG, "qprobe": {"k": 10}}))
+        t = threading.Thread(target=post, args=(url, "/v1/chat/completions", {"messages": MSG, "qprobe": {"k": 20}}))
         t.start()
         wait_for(lambda: engine.stats.in_flight == 1)
         _send_and_leave(url, {"messages": MSG, "qprobe": {"k": 10}})
