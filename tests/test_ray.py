@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from helpers import run_cli
+
 from qprobe.collection import distributed
 from qprobe.collection.collect import CollectConfig, collect
 from qprobe.errors import ConfigError
@@ -186,17 +186,23 @@ def test_ray_config_is_validated() -> None:
 
 
 @pytest.mark.slow
-def test_real_model_two_llamacpp_workers(tmp_path: Path, shared_data: Path) -> None:
-    """2 workers x llama.cpp's default model, 4 MBPP prompts x 2 samples: every key once."""
-    cfg = CollectConfig(task="mbpp", split="test", n=2, out=tmp_path / "ray", limit=4,
-                        task_options={"data": str(shared_data / "mbpp.jsonl")} if (shared_data / "mbpp.jsonl").is_file() else {},
-                        backend_options={"n_threads": 1},
-                        sampling=dataclasses.replace(CollectConfig(task="x", out=tmp_path).sampling, max_new_tokens=24))
-    import os
+def test_real_model_two_llamacpp_workers(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 workers x llama.cpp's default model, 4 MBPP prompts x 2 samples: every key once, none missing."""
+    from qprobe.generation.base import SamplingConfig
 
-    os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
-    got = distributed.collect_ray(cfg, distributed.RayConfig(workers=2, chunk_prompts=1), progress=False)
-    ids = [p for p, _ in keys(got.run)]
-    assert len(set(ids)) == 4
-    assert sorted(keys(got.run)) == sorted({(p, j) for p in ids for j in range(2)})
-    assert got.run.manifest["complete"] is True
+    monkeypatch.setenv("QPROBE_ALLOW_CODE_EXECUTION", "1")  # forwarded to the actors
+    cfg = CollectConfig(task="mbpp", split="test", n=2, out=tmp_path / "ray", limit=4,
+                        task_options={"data": str(shared_data / "mbpp" / "mbpp.jsonl")},
+                        backend_options={"n_threads": 1}, sampling=SamplingConfig(max_new_tokens=32))
+    ray.init(num_cpus=2, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        got = distributed.collect_ray(cfg, distributed.RayConfig(workers=2, chunk_prompts=1), progress=False)
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    ids = distributed._selected(cfg)
+    assert len(ids) == 4
+    assert keys(got.run) == [(p, j) for p in ids for j in range(2)]  # sorted order: none twice, none missing
+    assert got.run.manifest["complete"] is True and got.stats.chunks == 4
+    print(f"2 llama.cpp workers, 4 MBPP prompts x 2: {seconds:.1f} s, start {got.stats.start_seconds:.1f} s")

@@ -71,7 +71,7 @@ class RayStats:
     workers: int = 0
     chunks: int = 0
     lost_actors: int = 0  # actors that died; their chunks were handed to fresh ones
-    reused: int = 0  # committed samples a dead actor left in its chunk, resumed by the next one
+    reused: int = 0  # samples a dead actor committed in its chunk's run, resumed (not made again) by the next
     merged: int = 0  # samples added to the main run
     leftovers: int = 0  # chunk runs of an interrupted driver, merged first
     init_seconds: float = 0.0  # ray.init
@@ -275,8 +275,8 @@ def _schedule(ray: Any, writer: RunWriter, cfg: CollectConfig, chunks: list[list
                         f"worker died {attempts[k]} times (last: {exc.__class__.__name__}); its committed samples "
                         f"stay in {chunk_dir} and the same command resumes them"
                     ) from None
-                held = len(Run.open(chunk_dir)) if (chunk_dir / "manifest.json").is_file() else 0
-                stats.reused += held
+                if (chunk_dir / "manifest.json").is_file():
+                    stats.reused += len(Run.open(chunk_dir).pairs() - done)
                 queue.appendleft(k)
                 fresh = spawn()
                 actors.append(fresh)
