@@ -77,7 +77,8 @@ def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool,
         done = collect_ray(cfg, RayConfig(address=ray_address or None, workers=ray_workers), progress=progress)
         run, s = done.run, done.stats
         click.echo(f"ray: {s.workers} workers, {s.chunks} chunks, {s.lost_actors} lost and replaced, "
-                   f"{s.merged} samples merged", err=True)
+                   f"{s.merged} samples merged; ray.init {s.init_seconds:.1f} s, first worker ready "
+                   f"{s.start_seconds:.1f} s", err=True)
     elif ray_workers is not None:
         raise ConfigError(f"expected --ray-workers with --ray, got --ray-workers {ray_workers} alone; add --ray")
     else:

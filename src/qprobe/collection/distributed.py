@@ -188,6 +188,11 @@ def _drive(ray: Any, cfg: CollectConfig, rc: RayConfig, stats: RayStats, progres
     out = Path(cfg.out)
     ids = _selected(cfg)
     res = _resources(cfg)
+    if cfg.backend == "llamacpp" and "n_threads" not in cfg.backend_options:
+        import sys
+
+        print("qprobe: warning: each llama.cpp actor uses every CPU of its node; pass --backend-option "
+              "n_threads=T (each actor then reserves T CPUs)", file=sys.stderr)
     n_workers = _n_workers(ray, rc, res)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     worker_cls = ray.remote(CollectWorker).options(**res, max_restarts=0)
