@@ -16,7 +16,7 @@ from helpers import run_cli
 
 from qprobe.collection import distributed
 from qprobe.collection.collect import CollectConfig, collect
-from qprobe.errors import ConfigError
+from qprobe.errors import ConfigError, StoreError
 from qprobe.store import Run
 
 ray = pytest.importorskip("ray")
@@ -160,6 +160,16 @@ def test_cli_flag(cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "ray: 2 workers" in err and "10 samples" in out
     code, _, err = run_cli([*args, "--ray-workers", "2"], capsys)
     assert code == 2 and "expected --ray-workers with --ray" in err
+    # a worker's QProbeError (here collect's own refusal to resume with other settings) is one line, exit 2
+    code, _, err = run_cli([*args, "--temperature", "0.5", "--ray", "--ray-workers", "2"], capsys)
+    assert code == 2 and "expected the settings of the existing run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_worker_that_cannot_see_the_run_says_so(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "elsewhere" / distributed.WORKERS_DIR / "chunk-00000")
+    worker = distributed.CollectWorker(cfg.to_dict(), {})  # in this process: the same code a Ray actor runs
+    with pytest.raises(StoreError, match="on a filesystem this Ray worker"):
+        worker.run(cfg.to_dict(), str(tmp_path / "elsewhere"))
 
 
 def test_unreachable_address_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
