@@ -124,8 +124,12 @@ class _Pending:
     started: float
 
 
-def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run], None] | None = None) -> Run:
-    """Run (or resume) a collection and return the finished run."""
+def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run], None] | None = None,
+            backend: Any = None) -> Run:
+    """Run (or resume) a collection and return the finished run.
+
+    `backend`: one already built from cfg's backend, model and options (a Ray worker keeps its own
+    across chunks, `qprobe.collection.distributed`); collect does not close it."""
     task = TASKS.create(cfg.task, **cfg.task_options)
     task.check_split(cfg.split)
     if cfg.shots_from is not None:
@@ -153,7 +157,8 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
     sampling = cfg.sampling
     if not sampling.stop and task.stop:
         sampling = dataclasses.replace(sampling, stop=tuple(task.stop))
-    backend = BACKENDS.create(cfg.backend, **backend_opts)
+    owned = backend is None
+    backend = BACKENDS.create(cfg.backend, **backend_opts) if owned else backend
     try:
         ident = backend.identity()
         manifest = {
@@ -182,7 +187,8 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
                 shutil.rmtree(cfg.out, ignore_errors=True)
             raise
     finally:
-        backend.close()
+        if owned:
+            backend.close()
 
 
 def _open_writer(cfg: CollectConfig, manifest: dict[str, Any]) -> tuple[RunWriter, list[FeatureRequest]]:
