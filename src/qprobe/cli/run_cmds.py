@@ -23,9 +23,16 @@ from qprobe.errors import QProbeError
 @click.option("--allow-code-execution", is_flag=True, help="Allow running model-written code in the sandbox (needed for code tasks).")
 @click.option("--allow-unconfined", is_flag=True, help="Also run that code where the sandbox has no net+pid+mount isolation (resource limits only): a second, explicit opt-in.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (on stderr).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Spread the prompts over Ray actors (one back-end each) writing this one run: alone, a local Ray "
+                   "(or RAY_ADDRESS); with ADDRESS (HOST:PORT, ray://HOST:PORT, auto) that cluster. OUT must be on "
+                   "a filesystem every node sees. Needs qprobe[ray].")
+@click.option("--ray-workers", type=int, default=None,
+              help="With --ray: how many actors. Default: as many as the cluster's CPUs hold (n_threads each; GPUs for vllm).")
 @click.pass_context
 def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool, layer: int | None, pooling: str | None,
-                resume: bool, allow_code_execution: bool, allow_unconfined: bool, progress: bool) -> None:
+                resume: bool, allow_code_execution: bool, allow_unconfined: bool, progress: bool,
+                ray_address: str | None, ray_workers: int | None) -> None:
     """Sample N completions per prompt, embed and reward them, and store them in a run.
 
     Crash-safe and resumable: rows are committed in shards, and re-running the same command
@@ -36,7 +43,7 @@ def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool,
     """
     from qprobe.cli import config_options as co
     from qprobe.collection.collect import collect as run_collect
-    from qprobe.errors import StoreError
+    from qprobe.errors import ConfigError, StoreError
 
     base = co.read_config_file(config_file) if config_file is not None else {}
     if layer is not None or pooling is not None:
@@ -64,7 +71,18 @@ def collect_cmd(ctx: click.Context, config_file: Path | None, dump_config: bool,
         os.environ["QPROBE_ALLOW_UNCONFINED"] = "1"
     if resume and not (Path(cfg.out) / "manifest.json").is_file():
         raise StoreError(f"expected an existing run to --resume, got '{cfg.out}' with no manifest.json; drop --resume to start it")
-    run = run_collect(cfg, progress=progress)
+    if ray_address is not None:
+        from qprobe.collection.distributed import RayConfig, collect_ray
+
+        done = collect_ray(cfg, RayConfig(address=ray_address or None, workers=ray_workers), progress=progress)
+        run, s = done.run, done.stats
+        click.echo(f"ray: {s.workers} workers, {s.chunks} chunks, {s.lost_actors} lost and replaced, "
+                   f"{s.merged} samples merged; ray.init {s.init_seconds:.1f} s, first worker ready "
+                   f"{s.start_seconds:.1f} s", err=True)
+    elif ray_workers is not None:
+        raise ConfigError(f"expected --ray-workers with --ray, got --ray-workers {ray_workers} alone; add --ray")
+    else:
+        run = run_collect(cfg, progress=progress)
     click.echo(f"{run.path}: {len(run)} samples, {len(run.shards)} shards, complete={run.manifest.get('complete')}")
 
 

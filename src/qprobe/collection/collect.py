@@ -1,7 +1,9 @@
 """Collect: sample k completions per prompt, embed and reward them, append to a run.
 
-Generation runs in the calling thread; rewards run in a worker thread (the sandbox fans
-out to processes), so scoring overlaps the next prompts' generation. Rows are committed in
+Generation runs in the calling thread, through the back-end's pool (`generation.pool`: on
+llama.cpp, continuous batching across prompts, so a prompt's samples may finish after a later
+prompt's and rows are stored in the order prompts finish); rewards run in a worker thread (the
+sandbox fans out to processes), so scoring overlaps the generation of the next prompts. Rows are committed in
 shards; re-running the same command resumes, skipping every (prompt, sample) already stored.
 """
 
@@ -11,7 +13,7 @@ import dataclasses
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from qprobe.errors import ConfigError, StoreError
 from qprobe.features import make_embedder
 from qprobe.features.spec import FeatureRequest, FeatureSpec
 from qprobe.generation.base import SamplingConfig, sample_seed
+from qprobe.generation.pool import GenRequest, generate_many
 from qprobe.store.run import Run, RunWriter
 
 
@@ -121,8 +124,12 @@ class _Pending:
     started: float
 
 
-def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run], None] | None = None) -> Run:
-    """Run (or resume) a collection and return the finished run."""
+def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run], None] | None = None,
+            backend: Any = None) -> Run:
+    """Run (or resume) a collection and return the finished run.
+
+    `backend`: one already built from cfg's backend, model and options (a Ray worker keeps its own
+    across chunks, `qprobe.collection.distributed`); collect does not close it."""
     task = TASKS.create(cfg.task, **cfg.task_options)
     task.check_split(cfg.split)
     if cfg.shots_from is not None:
@@ -150,7 +157,8 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
     sampling = cfg.sampling
     if not sampling.stop and task.stop:
         sampling = dataclasses.replace(sampling, stop=tuple(task.stop))
-    backend = BACKENDS.create(cfg.backend, **backend_opts)
+    owned = backend is None
+    backend = BACKENDS.create(cfg.backend, **backend_opts) if owned else backend
     try:
         ident = backend.identity()
         manifest = {
@@ -179,7 +187,8 @@ def collect(cfg: CollectConfig, progress: bool = True, on_shard: Callable[[Run],
                 shutil.rmtree(cfg.out, ignore_errors=True)
             raise
     finally:
-        backend.close()
+        if owned:
+            backend.close()
 
 
 def _open_writer(cfg: CollectConfig, manifest: dict[str, Any]) -> tuple[RunWriter, list[FeatureRequest]]:
@@ -229,25 +238,37 @@ def _collect_into(
     for req in requests:
         groups.setdefault(req.embedder, []).append(req)
     embedders = {name: make_embedder(backend, name) for name in groups}
+    for name, reqs in groups.items():
+        embedders[name].prepare(reqs)  # before any sequence runs (llama.cpp keeps their states)
     pending: list[_Pending] = []
+    meta: dict[int, tuple[Prompt, list[int]]] = {}
+
+    def asks() -> Iterator[GenRequest]:  # read by the pool as it has room: prompts overlap
+        for index, prompt, missing in todo:
+            meta[index] = (prompt, missing)
+            seeds = tuple(sample_seed(sampling.seed, prompt.id, j) for j in missing)
+            yield GenRequest(index, backend.render(prompt), sampling, seeds)
+
     bar = CollectProgress(total=total, done=total - sum(len(t[2]) for t in todo), enabled=progress)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qprobe-reward") as pool, bar:
-            for index, prompt, missing in todo:
-                text = backend.render(prompt)
-                seeds = [sample_seed(sampling.seed, prompt.id, j) for j in missing]
-                t0 = time.perf_counter()
-                comps = backend.generate(text, sampling, seeds)
+            t_last = time.perf_counter()
+            for ask, comps in generate_many(backend, asks()):
+                index = int(ask.key)  # type: ignore[call-overload]
+                prompt, missing = meta.pop(index)
+                text = ask.text
                 feats: dict[str, Any] = {}
                 for name, reqs in groups.items():
                     feats.update(embedders[name].embed(text, comps, reqs))
                 if not writer.manifest.get("features"):
                     writer.set_features(_specs(embedders, groups, feats, cfg.feature_dtype))
                 fut = pool.submit(reward.score, prompt, [c.text for c in comps])
-                pending.append(_Pending(prompt, index, text, missing, comps, feats, fut, t0))
-                bar.advance(len(comps), sum(c.n_tokens for c in comps), time.perf_counter() - t0)
+                now = time.perf_counter()
+                pending.append(_Pending(prompt, index, text, missing, comps, feats, fut, now))
+                bar.advance(len(comps), sum(c.n_tokens for c in comps), now - t_last)
+                t_last = now
                 n_pending = sum(len(p.indices) for p in pending)
-                if n_pending >= cfg.shard_samples or time.perf_counter() - pending[0].started > cfg.shard_seconds:
+                if n_pending >= cfg.shard_samples or now - pending[0].started > cfg.shard_seconds:
                     _flush(writer, pending, on_shard)
             _flush(writer, pending, on_shard)
     finally:

@@ -29,6 +29,10 @@ class Embedder(ABC):
         """For each request, keyed by `request.key`: an array [k, d] (pooling 'last'/'mean'),
         or a list of k arrays [t_i, d] (pooling 'tokens')."""
 
+    def prepare(self, requests: list[FeatureRequest]) -> None:  # noqa: B027 (nothing to set up by default)
+        """Called before generation with the requests `embed` will get: a back-end that can keep
+        states while it generates (llama.cpp) sets itself up here, not under running sequences."""
+
     def spec(self, request: FeatureRequest, dim: int, dtype: str = "float32") -> FeatureSpec:
         ident = self.identity()
         return FeatureSpec(

@@ -76,17 +76,23 @@ class LlamaCppEmbedder(Embedder):
         idx = self.index(layer)
         return self.layers_from == "llamacpp" or idx == self.backend.n_layers
 
+    def prepare(self, requests: list[FeatureRequest]) -> None:
+        """Keep the states of these requests' layers while generating (nothing when none is native)."""
+        native = [r for r in requests if self.is_native(r.layer)]
+        self.backend.capture_states = bool(native)  # only pays off when llama.cpp's layers are asked for
+        if native:
+            self.backend.capture([self.index(r.layer) for r in native])  # a no-op unless the set changed
+
     def embed(
         self, text: str, completions: list[Completion], requests: list[FeatureRequest]
     ) -> dict[str, Any]:
         native = [r for r in requests if self.is_native(r.layer)]
         other = [r for r in requests if not self.is_native(r.layer)]
-        # Capturing at generation time only pays off when llama.cpp's layers are asked for.
-        self.backend.capture_states = bool(native)
+        if not self.backend.in_flight:  # else prepare() was called, and the context must stay
+            self.prepare(requests)
         feats: dict[str, Any] = {}
         if native:
             layers = sorted({self.index(r.layer) for r in native})
-            self.backend.capture(layers)  # a no-op unless the set of layers changed
             states = self.token_states(text, completions, layers)  # k dicts {layer: [t_i, d]}
             for req in native:
                 rows = [pool(s[self.index(req.layer)], req.pooling) for s in states]

@@ -34,16 +34,19 @@ from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_defaul
 from qprobe.generation.llamacpp_pool import LlamaCppPool
 from qprobe.generation.llamacpp_text import LlamaText
 from qprobe.generation.models import file_sha256, model_name, resolve_model
-from qprobe.generation.pool import GenRequest
+from qprobe.generation.pool import GenRequest, Pool, SequentialPool
 
+BATCHING = ("continuous", "prompt")
 CAPTURED_PROMPTS = 4  # finished prompts whose generation-time states are kept for the embedder
 
 
 class LlamaCppBackend(LlamaText, Backend):
     """Samples from a GGUF model; `model`: None/'default', a known name, or a .gguf path.
 
-    `n_ctx` is the KV budget shared by all sequences of a prompt (prompt once + k completions);
-    seeds are split into groups of at most `n_seq_max` sequences that fit in it.
+    `n_ctx` is the KV budget shared by all sequences in flight (each prompt once + its
+    completions); `n_seq_max` sequences at most decode together. `batching="continuous"` keeps
+    them busy across prompts (`pool()`); `"prompt"` decodes one prompt's samples at a time, as
+    qprobe did before continuous batching (its texts, for runs collected that way).
     """
 
     name = "llamacpp"
@@ -59,7 +62,10 @@ class LlamaCppBackend(LlamaText, Backend):
         extra_buffers: bool | None = None,
         cache_dir: str | None = None,
         verbose: bool = False,
+        batching: str = "continuous",
     ) -> None:
+        if batching not in BATCHING:
+            raise ConfigError(f"expected batching in {list(BATCHING)}, got '{batching}'")
         if n_ctx < 64 or not 1 <= n_seq_max <= min(batch_size, 256):
             raise ConfigError(
                 f"expected n_ctx >= 64 and 1 <= n_seq_max <= min(batch_size, 256), got n_ctx={n_ctx}, "
@@ -70,6 +76,7 @@ class LlamaCppBackend(LlamaText, Backend):
             set_verbose(True)  # else QPROBE_VERBOSE (`qprobe --verbose`) decides
         self.path = resolve_model(model, cache_dir)
         self.chat = bool(chat)
+        self.batching = batching
         self.n_seq_max = int(n_seq_max)
         self.batch_size = int(batch_size)
         self.n_threads = int(n_threads or default_threads())
@@ -244,12 +251,15 @@ class LlamaCppBackend(LlamaText, Backend):
                 "stop": list(sampling.stop), "max_tokens": sampling.max_new_tokens}
 
     # ----------------------------------------------------------------- generation
-    def pool(self, slots: int | None = None) -> LlamaCppPool:
-        """Continuous batching: up to `slots` (default n_seq_max) sequences in flight across requests."""
+    def pool(self, slots: int | None = None) -> Pool:
+        """Continuous batching: up to `slots` (default n_seq_max) sequences in flight across requests
+        (with batching="prompt": one request at a time, each through its own pool)."""
+        if self.batching == "prompt":
+            return SequentialPool(self)
         return LlamaCppPool(self, slots)
 
     def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
-        pool = self.pool()
+        pool = LlamaCppPool(self)
         try:
             pool.submit(GenRequest(0, text, sampling, tuple(seeds)))
             out: list[Completion] = []

@@ -123,11 +123,12 @@ class Engine:
         self._service = 0.0  # moving average of a job's seconds in the pool (for Retry-After)
 
     def warm_up(self) -> None:
-        """One 1-token sample of a short prompt through a pool of its own, then the embedder and the
-        probe on it, before any request: the back-end sets up what its features need while nothing
-        else is in flight (llama.cpp picks the layers to capture, which it refuses to change under
-        running sequences), and a probe that does not fit the back-end's features fails here, at
-        start-up, not on the first request. Called by `start` unless done before."""
+        """Before any request: the embedder prepares for the probe's feature (`Embedder.prepare`:
+        llama.cpp picks the layers to capture, which it refuses to change under running sequences),
+        then one 1-token sample of a short prompt goes through a pool of its own, the embedder and the
+        probe, so that a probe that does not fit the back-end's features fails here, at start-up,
+        not on the first request. Called by `start` unless done before."""
+        self.policy.embedder.prepare([self.policy.request])
         text = self.backend.render(Prompt(id="warm-up", text="Hello", messages=({"role": "user", "content": "Hello"},)))
         pool = self.backend.pool()
         try:

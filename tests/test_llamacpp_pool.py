@@ -1,0 +1,174 @@
+"""Continuous batching: the generic pool driver (fast, fake back-end) and llama.cpp's slot pool (real model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qprobe.errors import BackendError, ConfigError, MissingDependencyError
+from qprobe.generation.base import SamplingConfig
+from qprobe.generation.fake import FakeBackend
+from qprobe.generation.pool import GenRequest, SequentialPool, generate_many
+
+SC = SamplingConfig(max_new_tokens=24, stop=("\n\n",))
+
+
+# --------------------------------------------------------------------- generic driver (fast)
+def test_generate_many_reads_requests_lazily_and_returns_each_once() -> None:
+    backend = FakeBackend()
+    pulled: list[int] = []
+
+    def asks():
+        for i in range(4):
+            pulled.append(i)
+            yield GenRequest(i, f"p{i}", SC, (i, i + 10))
+
+    seen = []
+    for ask, comps in generate_many(backend, asks()):
+        seen.append(ask.key)
+        assert pulled[-1] <= ask.key + 1  # never more than one request ahead of the one finishing
+        assert comps == backend.generate(ask.text, SC, list(ask.seeds))
+    assert seen == [0, 1, 2, 3]
+
+
+def test_sequential_pool_cancel_and_empty_request() -> None:
+    pool = SequentialPool(FakeBackend())
+    pool.submit(GenRequest("a", "x", SC, (1,)))
+    pool.submit(GenRequest("b", "y", SC, (2,)))
+    pool.cancel("a")
+    assert [r.key for r, _ in pool.step()] == ["b"] and not pool.busy() and pool.step() == []
+    with pytest.raises(ConfigError, match="at least one seed"):
+        GenRequest("c", "z", SC, ())
+
+
+# --------------------------------------------------------------------- llama.cpp's pool (real model)
+@pytest.fixture(scope="module")
+def backend():
+    pytest.importorskip("llama_cpp")
+    from qprobe.generation.llamacpp import LlamaCppBackend
+
+    try:
+        b = LlamaCppBackend(n_ctx=2048, n_seq_max=4)
+    except MissingDependencyError as exc:
+        pytest.skip(str(exc))
+    yield b
+    b.close()
+
+
+TEXTS = [f'def times_{i}(x):\n    """Return x times {i}, as an int."""\n' for i in range(3)]
+SEEDS = [(1, 2), (3, 4, 5, 6, 7, 8), (9,)]  # the middle one needs more sequences than there are slots
+
+
+def _asks(sc: SamplingConfig = SC) -> list[GenRequest]:
+    return [GenRequest(i, t, sc, s) for i, (t, s) in enumerate(zip(TEXTS, SEEDS, strict=True))]
+
+
+def _spy(backend, monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int, int, bool]]]:
+    batches: list[list[tuple[int, int, int, bool]]] = []
+    original = backend.decode
+
+    def spy(items):
+        batches.append(list(items))
+        return original(items)
+
+    monkeypatch.setattr(backend, "decode", spy)
+    return batches
+
+
+@pytest.mark.smoke
+def test_pool_serves_every_seed_of_every_prompt_across_slots(backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches = _spy(backend, monkeypatch)
+    pool = backend.pool()
+    mixed = 0  # steps whose running sequences belong to more than one prompt
+    got = {}
+    try:
+        for ask in _asks():
+            pool.submit(ask)
+        while pool.busy():
+            got.update(pool.step())
+            mixed += len({sl.job.req.key for sl in pool.slots if sl is not None}) > 1
+    finally:
+        pool.close()
+    assert sorted(a.key for a in got) == [0, 1, 2]
+    for ask, comps in got.items():
+        assert [c.seed for c in comps] == list(ask.seeds)
+        for c in comps:
+            assert c.finish_reason in ("stop", "length") and c.n_tokens == len(c.token_ids) <= SC.max_new_tokens
+            assert backend.detokenize(c.token_ids) == c.text and "\n\n" not in c.text
+    steps = [b for b in batches if all(r[3] for r in b)]  # the prefills have no outputs
+    assert max(len(b) for b in steps) == 4 and mixed > 0  # all slots busy, across prompts
+    assert all(len({r[2] for r in b}) == len(b) for b in steps)  # one row per sequence a step
+    assert backend.in_flight == 0 and not +backend.live_texts
+
+
+@pytest.mark.slow
+def test_pool_is_deterministic_and_matches_one_prompt_at_a_time(backend) -> None:
+    first = {a.key: [c.text for c in cs] for a, cs in generate_many(backend, _asks())}
+    again = {a.key: [c.text for c in cs] for a, cs in generate_many(backend, _asks())}
+    assert first == again
+    alone = {i: [c.text for c in backend.generate(t, SC, list(s))] for i, (t, s) in enumerate(zip(TEXTS, SEEDS, strict=True))}
+    same = sum(x == y for i in first for x, y in zip(first[i], alone[i], strict=True))
+    assert same >= 0.5 * sum(map(len, SEEDS))  # rounding may differ in other batches, rarely
+
+
+@pytest.mark.slow
+def test_features_captured_in_the_pool_are_each_sequences_own(backend) -> None:
+    from qprobe.features.llamacpp import LlamaCppEmbedder
+    from qprobe.features.spec import FeatureRequest
+
+    emb = LlamaCppEmbedder(backend)
+    reqs = [FeatureRequest(12, "mean"), FeatureRequest(-1, "last"), FeatureRequest(12, "tokens")]
+    emb.prepare(reqs)
+    done = []
+    for ask, comps in generate_many(backend, _asks()):
+        done.append((ask, comps, emb.embed(ask.text, comps, reqs)))
+    assert emb.stats["evaluated"] == 0
+    for ask, comps, feats in done:
+        backend.captured.clear()
+        fresh = emb.embed(ask.text, comps, reqs)
+        for key in ("L12_mean", "L-1_last"):
+            a, b = feats[key], fresh[key]
+            cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+            assert cos.min() > 0.999, key
+        assert [len(t) for t in feats["L12_tokens"]] == [max(c.n_tokens, 1) for c in comps]
+    with pytest.raises(BackendError, match="in flight"):
+        pool = backend.pool()
+        pool.submit(_asks()[0])
+        pool.step()
+        backend.capture([5])
+    pool.close()
+    assert backend.in_flight == 0
+
+
+@pytest.mark.slow
+def test_a_small_kv_cache_admits_fewer_sequences_and_still_finishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qprobe.generation.llamacpp import LlamaCppBackend
+
+    sc = SamplingConfig(max_new_tokens=80)
+    with LlamaCppBackend(n_ctx=128, n_seq_max=4) as small:  # llama.cpp rounds n_ctx up to 256
+        batches = _spy(small, monkeypatch)
+        n_prompt = len(small.prompt_tokens(TEXTS[1]))
+        fit = (small.n_ctx - n_prompt) // (sc.max_new_tokens + 1)
+        got = dict(generate_many(small, [GenRequest(0, TEXTS[1], sc, (1, 2, 3, 4, 5))]))
+        assert [c.seed for c in next(iter(got.values()))] == [1, 2, 3, 4, 5]
+        assert max(len(b) for b in batches if all(r[3] for r in b)) <= fit < 4
+        with pytest.raises(BackendError, match="n_ctx"):
+            small.pool().submit(GenRequest(1, TEXTS[0] * 20, sc, (1,)))
+
+
+@pytest.mark.slow
+def test_cancel_frees_the_slots_of_a_running_request(backend) -> None:
+    pool = backend.pool()
+    try:
+        for ask in _asks(SamplingConfig(max_new_tokens=64)):
+            pool.submit(ask)
+        pool.step()
+        assert backend.in_flight == 4
+        pool.cancel(1)
+        finished = []
+        while pool.busy():
+            finished += [a.key for a, _ in pool.step()]
+        assert sorted(finished) == [0, 2]
+    finally:
+        pool.close()
+    assert backend.in_flight == 0
