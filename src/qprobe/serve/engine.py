@@ -10,7 +10,10 @@ it starts, cancels it in the pool while it runs, or discards its result.
 Seeds: sample j of a prompt is drawn with `sample_seed(seed, P, j)`, P = a hash of the rendered
 prompt, j = 0 .. n*k-1 (pick i owns samples i*k .. i*k+k-1), and pick i is drawn with
 `np.random.default_rng(sample_seed(seed, P + "/pick", i))`: the same request with the same seed
-gets the same answer from a fresh server, whatever else it serves meanwhile.
+gets the same answer from a fresh server on the fake back-end, whatever else it serves meanwhile.
+On llama.cpp the samples are the same when the request is decoded alone; next to other requests
+llama.cpp's CPU kernels may round a batch differently (`qprobe.generation.llamacpp_pool`): in one
+check, 7 of 8 answers served concurrently equalled the same requests served one at a time.
 """
 
 from __future__ import annotations
