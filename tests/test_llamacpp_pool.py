@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from qprobe.errors import BackendError, ConfigError, MissingDependencyError
-from qprobe.generation.base import SamplingConfig
+from qprobe.generation.base import GenRequest, SamplingConfig, SequentialPool, generate_many
 from qprobe.generation.fake import FakeBackend
-from qprobe.generation.pool import GenRequest, SequentialPool, generate_many
 
 SC = SamplingConfig(max_new_tokens=24, stop=("\n\n",))
 
@@ -172,3 +171,35 @@ def test_cancel_frees_the_slots_of_a_running_request(backend) -> None:
     finally:
         pool.close()
     assert backend.in_flight == 0
+
+
+@pytest.mark.slow
+def test_the_embedder_evaluates_aside_while_sequences_are_in_flight(backend) -> None:
+    """Re-evaluating completions (no captured states) while a pool runs uses a second context: the
+    running sequences' cells stay, and their texts equal an uninterrupted run's."""
+    from qprobe.features.llamacpp import LlamaCppEmbedder
+    from qprobe.features.spec import FeatureRequest
+
+    emb = LlamaCppEmbedder(backend)
+    reqs = [FeatureRequest(12, "mean")]
+    emb.prepare(reqs)
+    plain = {a.key: [c.text for c in cs] for a, cs in generate_many(backend, _asks())}
+    other = backend.generate(TEXTS[0], SC, [42])
+    backend.captured.clear()
+    pool = backend.pool()
+    got = {}
+    try:
+        for ask in _asks():
+            pool.submit(ask)
+        got.update(pool.step())
+        assert backend.in_flight > 0
+        with pytest.raises(BackendError, match="in flight"):
+            backend.evaluate_prompt(backend.prompt_tokens(TEXTS[0]), 1)
+        before = emb.stats["evaluated"]
+        feats = emb.embed(TEXTS[0], other, reqs)  # nothing captured for it: evaluated aside
+        assert emb.stats["evaluated"] == before + 1 and feats["L12_mean"].shape == (1, 896)
+        while pool.busy():
+            got.update(pool.step())
+    finally:
+        pool.close()
+    assert {a.key: [c.text for c in cs] for a, cs in got.items()} == plain

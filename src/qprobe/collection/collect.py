@@ -1,6 +1,6 @@
 """Collect: sample k completions per prompt, embed and reward them, append to a run.
 
-Generation runs in the calling thread, through the back-end's pool (`generation.pool`: on
+Generation runs in the calling thread, through the back-end's pool (`generation.base`: on
 llama.cpp, continuous batching across prompts, so a prompt's samples may finish after a later
 prompt's and rows are stored in the order prompts finish); rewards run in a worker thread (the
 sandbox fans out to processes), so scoring overlaps the generation of the next prompts. Rows are committed in
@@ -27,8 +27,7 @@ from qprobe.core.types import Completion, Prompt, RewardResult
 from qprobe.errors import ConfigError, StoreError
 from qprobe.features import make_embedder
 from qprobe.features.spec import FeatureRequest, FeatureSpec
-from qprobe.generation.base import SamplingConfig, sample_seed
-from qprobe.generation.pool import GenRequest, generate_many
+from qprobe.generation.base import GenRequest, SamplingConfig, generate_many, sample_seed
 from qprobe.store.run import Run, RunWriter
 
 

@@ -21,6 +21,7 @@ made before the capture did; both carry the same weights hash.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 import numpy as np
@@ -175,6 +176,13 @@ class LlamaCppEmbedder(Embedder):
                 used = 0
             groups[-1].append(i)
             used += len(t)
+        with b.aside() if b.in_flight else contextlib.nullcontext():  # never under running sequences
+            return self._evaluate_groups(prompt, comps, groups)
+
+    def _evaluate_groups(
+        self, prompt: list[int], comps: list[tuple[int, ...]], groups: list[list[int]]
+    ) -> tuple[list[dict[int, np.ndarray]], dict[int, np.ndarray]]:
+        b = self.backend
         layers = (b.n_layers, *b.capture_layers)
         states: list[dict[int, np.ndarray]] = [{} for _ in comps]
         last: dict[int, np.ndarray] = {}

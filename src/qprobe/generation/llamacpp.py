@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from qprobe.core.types import Completion
 from qprobe.errors import BackendError, ConfigError
-from qprobe.generation.base import Backend, SamplingConfig
+from qprobe.generation.base import Backend, GenRequest, Pool, SamplingConfig, SequentialPool
 from qprobe.generation.llamacpp_capture import LayerCapture, resolve_layer
 from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load, set_verbose
 from qprobe.generation.llamacpp_pool import LlamaCppPool
 from qprobe.generation.llamacpp_text import LlamaText
 from qprobe.generation.models import file_sha256, model_name, resolve_model
-from qprobe.generation.pool import GenRequest, Pool, SequentialPool
 
 BATCHING = ("continuous", "prompt")
 CAPTURED_PROMPTS = 4  # finished prompts whose generation-time states are kept for the embedder
@@ -88,6 +88,7 @@ class LlamaCppBackend(LlamaText, Backend):
         self.capture_layers: tuple[int, ...] = ()  # intermediate layers read by the eval callback
         self.live_texts: Counter[str] = Counter()  # prompts of requests in flight (their states stay)
         self.in_flight = 0  # sequences running in pools (the context must not change under them)
+        self._aside = False
         self._layer_capture: LayerCapture | None = None
         self._layer_rows: dict[int, np.ndarray] = {}  # captured rows of the last decode
         self._sha256: str | None = None
@@ -102,12 +103,14 @@ class LlamaCppBackend(LlamaText, Backend):
         self.n_layers = int(lib.llama_model_n_layer(self._model))
         self.dim = int(lib.llama_model_n_embd(self._model))
         self._n_ctx_asked = int(n_ctx)
-        self._ctx = self._new_context()
+        self._side: tuple[Any, LayerCapture | None] | None = None  # a second context (`aside`)
+        self._ctx, self._layer_capture = self._new_context()
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
         self._batch = lib.llama_batch_init(self.batch_size, 0, 1)
         self._formatter: Any = None
 
-    def _new_context(self) -> Any:
+    def _new_context(self) -> tuple[Any, LayerCapture | None]:
+        """A context on the loaded weights, with its own layer capture (None if no layers asked)."""
         lib = self._lib
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = self._n_ctx_asked
@@ -117,10 +120,10 @@ class LlamaCppBackend(LlamaText, Backend):
         cparams.kv_unified = True  # the prompt's KV cells are shared by all sequences
         cparams.embeddings = True  # states of fed tokens, together with the logits
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
-        self._layer_capture = None
+        capture = None
         if self.capture_layers:
-            self._layer_capture = LayerCapture(list(self.capture_layers), self.n_layers)
-            self._layer_capture.install(cparams)  # kept alive by self, as long as the context
+            capture = LayerCapture(list(self.capture_layers), self.n_layers)
+            capture.install(cparams)  # kept alive by self, as long as the context
         ctx = lib.llama_init_from_model(self._model, cparams)
         if not ctx:
             lib.llama_model_free(self._model)
@@ -128,7 +131,7 @@ class LlamaCppBackend(LlamaText, Backend):
             raise BackendError(
                 f"expected a llama.cpp context of {self._n_ctx_asked} tokens, could not create one; lower n_ctx"
             )
-        return ctx
+        return ctx, capture
 
     def capture(self, layers: Iterable[int]) -> None:
         """Read these layers (hidden_states numbering; the last comes with every decode anyway)
@@ -143,9 +146,33 @@ class LlamaCppBackend(LlamaText, Backend):
             )
         self.capture_layers = wanted
         self.captured.clear()
+        self._free_side()
         self._lib.llama_free(self._ctx)
         self._ctx = None
-        self._ctx = self._new_context()
+        self._ctx, self._layer_capture = self._new_context()
+
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        """Decode in a second context of the same weights for a while (the embedder evaluating
+        completions while a pool's sequences are in flight in the main one, whose cells stay)."""
+        if self._aside:
+            yield
+            return
+        if self._side is None:
+            self._side = self._new_context()
+        main = (self._ctx, self._layer_capture)
+        self._ctx, self._layer_capture = self._side
+        self._aside = True
+        try:
+            yield
+        finally:
+            self._ctx, self._layer_capture = main
+            self._aside = False
+
+    def _free_side(self) -> None:
+        if self._side is not None:
+            self._lib.llama_free(self._side[0])
+            self._side = None
 
     # ----------------------------------------------------------------- model facts
     @property
@@ -216,6 +243,9 @@ class LlamaCppBackend(LlamaText, Backend):
         head does not run on them."""
         if not tokens:
             raise BackendError("expected a non-empty prompt, got 0 tokens; render the prompt first")
+        if self.in_flight and not self._aside:
+            raise BackendError(f"expected no sequences in flight to clear the KV cache, got {self.in_flight}; "
+                               "evaluate inside `with backend.aside():`")
         mem = self._memory()
         self._lib.llama_memory_clear(mem, True)
         n = len(tokens)
@@ -292,6 +322,8 @@ class LlamaCppBackend(LlamaText, Backend):
         if getattr(self, "_batch", None) is not None:
             lib.llama_batch_free(self._batch)
             self._batch = None
+        if getattr(self, "_side", None) is not None:
+            self._free_side()
         if getattr(self, "_ctx", None):
             lib.llama_free(self._ctx)
             self._ctx = None

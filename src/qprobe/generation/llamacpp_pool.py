@@ -36,8 +36,8 @@ import numpy as np
 
 from qprobe.core.types import Completion
 from qprobe.errors import BackendError
+from qprobe.generation.base import Finished, GenRequest, Pool
 from qprobe.generation.llamacpp_text import find_stop
-from qprobe.generation.pool import Finished, GenRequest, Pool
 
 if TYPE_CHECKING:
     from qprobe.generation.llamacpp import LlamaCppBackend
