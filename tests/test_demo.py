@@ -131,7 +131,7 @@ def test_rerun_reuses_the_collection(tmp_path: Path) -> None:
 
 
 def test_greedy_row_when_asked(tmp_path: Path) -> None:
-    out = run_demo(config(tmp_path, greedy=True, limit=6), say=lambda _: None, progress=False)
+    out = run_demo(config(tmp_path, greedy=True, limit=6), say=lambda _: None, progress=True)  # bars and spinners too
     greedy = Run.open(out["greedy_run"])
     t = greedy.table(["prompt_id", "reward"]).to_pydict()
     assert t["prompt_id"] == [f"test/{i}" for i in range(6)] and greedy.manifest["sampling"]["temperature"] == 0.0

@@ -23,7 +23,7 @@ runs (`benchmarks/demo_power.py` -> `benchmarks/results/demo_power.json`):
 
 The rule for N: the demo's generation fits about 13 of its 15 minutes (model load, sandbox and
 report take the rest): N = 13 * 60 * R / T, with R the collect speed measured on 2 cores (tokens/s;
-`results.json` records it as `sampled_now.tokens_per_s`) and T = 1733 tokens a problem (HumanEval,
+`results.json` records it as `sampled_now.tokens_per_s`, model load included) and T = 1733 tokens a problem (HumanEval,
 n = 8, demo_power.json). P(the gain's interval is above 0) is in demo_power.json per N
 (`power_by_problems`): about 0.57 at N = 24, 0.79 at N = 40, 0.81 at N = 43. `DEFAULT_LIMIT` = 40 is
 provisional, until R is measured with the new collection.
@@ -144,14 +144,15 @@ def _sampled(path: Path) -> tuple[int, int]:
 
 
 @contextmanager
-def _status(text: str, enabled: bool, say: Callable[[str], None]) -> Iterator[None]:
+def _status(text: str, spinner: str, enabled: bool, say: Callable[[str], None]) -> Iterator[None]:
+    """Print a step's line; with `enabled`, a spinner (on stderr, gone when done) while it runs."""
     say(text)
     if not enabled:
         yield
         return
     from rich.console import Console
 
-    with Console(stderr=True).status(text.strip() + " ..."):
+    with Console(stderr=True).status(spinner):
         yield
 
 
@@ -194,8 +195,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, progress: bool
         greedy_cfg = cfg.collect_config(feature, greedy=True)
         say(f"[2/{steps}] greedy decoding of the {len(problems)} problems into {greedy_cfg.out} (resumable)")
         greedy, _ = demo_rows(collect(greedy_cfg, progress=progress), data.prompts(), 1)
-    with _status(f"[{steps - 1}/{steps}] scoring the {len(data.rows)} candidates with {label} ({key}, no training)",
-                 progress, say):
+    with _status(f"[{steps - 1}/{steps}] scoring the {len(data.rows)} candidates with {label} ({key}; no training)",
+                 "scoring", progress, say):
         scores = probe_scores(data, probe)  # [N]; SpecMismatchError for features of another model
         methods = method_table(data, [label], [scores], cfg.k, cfg.beta, greedy)
     ours = methods[-2]  # the probe's row: method_table puts the skyline last
@@ -203,10 +204,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, progress: bool
     say(f"      {len(data.prompts())} problems, k = {cfg.k}, beta = {cfg.beta:g}; 95% bootstrap intervals over "
         "problems, gains paired against pass@1")
     say(format_table(methods, baseline=methods[0]))
-    where = "above 0" if gain[1] > 0 else ("below 0" if gain[2] < 0 else "includes 0")
-    say(f"{label} best-of-{cfg.k} vs a random sample: {gain[0]:+.3f} [{gain[1]:+.3f}, {gain[2]:+.3f}], "
-        f"the interval is {where}")
-    with _status(f"[{steps}/{steps}] writing the report", progress, say):
+    where = "is above 0" if gain[1] > 0 else ("is below 0" if gain[2] < 0 else "includes 0")
+    say(f"{label} best-of-{cfg.k} vs a random sample: {gain[0]:+.3f} [{gain[1]:+.3f}, {gain[2]:+.3f}] "
+        f"over {len(data.prompts())} problems; the interval {where}")
+    with _status(f"[{steps}/{steps}] writing the report", "writing the report", progress, say):
         page = write_report(data, {label: probe}, Path(cfg.workdir) / "report", cfg.k, cfg.beta,
                             greedy_run=greedy, say=say)
     out = demo_summary(cfg, run, greedy, problems, left_out, key, methods, ours, gain)
