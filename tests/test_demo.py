@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import hand_probe, run_cli
 
-from qprobe.errors import ConfigError, SpecMismatchError
+from qprobe.errors import ConfigError, DataError, SpecMismatchError
 from qprobe.evaluation.demo import DEMO_SEEDS, DemoConfig, run_demo
 from qprobe.features.fake import FakeEmbedder
 from qprobe.features.spec import FeatureRequest
@@ -145,6 +145,21 @@ def test_probe_of_another_model_stops_at_the_first_shard(tmp_path: Path) -> None
         run_demo(cfg, say=lambda _: None, progress=False)
     run = Run.open(cfg.workdir / "fake-test-seed2")
     assert 0 < len(run) < 12 * 8  # stopped early, not after the whole collection
+
+
+def test_probe_trained_on_the_problems_stops_at_the_first_shard(tmp_path: Path) -> None:
+    from qprobe.probes.models import Probe
+    from qprobe.store.run import prompt_hash
+    from qprobe.tasks.fake import FakeTask
+
+    probe = Probe.from_pretrained(fake_probe(tmp_path))
+    texts = [FakeBackend().render(p) for p in FakeTask(size=20).prompts("test")[3:5]]
+    probe.source_ = {"train_prompts": {"n": 2, "hashes": [prompt_hash(t) for t in texts]}}
+    probe.save_pretrained(tmp_path / "trained-on-test")
+    cfg = config(tmp_path, probe=str(tmp_path / "trained-on-test"))
+    with pytest.raises(DataError, match=r"trained on 1 of the 4 collected so far \(e.g. \['test/3'\]\); run the demo on"):
+        run_demo(cfg, say=lambda _: None, progress=False)
+    assert 0 < len(Run.open(cfg.workdir / "fake-test-seed2")) < 12 * 8
 
 
 def test_bad_design_is_refused() -> None:

@@ -42,7 +42,7 @@ import numpy as np
 
 from qprobe.collection.collect import CollectConfig, collect
 from qprobe.core.files import write_json_atomic
-from qprobe.errors import ConfigError, SpecMismatchError
+from qprobe.errors import ConfigError, DataError, SpecMismatchError
 from qprobe.evaluation.evaluate import MethodResult, RunData, format_table, paired_difference, probe_scores
 from qprobe.features.spec import FeatureRequest, FeatureSpec
 from qprobe.generation.base import SamplingConfig
@@ -124,14 +124,25 @@ def demo_rows(run: Run, problems: list[str], n: int) -> tuple[RunData, list[str]
     return data, [p for p in problems if p not in have]
 
 
-def _spec_guard(spec: FeatureSpec, key: str, probe: str) -> Callable[[Any], None]:
-    """Stop a collection at its first shard when its features are not the probe's (another model)."""
+def _first_shard_checks(probe: Any, key: str, name: str) -> Callable[[Any], None]:
+    """Stop a collection at the first shard that shows the probe cannot be evaluated on it (not at its
+    end): features of another model (SpecMismatchError), problems the probe was trained on (DataError)."""
+    from qprobe.evaluation.evaluate import run_prompt_hashes
+
+    trained = set((getattr(probe, "source_", {}) or {}).get("train_prompts", {}).get("hashes", []))
+
     def check(run: Any) -> None:
         try:
-            spec.check_compatible(run.feature_spec(key))
+            probe.feature_spec_.check_compatible(run.feature_spec(key))
         except SpecMismatchError as exc:
-            raise SpecMismatchError(f"{exc} (probe {probe}: run the demo with the probe's model, or pass --probe "
+            raise SpecMismatchError(f"{exc} (probe {name}: run the demo with the probe's model, or pass --probe "
                                     "a probe trained on this model's features)") from None
+        hashes = run_prompt_hashes(run)  # compared by prompt text, as `evaluate.check_overlap` does
+        overlap = sorted(p for p, h in hashes.items() if h in trained)
+        if overlap:
+            raise DataError(f"expected a probe trained on other problems than the demo's, got probe {name} trained on "
+                            f"{len(overlap)} of the {len(hashes)} collected so far (e.g. {overlap[:3]}); "
+                            "run the demo on another --split or --task, or pass another --probe")
     return check
 
 
@@ -181,7 +192,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, progress: bool
         f"{cfg.task}/{cfg.split} problems (seed {cfg.seed}, feature {key}) into {sample_cfg.out} (resumable)")
     rows0, tokens0 = _sampled(sample_cfg.out)
     t0 = time.perf_counter()
-    run = collect(sample_cfg, progress=progress, on_shard=_spec_guard(spec, key, cfg.probe))
+    run = collect(sample_cfg, progress=progress, on_shard=_first_shard_checks(probe, key, cfg.probe))
     sampling_s = time.perf_counter() - t0
     rows1, tokens1 = _sampled(sample_cfg.out)
     data, left_out = demo_rows(run, problems, cfg.n)
