@@ -13,7 +13,7 @@ import pytest
 from helpers import hand_probe, run_cli
 
 from qprobe.errors import ConfigError, DataError, SpecMismatchError
-from qprobe.evaluation.demo import DEMO_SEEDS, DemoConfig, run_demo
+from qprobe.evaluation.demo import DEFAULT_LIMIT, DEMO_SEEDS, DemoConfig, run_demo
 from qprobe.features.fake import FakeEmbedder
 from qprobe.features.spec import FeatureRequest
 from qprobe.generation.fake import FakeBackend
@@ -180,5 +180,7 @@ def test_cli_prints_the_table_and_the_report(tmp_path: Path, capsys: pytest.Capt
     assert code == 0, err
     assert "pass@1" in out and f"Q-probe {probe.name} (k=4)" in out and "pass@4" in out and "greedy" not in out
     assert out.strip().endswith(str(tmp_path / "w" / "report" / "index.html"))
+    code, out, _ = run_cli(["demo", "--help"], capsys)
+    assert code == 0 and f"Default: {DEFAULT_LIMIT}, the design's N" in " ".join(out.split())
     code, out, err = run_cli(["demo", "--backend", "fake", "--task", "fake", "--n", "2", "-k", "3"], capsys)
     assert code == 2 and err.count("\n") == 1 and "expected 1 <= k <= n" in err

@@ -12,7 +12,7 @@ from qprobe.cli.options import parse_kv
 
 @click.command()
 @click.option("--limit", type=int, default=None,
-              help="N: the first N problems of the split, in order (0 = all). Default: the demo's design (40).")
+              help="N: the first N problems of the split, in order (0 = all). Default: 40, the design's N.")
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Sampling seed of the run (the demo's design was checked with 1, 2 and 3).")
 @click.option("--greedy/--no-greedy", default=False, show_default=True,

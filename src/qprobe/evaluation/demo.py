@@ -50,7 +50,7 @@ from qprobe.store.run import Run
 
 DEMO_PROBE = "default-code"
 DEMO_SEEDS = (1, 2, 3)  # fixed in advance for the three-seed check; `--seed` picks one
-DEFAULT_LIMIT = 40  # N: provisional, see the rule above
+DEFAULT_LIMIT = 40  # N: provisional, see the rule above (`qprobe demo --help` says it too)
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, progress: bool
     out["seconds"] = {"sampling": sampling_s, "total": time.perf_counter() - started}
     out["sampled_now"] = sampled_now
     write_json_atomic(Path(cfg.workdir) / "results.json", out)
-    say(f"wrote {Path(cfg.workdir) / 'results.json'}; report (open it in a browser): {page}")
+    minutes, seconds = divmod(round(out["seconds"]["total"]), 60)
+    say(f"done in {minutes} min {seconds} s; wrote {Path(cfg.workdir) / 'results.json'}; "
+        f"report (open it in a browser): {page}")
     return out
 
 
