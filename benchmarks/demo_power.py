@@ -8,6 +8,8 @@ the committed run gives a mean and a spread; a demo of N problems then has a pai
 that excludes 0 with probability about Phi(mean / (sd / sqrt(N)) - 1.96). N is what the generation
 budget buys at a given collect speed (tokens/s, model load taken off), from the run's own tokens a
 problem. The committed runs are test data: this chooses a design's size, never its problems.
+`power_by_problems` gives the same probability for each N of `--problems` (to fix the demo's N once
+the collect speed is measured: `qprobe.evaluation.demo`'s docstring has the rule).
 Prints a table and writes benchmarks/results/demo_power.json.
 """
 
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rates", type=float, nargs="+", default=[50.0, 90.0],
                     help="collect speeds, tokens/s (today's per-prompt collect; the decode limit)")
     ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--problems", type=int, nargs="+", default=[20, 25, 30, 35, 40, 45, 50, 60],
+                    help="numbers of problems N to give the probability for")
     ap.add_argument("--out", default="benchmarks/results/demo_power.json", type=Path)
     args = ap.parse_args(argv)
     probe = Probe.from_pretrained(args.probe)
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             mu, sd = float(gain.mean()), float(gain.std(ddof=1))
             per_problem = float(n_tokens.sum() / len(base))
             row = {"task": task, "n": n, "k": k, "problems_measured": len(base), "gain": mu, "sd": sd,
-                   "tokens_per_problem": per_problem, "power": {}}
+                   "tokens_per_problem": per_problem, "power": {},
+                   "power_by_problems": {str(m): phi(mu / (sd / math.sqrt(m)) - 1.96) for m in args.problems}}
             for rate in args.rates:
                 n_problems = int((args.minutes * 60 - LOAD_SECONDS) * rate // per_problem)
                 row["power"][str(rate)] = {"problems": n_problems,
@@ -76,9 +81,14 @@ def main(argv: list[str] | None = None) -> None:
             p = r["power"][str(rate)]
             line += f"  {p['problems']:>11} {p['p_ci_above_0']:5.2f}"
         print(line)
+    label = "P(CI > 0) at N ="
+    print(f"\n{'task':<10} {'n':>2} {'k':>2}  {label}" + "".join(f" {m:>5}" for m in args.problems))
+    for r in rows:
+        print(f"{r['task']:<10} {r['n']:>2} {r['k']:>2}  {'':<{len(label)}}"
+              + "".join(f" {r['power_by_problems'][str(m)]:5.2f}" for m in args.problems))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/demo_power.py", "probe": args.probe, "minutes": args.minutes,
-            "load_seconds": LOAD_SECONDS, "rates": args.rates}
+            "load_seconds": LOAD_SECONDS, "rates": args.rates, "problems": args.problems}
     args.out.write_text(json.dumps({**meta, "designs": rows}, indent=1) + "\n")
 
 

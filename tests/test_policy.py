@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -159,31 +157,6 @@ def test_bad_policy_config() -> None:
         PolicyConfig(k=0)
     with pytest.raises(ConfigError, match="rejection"):
         PolicyConfig(beta=0.0, mode="rejection")
-
-
-def test_demo_on_fake_end_to_end(tmp_path: Path) -> None:
-    from qprobe.evaluation.demo import DemoConfig, run_demo
-
-    lines: list[str] = []
-    cfg = DemoConfig(task="fake", task_options={"size": 30}, backend="fake", n=6, k=3, seeds=2, workdir=tmp_path)
-    out = run_demo(cfg, say=lines.append, progress=False)
-    methods = out["methods"]
-    assert set(methods) == {"pass@1", "greedy", "mse", "ce", "pg", "pass@k"}
-    for mean, lo, hi in methods.values():
-        assert lo <= mean <= hi
-    # The fake reward is linear in the features: every probe beats a random pick, and none beats pass@k.
-    for loss in ("mse", "ce", "pg"):
-        assert methods["pass@1"][0] < methods[loss][0] <= methods["pass@k"][0] + 1e-12
-    assert (tmp_path / "results.json").exists() and (tmp_path / "return_vs_k.png").exists()
-    page = (tmp_path / "report" / "index.html").read_text()  # the browsable report of the test problems
-    assert out["report"].endswith("index.html")
-    assert all(f'data-prompt-id="{p}"' in page for p in out["test_problems"])
-    assert not any(f'data-prompt-id="{p}"' in page for p in out["train_problems"])
-    assert len(set(out["train_problems"]) & set(out["test_problems"])) == 0
-    # A re-run reuses the collected runs.
-    before = {p: p.stat().st_mtime for p in tmp_path.rglob("*.parquet")}
-    run_demo(cfg, say=lines.append, progress=False)
-    assert {p: p.stat().st_mtime for p in tmp_path.rglob("*.parquet")} == before
 
 
 def test_jaccard_and_agreement_literal() -> None:
