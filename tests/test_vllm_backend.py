@@ -244,6 +244,68 @@ def test_real_sampling_params_accept_our_kwargs() -> None:
     assert (p.n, p.seed, p.stop, p.top_k, p.max_tokens) == (1, 42, ["\n\n"], 0, 300)
 
 
+CASES = [  # (completion text fed token by token, stop strings, max tokens, end token or None)
+    ("def add(a, b):\n    return a + b", (), 100, "<|im_end|>"),  # EOS: stop_reason None
+    ("def add(a, b):\n    return a + b", (), 100, "<|endoftext|>"),  # a stop token: stop_reason its id
+    ("def add(a, b):\n    return a + b\n```\n\nThis adds.", (), 6, None),  # length
+    ("def add(a, b):\n    return a + b\n```\n\nThis adds.", ("\n```\n",), 100, None),
+    ("def add(a, b):\n    return a + b\n```\n\nThis adds.", ("\n\n", "return"), 100, None),
+    ("```\nfoo", ("```",), 100, None),  # stopped at the first token: empty text
+    ("", (), 100, "<|im_end|>"),  # EOS first: empty text
+]
+
+
+@pytest.mark.gpu  # needs vllm installed (a GPU environment), not a GPU itself
+def test_vllm_output_processor_maps_to_our_completions() -> None:
+    """vLLM 0.33.0's own OutputProcessor (detokenizer, stop strings, trimming) on token streams of the
+    default model's tokenizer, each finished by the engine core's check_stop rules; then to_completion."""
+    pytest.importorskip("vllm")
+    from vllm.sampling_params import SamplingParams
+    from vllm.tokenizers.registry import get_tokenizer
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest, FinishReason
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    from qprobe.generation.hf_load import completion_ids
+    from qprobe.generation.vllm_backend import end_token_ids, hf_folder
+
+    tok = get_tokenizer(hf_folder(weights_for("default"), "float32"))
+    stop_ids, eos = end_token_ids(tok), tok.eos_token_id
+    proc = OutputProcessor(tok, log_stats=False)
+    nones = 0
+    for i, (text, stop, max_tokens, end) in enumerate(CASES):
+        sp = SamplingParams(**sampling_kwargs(SamplingConfig(max_new_tokens=max_tokens, stop=stop), 5, stop_ids))
+        sp.update_from_generation_config({}, eos)
+        rid = f"r{i}"
+        proc.add_request(EngineCoreRequest(
+            request_id=rid, prompt_token_ids=[1, 2], mm_features=None, sampling_params=sp, pooling_params=None,
+            arrival_time=0.0, lora_request=None, cache_salt=None, data_parallel_rank=None, external_req_id=rid,
+        ), None)  # fmt: skip
+        stream = tok(text, add_special_tokens=False)["input_ids"] + ([tok.convert_tokens_to_ids(end)] if end else [])
+        last = None
+        for j, t in enumerate(stream):  # vllm/v1/core/sched/utils.py check_stop, in its order
+            fin, why = (FinishReason.STOP, None) if t == eos else (FinishReason.STOP, t) if t in stop_ids else (
+                (FinishReason.LENGTH, None) if j + 1 >= max_tokens else (None, None))
+            got = proc.process_outputs([EngineCoreOutput(rid, [t], finish_reason=fin, stop_reason=why)])
+            last = got.request_outputs[-1] if got.request_outputs else last
+            if last is not None and last.finished:
+                break
+        o = last.outputs[0]
+        c = to_completion(o.text, o.token_ids, o.finish_reason, o.stop_reason, 5,
+                          lambda x: tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+                          lambda x: tok(x, add_special_tokens=False)["input_ids"])
+        seen = tok.decode(stream[:max_tokens], skip_special_tokens=True)  # what was generated
+        want = seen[: min((k for s_ in stop if (k := seen.find(s_)) >= 0), default=len(seen))]
+        assert c.text == want and all(s_ not in c.text for s_ in stop), (i, c.text)
+        assert c.finish_reason == ("length" if max_tokens < 100 else "stop"), i
+        if c.token_ids is not None:
+            assert completion_ids(tok, c) == list(c.token_ids) and c.n_tokens == len(c.token_ids), i  # reused
+            assert tok.decode(list(c.token_ids), skip_special_tokens=False) == c.text, i
+        else:  # the stop began inside a token (case 4, 'return' after '\n   '): the text re-tokenised
+            assert c.n_tokens == len(tok(c.text, add_special_tokens=False)["input_ids"]), i
+            nones += 1
+    assert nones == 1
+
+
 @pytest.mark.gpu
 def test_real_vllm_samples_depend_on_their_seed_only() -> None:
     pytest.importorskip("vllm")

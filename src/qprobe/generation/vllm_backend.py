@@ -21,12 +21,13 @@ Sampling (`sampling_kwargs`): one request per sample, `SamplingParams(n=1, seed=
 k (and, in `generate_many`, several prompts') in one `LLM.generate` call, which vLLM batches.
 vLLM's own `n=k` with one seed is k child requests seeded seed+i (`v1/engine/parallel_sampling.py`)
 and is refused at temperature 0, so one request per sample costs nothing more and keeps a sample a
-function of its own seed. Each seeded request draws from its own generator; the logits can still
-round differently in another batch (set `VLLM_BATCH_INVARIANT=1` for bitwise repeats on compute
-capability >= 9.0). Passed explicitly, so the model's generation_config sampling defaults do not
-apply (vLLM merges only its end-of-sequence ids): temperature, top_p, top_k 0 (off), min_p 0, no
-penalties; the stop strings, and as extra stop tokens the end-of-turn markers the transformers
-back-end also stops on (`END_TOKENS`).
+function of its own seed. A seeded request draws from its own random stream (a torch.Generator
+per request in the V1 model runner, a hash of seed and position in V2), but its logits can still
+round differently in another batch: the same command gives the same texts up to such flips
+(`VLLM_BATCH_INVARIANT=1` makes them bitwise, on compute capability >= 9.0). Every field is
+passed, so the model's generation_config sampling defaults do not apply (vLLM merges only its
+end-of-sequence ids): temperature, top_p, top_k 0 (off), min_p 0, no penalties, the stop strings,
+and as extra stop tokens the end-of-turn markers the transformers back-end stops on (`END_TOKENS`).
 
 Outputs (`to_completion`): `CompletionOutput.text` excludes the stop string and, after an
 end-of-sequence or stop token, that token (special tokens are skipped); `token_ids` still hold the
@@ -37,8 +38,10 @@ the embedder then re-tokenises the text), and the end token is dropped, as the o
 Features: vLLM 0.33 returns no hidden states of a generating model (CompletionOutput has none; its
 `extract_hidden_states` speculative method writes them through a KV connector, for drafter training).
 The registry maps the embedder "vllm" to `TransformersEmbedder(backend)`, which loads `model_path` /
-`gguf_file` (the same files) with transformers on the GPU next to vLLM (keep
-`gpu_memory_utilization` below 1 minus the transformers copy) and runs one batched pass per prompt.
+`gguf_file` (the same files) with transformers on the GPU next to vLLM (vLLM takes
+`gpu_memory_utilization` of the GPU's memory; leave room for the transformers copy) and runs one
+batched pass per prompt. The feature specs name the back-end "transformers": that is what computed
+them, from the weights whose hash the run's model records.
 """
 
 from __future__ import annotations
@@ -91,6 +94,19 @@ def weights_for(model: str) -> Weights:
             f"expected a transformers folder, a hub id (ORG/NAME) or a .gguf file, got '{model}'"
         )
     return Weights(model, "hub", model, None, "")
+
+
+def hf_folder(weights: Weights, dtype: str) -> str:
+    """The transformers folder (or hub id) vLLM loads: for a GGUF, its dequantised copy in the
+    qprobe cache, made once (the folder `load_causal_lm` makes and reads for the same file)."""
+    if weights.kind != "gguf":
+        return weights.model_path
+    from qprobe.generation import hf_load
+
+    folder = hf_load._gguf_cache_dir(weights.sha256, dtype)
+    if not (folder / "config.json").exists():
+        hf_load._convert_gguf(weights.model_path, str(weights.gguf_file), dtype, folder)
+    return str(folder)
 
 
 def backend_identity(
@@ -232,7 +248,7 @@ class VLLMBackend(Backend):
         self.model_path, self.gguf_file = self.weights.model_path, self.weights.gguf_file  # for the embedder
         self.hf_dtype = dtype
         self.chat = bool(chat)
-        load_from = self._load_from()
+        load_from = hf_folder(self.weights, dtype)
         try:
             self.tokenizer = tf.AutoTokenizer.from_pretrained(load_from)
             # a hub model's commit, read as the embedder reads it (transformers' config): the weights hash
@@ -246,17 +262,6 @@ class VLLMBackend(Backend):
             )  # fmt: skip
         except (OSError, *self._request_errors) as exc:  # a missing hub id or folder, bad engine options
             raise BackendError(f"expected vLLM to load '{model}' (from {load_from}), got: {exc}") from exc
-
-    def _load_from(self) -> str:
-        """The transformers folder (or hub id) vLLM loads: a GGUF's dequantised copy, made once."""
-        if self.weights.kind != "gguf":
-            return self.weights.model_path
-        from qprobe.generation import hf_load
-
-        folder = hf_load._gguf_cache_dir(self.weights.sha256, self.hf_dtype)
-        if not (folder / "config.json").exists():
-            hf_load._convert_gguf(self.weights.model_path, str(self.weights.gguf_file), self.hf_dtype, folder)
-        return str(folder)
 
     def identity(self) -> dict[str, Any]:
         return backend_identity(self.weights, self.hf_dtype, self.chat, str(getattr(self._vllm, "__version__", "?")),
