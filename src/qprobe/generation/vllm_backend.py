@@ -4,7 +4,9 @@
 **llm_options)`; `pip install 'qprobe[vllm]'` pins vLLM 0.33.0, which brings its own CUDA torch
 (install it in a GPU environment, never next to the CPU torch pin). Written against vLLM 0.33.0's
 source (`vllm/entrypoints/llm.py`, `sampling_params.py`, `outputs.py`, `v1/engine/detokenizer.py`)
-and not yet run on a GPU: benchmarks/gpu_check.sh is the prepared check, RESULTS.md says what ran.
+and not yet run on a GPU (its SamplingParams and OutputProcessor ran on CPU from the unpacked wheel,
+tests/test_vllm_backend.py `-m gpu`): benchmarks/gpu_check.sh is the prepared check, and
+benchmarks/RESULTS.md says what ran.
 
 Weights (`weights_for`): `model` is a transformers folder, a hub id, a `.gguf` file, or "default" /
 a known name (`qwen2.5-coder-1.5b`) for the packaged GGUFs. vLLM 0.33 reads no GGUF (it moved to a
