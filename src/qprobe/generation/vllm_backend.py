@@ -57,7 +57,6 @@ from qprobe.core.types import Completion, Prompt
 from qprobe.errors import BackendError, ConfigError, require
 from qprobe.generation.base import Backend, SamplingConfig
 
-VLLM_VERSION = "0.33.0"  # the API this module is written against (pyproject's vllm extra)
 FINISH = ("stop", "length")  # vLLM's other finish reasons (abort, error, repetition) are failures
 
 
