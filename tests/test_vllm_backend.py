@@ -242,6 +242,10 @@ def test_real_sampling_params_accept_our_kwargs() -> None:
     vllm = pytest.importorskip("vllm")
     p = vllm.SamplingParams(**sampling_kwargs(SamplingConfig(stop=("\n\n",)), 42, [EOS]))
     assert (p.n, p.seed, p.stop, p.top_k, p.max_tokens) == (1, 42, ["\n\n"], 0, 300)
+    greedy = vllm.SamplingParams(**sampling_kwargs(SamplingConfig(temperature=0.0), 1))
+    assert (greedy.top_p, greedy.top_k) == (1.0, 0)
+    with pytest.raises(Exception, match="n must be 1 when using greedy sampling"):  # why n=k is not used
+        vllm.SamplingParams(n=2, temperature=0.0)
 
 
 CASES = [  # (completion text fed token by token, stop strings, max tokens, end token or None)
