@@ -10,7 +10,7 @@ pick by softmax(Q/beta)); `n` picks are made from n independent sets of k sample
 
 - `protocol`: the request bodies (OpenAI's fields, the `qprobe` extension object), validated into a
   `PolicyRequest`; every bad request is a `RequestError` (a 4xx in OpenAI's error shape).
-- `engine`: one worker thread that owns the back-end, its pool (`qprobe.generation.pool`) and the
+- `engine`: one worker thread that owns the back-end, its pool (`qprobe.generation.base`) and the
   embedder; requests wait in a bounded queue (full: 429 with Retry-After) and are cancelled when
   their client goes away.
 - `responses`: the JSON bodies and the server-sent-event chunks of the answers.

@@ -1,6 +1,6 @@
 """The worker thread that owns the back-end: a bounded queue in, the policy's picks out.
 
-The back-end, its pool (`Backend.pool()`, `qprobe.generation.pool`) and the probe's embedder are
+The back-end, its pool (`Backend.pool()`, `qprobe.generation.base`) and the probe's embedder are
 used from this one thread only. The asyncio side calls `submit` (a full queue raises `QueueFull`:
 a 429 with Retry-After) and awaits the job's future; the worker takes jobs while the pool has
 room, steps the pool, scores each finished job's samples and picks, and resolves the future on the
@@ -35,7 +35,7 @@ import numpy as np
 from qprobe.core.types import Completion, Prompt
 from qprobe.errors import QProbeError
 from qprobe.generation.base import SamplingConfig, sample_seed
-from qprobe.generation.pool import GenRequest, Pool
+from qprobe.generation.base import GenRequest, Pool
 from qprobe.metrics import selection_probs
 from qprobe.policy.agreement import consensus_scores
 from qprobe.policy.select import Candidate, PolicyConfig, QProbePolicy
