@@ -32,9 +32,8 @@ from helpers import hand_probe, run_cli  # noqa: E402
 from qprobe.core.types import Prompt  # noqa: E402
 from qprobe.features import FeatureRequest, make_embedder  # noqa: E402
 from qprobe.features.spec import FeatureSpec  # noqa: E402
-from qprobe.generation.base import SamplingConfig, sample_seed  # noqa: E402
+from qprobe.generation.base import Finished, GenRequest, Pool, SamplingConfig, sample_seed  # noqa: E402
 from qprobe.generation.fake import FakeBackend  # noqa: E402
-from qprobe.generation.base import Finished, GenRequest, Pool  # noqa: E402
 from qprobe.generation.server import free_port  # noqa: E402
 from qprobe.metrics import selection_probs  # noqa: E402
 from qprobe.probes.models import Probe  # noqa: E402

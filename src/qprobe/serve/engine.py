@@ -34,8 +34,7 @@ import numpy as np
 
 from qprobe.core.types import Completion, Prompt
 from qprobe.errors import QProbeError
-from qprobe.generation.base import SamplingConfig, sample_seed
-from qprobe.generation.base import GenRequest, Pool
+from qprobe.generation.base import GenRequest, Pool, SamplingConfig, sample_seed
 from qprobe.metrics import selection_probs
 from qprobe.policy.agreement import consensus_scores
 from qprobe.policy.select import Candidate, PolicyConfig, QProbePolicy
