@@ -16,7 +16,9 @@
 #   5. collects the first LLAMA_PROMPTS test problems (default 8) x N again through vllm and through
 #      llamacpp (CPU), same features, and times both;
 #   6. times generation alone on those prompts (model loaded, one warm-up): per prompt (k = N, what
-#      `qprobe collect` does) and, where the back-end has `generate_many`, all prompts in one call;
+#      qprobe did before pools) and all prompts through the back-end's pool (`generate_many`: what
+#      `qprobe collect` does now; vLLM batches up to max_requests prompts a call, llama.cpp keeps its
+#      slots busy across prompts);
 #   7. prints the throughput table (new tokens per second) and writes WORKDIR/throughput.json.
 #
 # Settings (environment variables):
@@ -168,9 +170,10 @@ def line(what, comps, dt):
 t0 = time.perf_counter()
 line(f"generate, one prompt at a time (k = {n})", [b.generate(t, s, ss) for t, ss in zip(texts, seeds)],
      time.perf_counter() - t0)
-if hasattr(b, "generate_many"):
-    t0 = time.perf_counter()
-    line("generate_many, all prompts in one call", b.generate_many(texts, s, seeds), time.perf_counter() - t0)
+from qprobe.generation.base import GenRequest, generate_many
+t0 = time.perf_counter()
+done = dict(generate_many(b, [GenRequest(i, t, s, tuple(ss)) for i, (t, ss) in enumerate(zip(texts, seeds))]))
+line("generate_many, all prompts through the pool", list(done.values()), time.perf_counter() - t0)
 b.close()
 EOF
 done

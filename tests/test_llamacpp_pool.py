@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qprobe.errors import BackendError, ConfigError, MissingDependencyError
-from qprobe.generation.base import GenRequest, SamplingConfig, SequentialPool, generate_many
+from qprobe.generation.base import BatchedPool, GenRequest, SamplingConfig, SequentialPool, generate_many
 from qprobe.generation.fake import FakeBackend
 
 SC = SamplingConfig(max_new_tokens=24, stop=("\n\n",))
@@ -38,6 +38,33 @@ def test_sequential_pool_cancel_and_empty_request() -> None:
     assert [r.key for r, _ in pool.step()] == ["b"] and not pool.busy() and pool.step() == []
     with pytest.raises(ConfigError, match="at least one seed"):
         GenRequest("c", "z", SC, ())
+
+
+class _Batching(FakeBackend):
+    """The fake back-end with a multi-prompt call, as vLLM has: records each call's prompts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+
+    def generate_batch(self, texts, sampling, seeds):
+        self.calls.append(list(texts))
+        return [self.generate(t, sampling, s) for t, s in zip(texts, seeds, strict=True)]
+
+    def pool(self):
+        return BatchedPool(self, max_requests=3)
+
+
+def test_batched_pool_sends_queued_prompts_in_one_call_per_sampling() -> None:
+    backend = _Batching()
+    other = SamplingConfig(temperature=0.0)
+    asks = [GenRequest(i, f"p{i}", other if i == 1 else SC, (i,)) for i in range(5)]
+    got = dict(generate_many(backend, asks))
+    assert backend.calls == [["p0", "p2"], ["p1"], ["p3", "p4"]]  # 3 queued at most; one sampling a call
+    for ask, comps in got.items():
+        assert comps == backend.generate(ask.text, ask.sampling, list(ask.seeds))
+    with pytest.raises(ConfigError, match="max_requests"):
+        BatchedPool(backend, 0)
 
 
 # --------------------------------------------------------------------- llama.cpp's pool (real model)

@@ -325,7 +325,7 @@ def test_real_vllm_samples_depend_on_their_seed_only() -> None:
     s = SamplingConfig(temperature=0.8, max_new_tokens=24, stop=("\n\n",))
     text = "def add(a, b):"
     a = b.generate(text, s, [1, 2, 3])
-    again = b.generate_many([text, text], s, [[3], [1]])
+    again = b.generate_batch([text, text], s, [[3], [1]])
     assert [again[0][0].text, again[1][0].text] == [a[2].text, a[0].text]
     assert all("\n\n" not in c.text and c.finish_reason in ("stop", "length") for c in a)
     emb = TransformersEmbedder(b)

@@ -167,6 +167,33 @@ class SequentialPool(Pool):
         return [(req, list(comps))]
 
 
+class BatchedPool(SequentialPool):
+    """Up to `max_requests` queued requests per step through one multi-prompt call of the back-end,
+    `generate_batch(texts, sampling, seeds)` (vLLM schedules them together on the GPU); requests
+    with different sampling settings go in separate calls, oldest first."""
+
+    def __init__(self, backend: Backend, max_requests: int = 64) -> None:
+        if max_requests < 1:
+            raise ConfigError(f"expected max_requests >= 1, got {max_requests}")
+        super().__init__(backend)
+        self.max_requests = int(max_requests)
+
+    def has_room(self) -> bool:
+        return len(self.queue) < self.max_requests
+
+    def step(self) -> list[Finished]:
+        if not self.queue:
+            return []
+        sampling = self.queue[0].sampling
+        batch = [r for r in self.queue if r.sampling == sampling][: self.max_requests]
+        self.queue = deque(r for r in self.queue if all(r is not b for b in batch))
+        outs = self.backend.generate_batch([r.text for r in batch], sampling,  # type: ignore[attr-defined]
+                                           [list(r.seeds) for r in batch])
+        if len(outs) != len(batch) or any(len(o) != len(r.seeds) for o, r in zip(outs, batch, strict=False)):
+            raise ConfigError(f"expected one list of completions per request and seed, got {[len(o) for o in outs]}")
+        return [(r, list(o)) for r, o in zip(batch, outs, strict=True)]
+
+
 def generate_many(backend: Backend, requests: Iterable[GenRequest]) -> Iterator[Finished]:
     """Every request's completions, as they finish (not necessarily in request order).
 

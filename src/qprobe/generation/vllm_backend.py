@@ -20,7 +20,7 @@ back-end renders it) is tokenised here with `encode_prompt`, exactly as the embe
 and sent as `{"prompt_token_ids": ids}`, so vLLM never re-tokenises (no doubled BOS).
 
 Sampling (`sampling_kwargs`): one request per sample, `SamplingParams(n=1, seed=<sample seed>)`, all
-k (and, in `generate_many`, several prompts') in one `LLM.generate` call, which vLLM batches.
+k (and, through `pool()`, up to `max_requests` prompts') in one `LLM.generate` call, which vLLM batches.
 vLLM's own `n=k` with one seed is k child requests seeded seed+i (`v1/engine/parallel_sampling.py`)
 and is refused at temperature 0, so one request per sample costs nothing more and keeps a sample a
 function of its own seed. A seeded request draws from its own random stream (a torch.Generator
@@ -55,7 +55,7 @@ from typing import Any
 
 from qprobe.core.types import Completion, Prompt
 from qprobe.errors import BackendError, ConfigError, require
-from qprobe.generation.base import Backend, SamplingConfig
+from qprobe.generation.base import Backend, BatchedPool, Pool, SamplingConfig
 
 FINISH = ("stop", "length")  # vLLM's other finish reasons (abort, error, repetition) are failures
 
@@ -228,10 +228,14 @@ class VLLMBackend(Backend):
         max_model_len: int | None = 4096,
         chat: bool = True,
         seed: int = 0,
+        max_requests: int = 64,
         **llm_options: Any,
     ) -> None:
         from qprobe.generation.hf_load import DTYPES
 
+        if max_requests < 1:
+            raise ConfigError(f"expected max_requests >= 1 prompts per vLLM call, got {max_requests}")
+        self.max_requests = int(max_requests)
         if not model:
             weights_for(model)  # the one-line error naming what to pass
         if dtype not in DTYPES:
@@ -283,9 +287,13 @@ class VLLMBackend(Backend):
         return sampler_record(sampling, self.stop_token_ids)
 
     def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
-        return self.generate_many([text], sampling, [seeds])[0]
+        return self.generate_batch([text], sampling, [seeds])[0]
 
-    def generate_many(
+    def pool(self) -> Pool:
+        """Many prompts per `LLM.generate` call (`max_requests` backend option), vLLM batching them."""
+        return BatchedPool(self, self.max_requests)
+
+    def generate_batch(
         self, texts: list[str], sampling: SamplingConfig, seeds: list[list[int]]
     ) -> list[list[Completion]]:
         """Several prompts' samples in one `LLM.generate` call (vLLM schedules them together)."""
