@@ -171,7 +171,7 @@ def test_a_small_kv_cache_admits_fewer_sequences_and_still_finishes(monkeypatch:
     from qprobe.generation.llamacpp import LlamaCppBackend
 
     sc = SamplingConfig(max_new_tokens=80)
-    with LlamaCppBackend(n_ctx=128, n_seq_max=4) as small:  # llama.cpp rounds n_ctx up to 256
+    with LlamaCppBackend(n_ctx=128, n_seq_max=4, kv_unified=True) as small:  # llama.cpp rounds n_ctx up to 256
         batches = _spy(small, monkeypatch)
         n_prompt = len(small.prompt_tokens(TEXTS[1]))
         fit = (small.n_ctx - n_prompt) // (sc.max_new_tokens + 1)
@@ -180,6 +180,12 @@ def test_a_small_kv_cache_admits_fewer_sequences_and_still_finishes(monkeypatch:
         assert max(len(b) for b in batches if all(r[3] for r in b)) <= fit < 4
         with pytest.raises(BackendError, match="n_ctx"):
             small.pool().submit(GenRequest(1, TEXTS[0] * 20, sc, (1,)))
+    with LlamaCppBackend(n_ctx=1024, n_seq_max=4) as streams:  # a stream of 256 cells a sequence
+        assert streams.n_ctx_seq == 256 and not streams.kv_unified
+        ok = dict(generate_many(streams, [GenRequest(0, TEXTS[1], sc, (1, 2, 3, 4, 5))]))
+        assert [c.seed for c in next(iter(ok.values()))] == [1, 2, 3, 4, 5]
+        with pytest.raises(BackendError, match="256 KV cells a sequence"):
+            streams.pool().submit(GenRequest(1, TEXTS[0] * 8, SamplingConfig(max_new_tokens=200), (1,)))
 
 
 @pytest.mark.slow

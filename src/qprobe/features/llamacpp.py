@@ -176,7 +176,8 @@ class LlamaCppEmbedder(Embedder):
                 used = 0
             groups[-1].append(i)
             used += len(t)
-        with b.aside() if b.in_flight else contextlib.nullcontext():  # never under running sequences
+        # never under running sequences, and always in one KV stream (rows in batch order)
+        with b.aside() if b.in_flight or not b.kv_unified else contextlib.nullcontext():
             return self._evaluate_groups(prompt, comps, groups)
 
     def _evaluate_groups(

@@ -37,16 +37,22 @@ from qprobe.generation.llamacpp_text import LlamaText
 from qprobe.generation.models import file_sha256, model_name, resolve_model
 
 BATCHING = ("continuous", "prompt")
+CTX_PER_SEQ = 1024  # default KV cells a sequence (prompt + completion)
 CAPTURED_PROMPTS = 4  # finished prompts whose generation-time states are kept for the embedder
 
 
 class LlamaCppBackend(LlamaText, Backend):
     """Samples from a GGUF model; `model`: None/'default', a known name, or a .gguf path.
 
-    `n_ctx` is the KV budget shared by all sequences in flight (each prompt once + its
-    completions); `n_seq_max` sequences at most decode together. `batching="continuous"` keeps
-    them busy across prompts (`pool()`); `"prompt"` decodes one prompt's samples at a time, as
-    qprobe did before continuous batching (its texts, for runs collected that way).
+    `n_seq_max` sequences at most decode together; `n_ctx` is the KV cache of them all (default
+    `CTX_PER_SEQ` x n_seq_max). With `kv_unified=False` (the default) every sequence has a stream
+    of n_ctx / n_seq_max cells of its own, so a token attends only to its own sequence's cells
+    (a unified cache makes every token of a step attend over all the cells in use, masked, which
+    costs more than the model itself once a few thousand cells are in use: benchmarks/RESULTS.md);
+    a prompt is evaluated once and its cells copied to its siblings' streams. `kv_unified=True`
+    shares the prompt's cells by reference in one cache of n_ctx cells. `batching="continuous"`
+    keeps the sequences busy across prompts (`pool()`); `"prompt"` decodes one prompt's samples at
+    a time, as qprobe did before continuous batching.
     """
 
     name = "llamacpp"
@@ -54,7 +60,7 @@ class LlamaCppBackend(LlamaText, Backend):
     def __init__(
         self,
         model: str | os.PathLike[str] | None = None,
-        n_ctx: int = 8192,
+        n_ctx: int | None = None,
         n_threads: int | None = None,
         batch_size: int = 512,
         n_seq_max: int = 16,
@@ -63,9 +69,11 @@ class LlamaCppBackend(LlamaText, Backend):
         cache_dir: str | None = None,
         verbose: bool = False,
         batching: str = "continuous",
+        kv_unified: bool = False,
     ) -> None:
         if batching not in BATCHING:
             raise ConfigError(f"expected batching in {list(BATCHING)}, got '{batching}'")
+        n_ctx = int(n_ctx) if n_ctx is not None else CTX_PER_SEQ * int(n_seq_max)
         if n_ctx < 64 or not 1 <= n_seq_max <= min(batch_size, 256):
             raise ConfigError(
                 f"expected n_ctx >= 64 and 1 <= n_seq_max <= min(batch_size, 256), got n_ctx={n_ctx}, "
@@ -77,6 +85,7 @@ class LlamaCppBackend(LlamaText, Backend):
         self.path = resolve_model(model, cache_dir)
         self.chat = bool(chat)
         self.batching = batching
+        self.kv_unified = bool(kv_unified)
         self.n_seq_max = int(n_seq_max)
         self.batch_size = int(batch_size)
         self.n_threads = int(n_threads or default_threads())
@@ -104,12 +113,19 @@ class LlamaCppBackend(LlamaText, Backend):
         self.dim = int(lib.llama_model_n_embd(self._model))
         self._n_ctx_asked = int(n_ctx)
         self._side: tuple[Any, LayerCapture | None] | None = None  # a second context (`aside`)
-        self._ctx, self._layer_capture = self._new_context()
+        try:
+            self._ctx, self._layer_capture = self._new_context(self.kv_unified)
+        except BackendError:
+            lib.llama_model_free(self._model)
+            self._model = None
+            raise
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        # the cells one sequence may use: all of them (unified) or its own stream's
+        self.n_ctx_seq = self.n_ctx if self.kv_unified else int(lib.llama_n_ctx_seq(self._ctx))
         self._batch = lib.llama_batch_init(self.batch_size, 0, 1)
         self._formatter: Any = None
 
-    def _new_context(self) -> tuple[Any, LayerCapture | None]:
+    def _new_context(self, unified: bool) -> tuple[Any, LayerCapture | None]:
         """A context on the loaded weights, with its own layer capture (None if no layers asked)."""
         lib = self._lib
         cparams = lib.llama_context_default_params()
@@ -117,7 +133,9 @@ class LlamaCppBackend(LlamaText, Backend):
         cparams.n_batch = cparams.n_ubatch = self.batch_size
         cparams.n_seq_max = self.n_seq_max
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
-        cparams.kv_unified = True  # the prompt's KV cells are shared by all sequences
+        cparams.kv_unified = unified
+        # llama.cpp's CPU flash attention was slower here at every fill (benchmarks/RESULTS.md)
+        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.embeddings = True  # states of fed tokens, together with the logits
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
         capture = None
@@ -126,8 +144,6 @@ class LlamaCppBackend(LlamaText, Backend):
             capture.install(cparams)  # kept alive by self, as long as the context
         ctx = lib.llama_init_from_model(self._model, cparams)
         if not ctx:
-            lib.llama_model_free(self._model)
-            self._model = None
             raise BackendError(
                 f"expected a llama.cpp context of {self._n_ctx_asked} tokens, could not create one; lower n_ctx"
             )
@@ -149,17 +165,19 @@ class LlamaCppBackend(LlamaText, Backend):
         self._free_side()
         self._lib.llama_free(self._ctx)
         self._ctx = None
-        self._ctx, self._layer_capture = self._new_context()
+        self._ctx, self._layer_capture = self._new_context(self.kv_unified)
 
     @contextmanager
     def aside(self) -> Iterator[None]:
-        """Decode in a second context of the same weights for a while (the embedder evaluating
-        completions while a pool's sequences are in flight in the main one, whose cells stay)."""
+        """Decode in a second context of the same weights for a while, with a unified cache (the
+        embedder evaluating completions of different lengths together, whose captured rows come
+        back in batch order only there; and while a pool's sequences are in flight in the main
+        context, whose cells stay)."""
         if self._aside:
             yield
             return
         if self._side is None:
-            self._side = self._new_context()
+            self._side = self._new_context(True)
         main = (self._ctx, self._layer_capture)
         self._ctx, self._layer_capture = self._side
         self._aside = True

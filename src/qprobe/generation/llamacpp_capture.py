@@ -23,8 +23,11 @@ Rows: every token of the batch for layers 0..n-1; for layer n only the batch's *
 tokens (those with `logits[i]` set, or all tokens when the context has embeddings on with
 pooling NONE), because llama.cpp drops the other rows before the last block. A batch larger
 than n_ubatch is computed as several ubatches, each calling the callback again: `take()`
-concatenates them in order. The rows follow the batch order only when the ubatches do, i.e.
-with one KV stream (`kv_unified=True` or `n_seq_max=1`; `install` refuses other settings).
+concatenates them in order. The rows follow the batch order only when the ubatches do: always
+with one KV stream (`kv_unified=True` or `n_seq_max=1`); with a stream per sequence
+(`kv_unified=False`), llama.cpp's sequential split keeps the order only for a batch of one
+sequence, or of one token a sequence listed in increasing sequence id (what the llama.cpp pool
+decodes; other batches go to a unified context, `LlamaCppBackend.aside`).
 
 Cost: the scheduler asks about every graph node (about 820 per ubatch here) and, for each
 wanted tensor, stops the graph there, calls back, and resumes: one extra thread-pool round
@@ -175,11 +178,6 @@ class LayerCapture:
     # ----------------------------------------------------------------- hooking
     def install(self, cparams: Any) -> Any:
         """Point a `llama_context_params` at this capture (before `llama_init_from_model`)."""
-        if not cparams.kv_unified and cparams.n_seq_max > 1:
-            raise ConfigError(
-                f"expected kv_unified=True or n_seq_max=1 for captured rows in batch order, got "
-                f"kv_unified=False with n_seq_max={cparams.n_seq_max}; set cparams.kv_unified = True"
-            )
         cparams.cb_eval = self._callback
         cparams.cb_eval_user_data = None
         return cparams

@@ -1,22 +1,25 @@
 """Continuous batching on llama.cpp: S sequence slots shared by all requests in flight.
 
-Each slot is one llama.cpp sequence (seq id = slot index) of a unified KV cache. A step:
-1. admit: free slots take the seeds of queued requests, oldest request first. A request's first
-   slots evaluate its prompt once into one of them (in chunks of at most batch_size tokens,
-   embeddings off, a decode of their own), its last token goes into the next batch, and the
-   others share all those cells once it is decoded (`llama_memory_seq_cp`, by reference) and
-   sample from the same row; a slot admitted later, while a sibling is still
-   running, shares the sibling's prompt cells but the last one and feeds that last token
-   itself (its logits are long gone); if no sibling is left the prompt is evaluated again.
-2. decode: one `llama_batch` with one row per running slot (its last sampled token, or the last
-   prompt token of a new request), every row an output: logits, and, when the embedder asked
-   for them (`backend.capture_states`), the states of every fed token, per sequence.
+Each slot is one llama.cpp sequence (seq id = slot index): a KV stream of its own
+(`kv_unified=False`, the back-end's default) or a part of one unified cache. A step:
+1. admit: free slots (lowest ids first, so a step's sequences stay consecutive and llama.cpp
+   computes them as one ubatch) take the seeds of queued requests, oldest request first. A
+   request's first slots evaluate all its prompt tokens but the last once, into one of them (in
+   chunks of at most batch_size tokens, no outputs, a decode of their own), and that one's cells
+   are copied to the others (`llama_memory_seq_cp`: a whole stream, or by reference in a unified
+   cache); a slot admitted later, while a sibling still runs, copies the sibling's cells and
+   drops all but the prompt's; if no sibling is left the prompt is evaluated again.
+2. decode: one `llama_batch` with one row per running slot, in slot order (its last sampled
+   token, or the last prompt token for a new slot), every row an output: logits and, when the
+   embedder asked for them (`backend.capture_states`), the states of every fed token, per sequence.
 3. sample: each slot's own sampler chain draws its next token from its row; an end-of-generation
    token, a stop sequence or max_new_tokens ends the slot, whose cells are then dropped.
 A request finishes when all its seeds have; its completions come back in seed order.
 
-KV budget: a request is admitted only while n_prompt + (max_new_tokens + 1) per slot, summed
-over what runs, fits n_ctx, so no decode can run out of cells.
+KV budget: a stream holds n_ctx / n_seq_max cells, and a request whose prompt + max_new_tokens
+does not fit one is refused at submit. In a unified cache a request is admitted only while
+n_prompt + (max_new_tokens + 1) per slot, summed over what runs, fits n_ctx, so no decode can
+run out of cells.
 
 Determinism: the schedule (which rows share a batch at every step) is a function of the
 ordered requests, their seeds and (S, n_ctx, batch_size), so the same command gives the same
@@ -65,7 +68,6 @@ class _Slot:
     finish: str | None = None
     cut: int | None = None
     prefill: bool = False  # its row is the job's last prompt token
-    shares: int | None = None  # the slot whose output row it samples from this step (same prompt)
     row: int = 0
 
 
@@ -91,10 +93,11 @@ class LlamaCppPool(Pool):
             raise BackendError(f"expected a new request key, got {request.key!r} twice; keys must be unique")
         tokens = self.b.prompt_tokens(request.text)
         need = len(tokens) + request.sampling.max_new_tokens + 1
-        if need > self.b.n_ctx:
+        if need > self.b.n_ctx_seq:
             raise BackendError(
-                f"expected prompt + max_new_tokens <= n_ctx, got {len(tokens)} + "
-                f"{request.sampling.max_new_tokens} > {self.b.n_ctx}; raise n_ctx or lower max_new_tokens"
+                f"expected prompt + max_new_tokens < {self.b.n_ctx_seq} KV cells a sequence, got {len(tokens)} + "
+                f"{request.sampling.max_new_tokens}; raise n_ctx (n_ctx / n_seq_max cells a sequence unless "
+                "kv_unified=True) or lower max_new_tokens"
             )
         job = _Job(request, tokens, deque(range(len(request.seeds))), [None] * len(request.seeds))
         self.b.begin_prompt(request.text)
@@ -147,15 +150,6 @@ class LlamaCppPool(Pool):
             if fed and slot.prefill and slot.job.prompt_states is None:
                 slot.job.prompt_states = {layer: fed[layer][j] for layer in self.layers}
             slot.prefill = False
-        for s in range(self.n_slots):
-            slot = self.slots[s]
-            if slot is not None and slot.shares is not None:
-                src = self.slots[slot.shares]
-                assert src is not None
-                # the first slot's cells are the whole prompt now: share them (by reference)
-                b._lib.llama_memory_seq_cp(b._memory(), slot.shares, s, -1, -1)
-                slot.row, slot.shares = src.row, None
-                running.append(s)
         ended = [s for s in sorted(running) if self._sample(s)]  # every slot samples before any tail decode
         for s in ended:
             self._end(s)
@@ -171,6 +165,9 @@ class LlamaCppPool(Pool):
 
     # ----------------------------------------------------------------- admission
     def _reserved(self) -> int:
+        """KV cells that what runs may still take (a unified cache; streams are checked at submit)."""
+        if not self.b.kv_unified:
+            return 0
         jobs = {id(sl.job): sl.job for sl in self.slots if sl is not None}
         per_slot = sum(sl.job.req.sampling.max_new_tokens + 1 for sl in self.slots if sl is not None)
         return per_slot + sum(len(j.tokens) for j in jobs.values())
@@ -178,7 +175,7 @@ class LlamaCppPool(Pool):
     def _admit(self) -> None:
         b, lib = self.b, self.b._lib
         free = [s for s, slot in enumerate(self.slots) if slot is None]
-        room = b.n_ctx - self._reserved()
+        room = b.n_ctx - self._reserved() if b.kv_unified else 1 << 60
         while free and self.queue:
             job = self.queue[0]
             per = job.req.sampling.max_new_tokens + 1
@@ -189,17 +186,18 @@ class LlamaCppPool(Pool):
             taken, free = free[:n], free[n:]
             room -= n * per + (len(job.tokens) if fresh else 0)
             new = [self._open(job, job.waiting.popleft(), s) for s in taken]
-            if fresh:  # evaluate the prompt into the first slot, share it with the others
-                first = taken[0]
-                self._prefill(job.tokens, first)
-                new[0].feed, new[0].prefill = (job.tokens[-1], len(job.tokens) - 1), True
-                for slot in new[1:]:
-                    slot.shares = first
-            else:  # a running sibling holds the prompt: share all of it but the last token
-                src, mem = min(job.slots - set(taken)), b._memory()
-                for s, slot in zip(taken, new, strict=True):
-                    lib.llama_memory_seq_cp(mem, src, s, 0, len(job.tokens) - 1)
-                    slot.feed, slot.prefill = (job.tokens[-1], len(job.tokens) - 1), True
+            mem, n = b._memory(), len(job.tokens)
+            if fresh:  # evaluate the prompt into the first slot, copy its cells to the others
+                src = taken[0]
+                self._prefill(job.tokens, src)
+            else:  # a running sibling holds the prompt
+                src = min(job.slots - set(taken))
+            for s in taken:
+                if s != src:  # all of src's cells (a whole stream, or by reference), then only the prompt's
+                    lib.llama_memory_seq_cp(mem, src, s, -1, -1)
+                    lib.llama_memory_seq_rm(mem, s, n - 1, -1)
+            for slot in new:  # each feeds the last prompt token itself (its logits are needed now)
+                slot.feed, slot.prefill = (job.tokens[-1], n - 1), True
             if not job.waiting:
                 self.queue.popleft()
 
