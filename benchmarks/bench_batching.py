@@ -3,8 +3,10 @@
 For each workload (a: MBPP chat prompts, long answers; b: HumanEval completion prompts, short
 answers cut at the task's stop sequences), on the same model and the same prompts:
 1. the decode limit at S sequences: the back-end's own context set up as a collection uses it
-   (embeddings on, the feature's layer captured), S sequences sharing one prompt, one token
-   per sequence per step drawn by llama.cpp's temperature/top-p sampler, end-of-text ignored;
+   (a KV stream a sequence, embeddings on, the feature's layer captured), S sequences sharing
+   one prompt, one token per sequence per step drawn by llama.cpp's temperature/top-p sampler,
+   end-of-text ignored, over the first --steps tokens after the prompt (short contexts: the
+   cheapest steps of a collection);
 2. `collect` as before continuous batching (`batching=prompt`: one prompt's samples at a time);
 3. `collect` with continuous batching at each S.
 Both collections are whole `collect` calls into fresh runs: model load, features (18:mean),
@@ -12,7 +14,7 @@ sampler and sandboxed rewards included. Throughput = completion tokens stored / 
 It also reports how many texts are identical between the two collections (same seeds: they
 differ only where a batch rounds differently) and, with --repeat, between two continuous runs.
 
-    python benchmarks/bench_batching.py --prompts 12 --n 8 --slots 8 16 32
+    python benchmarks/bench_batching.py --prompts 12 --n 8 --slots 8 16 32 --repeat --unified
 
 Writes benchmarks/results/batching.json.
 """
@@ -43,8 +45,7 @@ def decode_limit(slots: int, text: str, args: argparse.Namespace) -> dict:
     from qprobe.generation.base import SamplingConfig
     from qprobe.generation.llamacpp import LlamaCppBackend
 
-    n_ctx = max(4096, slots * (args.steps + 8) + 1024)
-    with LlamaCppBackend(n_ctx=n_ctx, n_seq_max=slots, n_threads=args.threads) as b:
+    with LlamaCppBackend(n_seq_max=slots, n_threads=args.threads) as b:  # the default KV: a stream a sequence
         b.capture([18])
         b.capture_states = True
         lib = b._lib
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="+", default=None, help="workloads to run (default: all)")
     ap.add_argument("--repeat", action="store_true", help="a second continuous run at the best S (determinism)")
+    ap.add_argument("--unified", action="store_true",
+                    help="also a continuous run at the largest S with one unified KV cache (kv_unified=True)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "batching.json")
     args = ap.parse_args()
     os.environ.setdefault("QPROBE_ALLOW_CODE_EXECUTION", "1")
@@ -128,10 +131,14 @@ def main() -> None:
             d = Path(tmp_dir)
             per_prompt = run_collect(work, d / "prompt", {"batching": "prompt"}, args)
             cont = []
-            for s in args.slots:
-                n_ctx = max(8192, s * (args.max_new_tokens + 1) + 2048)
-                cont.append(run_collect(work, d / f"cont{s}", {"n_seq_max": s, "n_ctx": n_ctx}, args))
+            for s in args.slots:  # the default KV: a stream of 1024 cells a sequence
+                cont.append(run_collect(work, d / f"cont{s}", {"n_seq_max": s}, args))
             top = max(cont, key=lambda r: r["tok_per_s"])
+            if args.unified:
+                s = max(args.slots)
+                n_ctx = max(8192, s * (args.max_new_tokens + 1) + 2048)
+                res["continuous_unified_kv"] = run_collect(
+                    work, d / "unified", {"n_seq_max": s, "n_ctx": n_ctx, "kv_unified": True}, args)
             if args.repeat:
                 again = run_collect(work, d / "again", dict(top["options"]), args)
                 res["repeat_identical_texts"] = same(top, again)
@@ -141,7 +148,10 @@ def main() -> None:
         res["best_decode_limit"] = best["tok_per_s"]
         res["ratio_per_prompt"] = round(per_prompt["tok_per_s"] / best["tok_per_s"], 3)
         res["ratio_continuous"] = [round(c["tok_per_s"] / best["tok_per_s"], 3) for c in cont]
-        for r in [per_prompt, *cont] + ([again] if args.repeat else []):
+        if args.unified:
+            u = res["continuous_unified_kv"]
+            u["ratio"] = round(u["tok_per_s"] / best["tok_per_s"], 3)
+        for r in [per_prompt, *cont] + ([again] if args.repeat else []) + ([u] if args.unified else []):
             r.pop("_texts", None)
         record["workloads"][name] = res
         print(f"\n{name}: {args.prompts} prompts x {args.n}, max_new_tokens {args.max_new_tokens}, {args.threads} threads")
@@ -152,6 +162,9 @@ def main() -> None:
               f"{per_prompt['tok_per_s']:>7} {res['ratio_per_prompt']:>7}")
         for s, c, q in zip(args.slots, cont, res["ratio_continuous"], strict=True):
             print(f"{'collect, continuous batching':34} {s:>4} {c['tokens']:>7} {c['seconds']:>7} {c['tok_per_s']:>7} {q:>7}")
+        if args.unified:
+            print(f"{'collect, continuous, unified KV':34} {max(args.slots):>4} {u['tokens']:>7} {u['seconds']:>7} "
+                  f"{u['tok_per_s']:>7} {u['ratio']:>7}")
         print("identical texts, one-at-a-time vs continuous:", res["identical_texts_prompt_vs_continuous"],
               *(["; repeat:", res["repeat_identical_texts"]] if args.repeat else []))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -241,9 +241,10 @@ def test_k_samples_share_one_prompt_evaluation(backend, monkeypatch: pytest.Monk
     text = backend.render(CHAT)
     n_prompt = len(backend.prompt_tokens(text))
     out = backend.generate(text, SamplingConfig(max_new_tokens=8), [1, 2, 3, 4])
-    assert sum(1 for r in rows if r[1] < n_prompt) == n_prompt  # each prompt token once
+    assert sum(1 for r in rows if r[1] < n_prompt - 1) == n_prompt - 1  # each prompt token once...
+    assert sum(1 for r in rows if r[1] == n_prompt - 1) == 4  # ... but the last, once a sequence
     steps = {r[1] for r in rows if r[1] >= n_prompt}
-    assert len(rows) - n_prompt == sum(c.n_tokens for c in out) - sum(
+    assert len(rows) - (n_prompt - 1) - 4 == sum(c.n_tokens for c in out) - sum(
         c.finish_reason == "length" for c in out
     )
     assert max(sum(1 for r in rows if r[1] == p) for p in steps) == 4  # sequences decode together
