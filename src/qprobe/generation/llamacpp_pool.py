@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +41,6 @@ from qprobe.core.types import Completion
 from qprobe.errors import BackendError
 from qprobe.generation.base import Finished, GenRequest, Pool
 from qprobe.generation.llamacpp_text import find_stop
-
-if TYPE_CHECKING:
-    from qprobe.generation.llamacpp import LlamaCppBackend
 
 
 @dataclass
@@ -74,7 +71,7 @@ class _Slot:
 class LlamaCppPool(Pool):
     """Up to `slots` sequences of one `LlamaCppBackend` in flight, across requests."""
 
-    def __init__(self, backend: LlamaCppBackend, slots: int | None = None) -> None:
+    def __init__(self, backend: Any, slots: int | None = None) -> None:  # a LlamaCppBackend (which imports this)
         self.b = backend
         self.n_slots = int(slots or backend.n_seq_max)
         if not 1 <= self.n_slots <= backend.n_seq_max:
