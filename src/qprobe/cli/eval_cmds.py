@@ -129,6 +129,7 @@ def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, q_max, 
     import numpy as np
 
     from qprobe.catalog import BACKENDS
+    from qprobe.cli.options import generator_name
     from qprobe.errors import ConfigError
     from qprobe.generation.base import SamplingConfig
     from qprobe.policy.select import PolicyConfig, QProbePolicy
@@ -140,17 +141,7 @@ def select_cmd(probe_path, prompt_text, prompt_file, k, beta, rejection, q_max, 
     probe = Probe.from_pretrained(probe_path)
     if getattr(probe, "feature_spec_", None) is None:
         raise ConfigError(f"expected a probe with a feature spec in {probe_path}, got none; train it with `qprobe train --run`")
-    spec = probe.feature_spec_
-    if spec.embedder:  # an external embedder's features: any generator will do, the embedder is the probe's
-        name = backend or (probe.source_.get("generator") or {}).get("backend")
-        run_manifest = Path(str(probe.source_.get("run", ""))) / "manifest.json"
-        if not name and probe.source_.get("run") and run_manifest.is_file():
-            name = json.loads(run_manifest.read_text()).get("backend", {}).get("name")
-        if not name:
-            raise ConfigError(f"expected --backend NAME for probe {probe_path}, whose features come from the external "
-                              f"embedder '{spec.embedder}' and whose training run names no generator; e.g. --backend llamacpp")
-    else:
-        name = backend or spec.backend
+    name = generator_name(probe, probe_path, backend)
     if name not in BACKENDS:
         BACKENDS.entry(name)  # "did you mean" error for a mistyped --backend
     options = {} if model is None else {"model": model}

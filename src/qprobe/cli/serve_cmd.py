@@ -43,7 +43,7 @@ def serve_cmd(probe_path, backend, model, backend_option, host, port, api_key, q
           extra_body={"qprobe": {"k": 8, "beta": 0.1, "return_candidates": True}})
     """
     from qprobe.catalog import BACKENDS
-    from qprobe.cli.options import parse_kv
+    from qprobe.cli.options import generator_name, parse_kv
     from qprobe.errors import ConfigError, require
     from qprobe.probes.models import Probe
     from qprobe.serve.protocol import defaults_from_probe
@@ -82,24 +82,3 @@ def _run(be: Any, probe: Any, probe_path: str, defaults: Any, *, host: str, port
                f"beta = {defaults.beta:g}, queue {queue_size}{', API key required' if api_key else ''})", err=True)
     sys.stderr.flush()
     uvicorn.run(make_app(engine, info), host=host, port=port, log_level="info", access_log=access_log)
-
-
-def generator_name(probe: Any, probe_path: str, backend: str | None) -> str:
-    """The back-end to generate with: `backend`, else the one of the probe's features; for a probe on an
-    external embedder's features (any generator will do) the generator of its training run."""
-    import json
-    from pathlib import Path
-
-    from qprobe.errors import ConfigError
-
-    spec = probe.feature_spec_
-    if not spec.embedder:
-        return str(backend or spec.backend)
-    name = backend or (probe.source_.get("generator") or {}).get("backend")
-    manifest = Path(str(probe.source_.get("run", ""))) / "manifest.json"
-    if not name and probe.source_.get("run") and manifest.is_file():
-        name = json.loads(manifest.read_text()).get("backend", {}).get("name")
-    if not name:
-        raise ConfigError(f"expected --backend NAME for probe {probe_path}, whose features come from the external "
-                          f"embedder '{spec.embedder}' and whose training run names no generator; e.g. --backend llamacpp")
-    return str(name)
