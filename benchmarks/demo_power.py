@@ -50,13 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--problems", type=int, nargs="+", default=[20, 25, 30, 35, 40, 45, 50, 60],
                     help="numbers of problems N to give the probability for")
+    ap.add_argument("--designs", nargs="+", default=["8x4", "8x8", "16x4", "16x8", "4x2", "4x4", "8x2", "8x3", "6x3"],
+                    help="n x k: samples a problem x candidates the probe picks from")
     ap.add_argument("--out", default="benchmarks/results/demo_power.json", type=Path)
     args = ap.parse_args(argv)
     probe = Probe.from_pretrained(args.probe)
     rows = []
     for task in ("humaneval", "mbpp-test"):
         full = RunData.load(args.runs / task)
-        for n, k in ((8, 4), (8, 8), (16, 4), (16, 8)):
+        for n, k in (tuple(int(v) for v in d.split("x")) for d in args.designs):
             data = first_n(full, n)
             n_tokens = data.run.table(["n_tokens"]).column("n_tokens").to_numpy()[data.rows]
             base = mean_reward_values(data)
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['task']:<10} {r['n']:>2} {r['k']:>2}  {'':<{len(label)}}"
               + "".join(f" {r['power_by_problems'][str(m)]:5.2f}" for m in args.problems))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python benchmarks/demo_power.py", "probe": args.probe, "minutes": args.minutes,
+    meta = {"command": "python benchmarks/demo_power.py --rates 43.5 55", "probe": args.probe, "minutes": args.minutes,
             "load_seconds": LOAD_SECONDS, "rates": args.rates, "problems": args.problems}
     args.out.write_text(json.dumps({**meta, "designs": rows}, indent=1) + "\n")
 

@@ -178,7 +178,8 @@ def test_cli_prints_the_table_and_the_report(tmp_path: Path, capsys: pytest.Capt
             "--limit", "4", "--seed", "1", "--workdir", str(tmp_path / "w"), "--no-progress"]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
-    assert "pass@1" in out and f"Q-probe {probe.name} (k=4)" in out and "pass@4" in out and "greedy" not in out
+    k = DemoConfig().k  # the CLI's default is the design's
+    assert "pass@1" in out and f"Q-probe {probe.name} (k={k})" in out and f"pass@{k}" in out and "greedy" not in out
     assert out.strip().endswith(str(tmp_path / "w" / "report" / "index.html"))
     code, out, _ = run_cli(["demo", "--help"], capsys)
     assert code == 0 and f"Default: {DEFAULT_LIMIT}, the design's N" in " ".join(out.split())

@@ -12,7 +12,7 @@ from qprobe.cli.options import parse_kv
 
 @click.command()
 @click.option("--limit", type=int, default=None,
-              help="N: the first N problems of the split, in order (0 = all). Default: 40, the design's N.")
+              help="N: the first N problems of the split, in order (0 = all). Default: 30, the design's N.")
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Sampling seed of the run (the demo's design was checked with 1, 2 and 3).")
 @click.option("--greedy/--no-greedy", default=False, show_default=True,
@@ -25,7 +25,7 @@ from qprobe.cli.options import parse_kv
 @click.option("--backend", default="llamacpp", show_default=True, help="Generation back-end (see `qprobe ls`).")
 @click.option("--model", default=None, help="Model (default: the packaged Qwen2.5-Coder-0.5B-Instruct, the probe's).")
 @click.option("--n", "n", default=8, show_default=True, help="Samples per problem.")
-@click.option("-k", "k", default=4, show_default=True, help="Candidates the probe picks from.")
+@click.option("-k", "k", default=2, show_default=True, help="Candidates the probe picks from (2: the design's).")
 @click.option("--beta", default=0.0, show_default=True, help="Selection temperature (0 = argmax).")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("qprobe-demo"), show_default=True,
               help="Where runs, results.json and the report go; a re-run reuses the collected runs.")
@@ -38,8 +38,8 @@ def demo(limit, seed, greedy, probe, task, split, task_option, backend, model, n
 
     Samples 8 candidates for each of the first N HumanEval problems with the packaged default
     model, lets the shipped probe `default-code` (trained on MBPP-train; nothing is trained here)
-    pick the best of 4 by its Q (argmax), and prints pass@1 (one random sample), the probe's
-    best-of-4, the pass@4 skyline, and the probe's gain over pass@1, with 95% bootstrap
+    pick the best of 2 by its Q (argmax), and prints pass@1 (one random sample), the probe's
+    best-of-2, the pass@2 skyline, and the probe's gain over pass@1, with 95% bootstrap
     intervals over problems. Writes WORKDIR/results.json and a report to browse
     (WORKDIR/report/index.html). `qprobe --verbose demo` also shows llama.cpp's own log.
     """
