@@ -1,6 +1,6 @@
 """Power of `qprobe demo` designs, computed from the committed reproduction runs (issue 20).
 
-    python benchmarks/demo_power.py [--probe default-code] [--rates 50 90] [--minutes 15]
+    python benchmarks/demo_power.py [--probe default-code] [--rates 50 90] [--minutes 15] [--designs 8x2 8x4 ...]
 
 For each design (task, n samples a problem, k), the probe's per-problem gain over pass@1 (argmax
 best-of-k among the problem's first n stored samples, exact expected reward) on every problem of
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['task']:<10} {r['n']:>2} {r['k']:>2}  {'':<{len(label)}}"
               + "".join(f" {r['power_by_problems'][str(m)]:5.2f}" for m in args.problems))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python benchmarks/demo_power.py --rates 43.5 55", "probe": args.probe, "minutes": args.minutes,
+    command = " ".join(["python benchmarks/demo_power.py", *(sys.argv[1:] if argv is None else argv)])
+    meta = {"command": command, "probe": args.probe, "minutes": args.minutes,
             "load_seconds": LOAD_SECONDS, "rates": args.rates, "problems": args.problems}
     args.out.write_text(json.dumps({**meta, "designs": rows}, indent=1) + "\n")
 

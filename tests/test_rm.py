@@ -130,6 +130,24 @@ def test_ex_reads_the_last_token_after_the_template_end_tokens(tiny: str, pairs:
     assert c[0] == pytest.approx(want, abs=1e-6)
 
 
+def test_base_features_are_the_untrained_models_last_token_state(tiny: str, pairs: list, tmp_path: Path) -> None:
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tiny).eval()
+    rm = _rm(tiny, "ex").fit(pairs, max_steps=3)  # trained adapters: base_features must switch them off
+    for cache in (None, tmp_path / "cache"):
+        chosen, rejected = rm.base_features(pairs[:2], cache_dir=cache)
+        assert chosen.shape == rejected.shape == (2, 32)
+        for i, p in enumerate(pairs[:2]):
+            enc = encode_pair(rm.trunk_.lm.tokenizer, p, 512, 256)
+            for got, side in ((chosen[i], "chosen"), (rejected[i], "rejected")):
+                with torch.no_grad():
+                    out = fresh(input_ids=torch.tensor([enc.sequence(side)]), output_hidden_states=True)
+                np.testing.assert_allclose(got, out.hidden_states[-1][0, -1].numpy(), atol=1e-5, rtol=0)
+    with torch.no_grad():  # and the adapted model's state differs: the switch is what makes them equal
+        adapted = rm.trunk_.model(input_ids=torch.tensor([encode_pair(rm.trunk_.lm.tokenizer, pairs[0], 512, 256)
+                                                          .sequence("chosen")]), output_hidden_states=True)
+    assert not np.allclose(adapted.hidden_states[-1][0, -1].numpy(), chosen[0], atol=1e-4)
+
+
 # ---------------------------------------------------------------------- cached = full forward
 def _grads(rm: RewardModel, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     params = {n: p for n, p in rm.trunk_.model.named_parameters() if p.requires_grad}

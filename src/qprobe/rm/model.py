@@ -173,6 +173,26 @@ class RewardModel:
                 bar.advance(1, len(enc.chosen) + len(enc.rejected), _seconds() - t0)
         return out[:, 0], out[:, 1]
 
+    def base_features(self, pairs: list[Pair], progress: bool = False,
+                      cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen [P, d], rejected [P, d]): the base model's final-norm state at the last token of
+        prompt + response (the EX head's input, adapters off): the features of the frozen-trunk
+        linear probe, from the same tokens and cache as the trained heads."""
+        self._check_fitted()
+        encoded = self.encode(pairs)
+        cache = StateCache(None if cache_dir is None else Path(cache_dir), self.cache_fingerprint(encoded))
+        if cache_dir is not None:
+            self._fill(cache, encoded, progress)
+        out = np.zeros((2, len(encoded), self.trunk_.hidden_size), dtype=np.float32)
+        with torch.no_grad(), self.trunk_.reference(), _bar(len(encoded), progress, "base states") as bar:
+            for i, enc in enumerate(encoded):
+                t0 = _seconds()
+                frozen = self._frozen(enc) if cache_dir is None else cache.get(i)
+                for j, side in enumerate(SIDES):
+                    out[j, i] = self.trunk_.top_states(frozen[side])[-1].float().cpu().numpy()
+                bar.advance(1, len(enc.chosen) + len(enc.rejected), _seconds() - t0)
+        return out[0], out[1]
+
     # --------------------------------------------------------------------------------- fit
     def fit(self, pairs: list[Pair], *, source: str | None = None, workdir: str | Path | None = None,
             cache_dir: str | Path | None = None, progress: bool = False, max_steps: int | None = None,
