@@ -14,8 +14,10 @@ after every step live there and `fit` resumes from them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -229,7 +231,7 @@ class RewardModel:
             step, losses = int(state["step"]), list(state["losses"])
         stop = total if max_steps is None else min(total, max_steps)
         t0, trained = _seconds(), 0
-        with _bar(stop - step, progress and step < stop, "rm train") as bar:
+        with _bar(stop - step, progress and step < stop, "rm train") as bar, _flush_denormals():
             while step < stop:
                 epoch, k = divmod(step, per_epoch)
                 order = np.random.default_rng([c.seed, epoch]).permutation(len(encoded))
@@ -279,6 +281,20 @@ def _loss(name: str) -> Any:
     from qprobe.catalog import LOSSES
 
     return LOSSES.get(name)
+
+
+@contextlib.contextmanager
+def _flush_denormals() -> Iterator[None]:
+    """Denormal floats flushed to zero while training, then off again (torch's default; it has no
+    getter for the state before). Once the loss is near 0 (an easy pair set at a high learning
+    rate), the backward pass fills with denormals, which x86 CPUs compute many times slower
+    (benchmarks/RESULTS.md, EX-RM vs IM-RM: the cost). The values flushed are below 1.2e-38."""
+    before = torch.set_flush_denormal(True)  # True when the CPU supports it
+    try:
+        yield
+    finally:
+        if before:
+            torch.set_flush_denormal(False)
 
 
 def _bar(total: int, enabled: bool, label: str) -> Any:

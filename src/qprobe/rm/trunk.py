@@ -23,6 +23,7 @@ tokens kept); both cuts are counted.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +127,9 @@ class Trunk:
                               if isinstance(m, torch.nn.Linear))
         config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0,
                                  target_modules=self.targets, bias="none")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft 0.21 asks transformers 5 a deprecated question: noise to a user, nothing to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             torch.manual_seed(seed)
             self.peft = peft.get_peft_model(model, config)
         self.model = model  # the same modules, adapters injected in place
