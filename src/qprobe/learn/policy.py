@@ -139,6 +139,33 @@ class Policy:
         with self.trunk.reference():
             yield
 
+    @contextlib.contextmanager
+    def adapted(self) -> Iterator[None]:
+        """The adapters on again inside `base()` (sampling while the features stay the base model's)."""
+        lora = self.trunk.peft.base_model  # peft's LoraModel
+        lora.enable_adapter_layers()
+        try:
+            yield
+        finally:
+            lora.disable_adapter_layers()
+
+    def collect_backend(self) -> Any:
+        """A transformers back-end for `qprobe.collection.collect` that samples this policy (adapters
+        on) and embeds with the base model: run the collection inside `base()`."""
+        from qprobe.generation.hf import TransformersBackend
+
+        policy = self
+
+        class _Adapted(TransformersBackend):
+            def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
+                with policy.adapted():
+                    return super().generate(text, sampling, seeds)
+
+            def close(self) -> None:  # the trunk's model stays loaded
+                pass
+
+        return _Adapted(lm=self.trunk.lm)
+
     def close(self) -> None:
         if self._llama is not None:
             self._llama.close()

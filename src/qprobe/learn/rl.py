@@ -234,6 +234,8 @@ def run_rl(cfg: RLConfig, workdir: str | Path, *, lm: Any = None, max_steps: int
     folder = Path(workdir)
     open_workdir(folder, {"rl": json.loads(json.dumps(cfg.fingerprint(), default=str))})
     s = setup(cfg, folder, lm)
+    for sub in ("samples", "evals"):
+        (folder / sub).mkdir(exist_ok=True)
     try:
         step, state = _step_state(s, folder)
         stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
