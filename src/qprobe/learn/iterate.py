@@ -120,8 +120,14 @@ def train_probe(cfg: IterConfig, run: Any) -> Any:
 
 def held_out_report(run: Any, probe: Any, k: int, beta: float) -> dict[str, Any]:
     """pass@1, the probe policy's return at k and pass@k on a run, each with a 95% interval over problems."""
-    from qprobe.evaluation.evaluate import (RunData, mean_reward_values, method_result, pass_at_k_values,
-                                            probe_scores, probe_values)
+    from qprobe.evaluation.evaluate import (
+        RunData,
+        mean_reward_values,
+        method_result,
+        pass_at_k_values,
+        probe_scores,
+        probe_values,
+    )
 
     data = RunData.load(run)
     out = {}
@@ -211,7 +217,7 @@ def run_iterate(cfg: IterConfig, workdir: str | Path, *, lm: Any = None, progres
             t0 = time.perf_counter()
             adapter = "base" if t == 0 else str(folder / f"round{t - 1}" / "checkpoint")
             if cfg.sampler == "llamacpp" and t > 0:
-                from qprobe.rm.gguf_adapter import export_gguf_lora  # the lora branch's exporter
+                from qprobe.rm.gguf_adapter import export_gguf_lora  # type: ignore[import-not-found,unused-ignore]  # lora branch
 
                 adapter = str(export_gguf_lora(trunk, here / "adapter.gguf", base_gguf=cfg.gguf))
             train_run = _collect(cfg, policy, here / "train", cfg.split, cfg.pool, adapter, progress)

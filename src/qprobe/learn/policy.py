@@ -54,8 +54,9 @@ class Rollout:
 def end_token_id(lm: Any) -> int:
     """The end token the policy learns to stop with: the generation config's first EOS, else the
     tokenizer's."""
-    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    eos: Any = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
     eos = eos if eos is not None else lm.tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("expected a model with an end-of-sequence token, got none in its generation config "
@@ -91,7 +92,7 @@ class Policy:
         if self.sampler == "transformers":
             return self.hf
         from qprobe.catalog import BACKENDS
-        from qprobe.rm.gguf_adapter import export_gguf_lora  # the lora branch's exporter
+        from qprobe.rm.gguf_adapter import export_gguf_lora  # type: ignore[import-not-found,unused-ignore]  # lora branch
 
         if self._llama is None:
             opts = dict(self._llama_options)

@@ -144,7 +144,7 @@ def setup(cfg: RLConfig, folder: Path, lm: Any = None) -> Setup:
 
         probe = Probe.from_pretrained(cfg.probe)
     task_reward = task.reward()
-    kinds = {"oracle": OracleReward, "orm": LastTokenReward, "qrm": TokenReward, "qprobe": ProbeValueReward}
+    kinds: dict[str, Any] = {"oracle": OracleReward, "orm": LastTokenReward, "qrm": TokenReward, "qprobe": ProbeValueReward}
     reward = kinds[cfg.reward](task_reward, probe)
     if probe is not None:
         _check_held_out(probe, held, cfg.probe or "")
