@@ -158,6 +158,30 @@ def test_qrm_reward_reads_the_base_model_whatever_the_adapters(tiny: str) -> Non
             x, y, np.repeat(np.arange(10), 4), spec=FeatureSpec("transformers", tiny, spec.sha256, -1, "last", 32)))
 
 
+def test_collect_backend_samples_the_policy_and_embeds_with_the_base_model(tiny: str) -> None:
+    from qprobe.features import make_embedder
+    from qprobe.features.hf import TransformersEmbedder
+    from qprobe.features.spec import FeatureRequest
+    from qprobe.generation.base import SamplingConfig
+
+    policy = _policy(tiny)
+    with torch.no_grad():
+        for p in policy.trunk.parameters():
+            p.add_(0.3)
+    text, samp = policy.render(Prompt("p", "is ice cold")), SamplingConfig(temperature=1.0, max_new_tokens=6)
+    adapted = policy.hf.generate(text, samp, [1, 2, 3])  # adapters on
+    backend = policy.collect_backend()
+    with policy.base():
+        got = backend.generate(text, samp, [1, 2, 3])
+        base = policy.hf.generate(text, samp, [1, 2, 3])
+        req = FeatureRequest(-1, "tokens")
+        feats = make_embedder(backend, "").embed(text, got, [req])[req.key]
+    assert [c.token_ids for c in got] == [c.token_ids for c in adapted] != [c.token_ids for c in base]
+    fresh = TransformersEmbedder(tiny, dtype="float32", device="cpu").embed(text, got, [req])[req.key]
+    for a, b in zip(feats, fresh, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------- resume after SIGKILL
 RUN = """
 import json, os, signal, sys, threading, time
@@ -242,3 +266,33 @@ def test_iterate_cli_errors(tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(["iterate", "--task", "fake", "--feature", "embed=minilm:mean", "--out", str(tmp_path / "w")],
                            capsys)
     assert code == 2 and "hidden-state feature" in err
+
+
+# -------------------------------------------------------------------------------- iterate
+def test_iterate_rounds_report_resume_and_keep_base_model_features(tiny: str, tmp_path: Path) -> None:
+    from qprobe.evaluation.evaluate import RunData
+    from qprobe.features.spec import FeatureRequest
+    from qprobe.learn.iterate import IterConfig, run_iterate
+    from qprobe.rm.workdir import load_checkpoint
+
+    cfg = IterConfig(task="fake", task_options={"size": 4}, pool=4, eval_size=3, k=3, rounds=2, max_new_tokens=5,
+                     model=tiny, top_blocks=2, lora_r=4, lora_alpha=8.0, lr=0.05, batch=2)
+    reports = run_iterate(cfg, tmp_path / "it")
+    assert [r["round"] for r in reports] == [0, 1]
+    for r in reports:
+        assert set(r["held_out"]) == {"pass@1", "probe@3", "pass@3"} and r["held_out"]["pass@1"]["n_prompts"] == 3
+        assert r["held_out"]["pass@1"]["mean"] <= r["held_out"]["pass@3"]["mean"]
+        assert r["sft"]["steps"] == 2
+    a0 = load_checkpoint(tmp_path / "it" / "round0")[0]
+    a1 = load_checkpoint(tmp_path / "it" / "round1")[0]
+    assert any(not torch.equal(a0[k], a1[k]) for k in a0 if k.startswith("adapter."))  # round 1 trained on
+    # the same (prompt, completion) in both rounds has the same stored features: the base model's
+    runs = [RunData.load(tmp_path / "it" / f"round{t}" / "train").run for t in (0, 1)]
+    rows = [{(r["prompt_id"], r["completion"]): i for i, r in enumerate(run.table().to_pylist())} for run in runs]
+    common = sorted(set(rows[0]) & set(rows[1]))
+    assert common
+    key = FeatureRequest(-1, "last").key
+    for c in common:
+        np.testing.assert_array_equal(runs[0].features(key, np.array([rows[0][c]])),
+                                      runs[1].features(key, np.array([rows[1][c]])))
+    assert run_iterate(cfg, tmp_path / "it") == reports  # resumed: every round done, read back
