@@ -296,3 +296,25 @@ def test_iterate_rounds_report_resume_and_keep_base_model_features(tiny: str, tm
         np.testing.assert_array_equal(runs[0].features(key, np.array([rows[0][c]])),
                                       runs[1].features(key, np.array([rows[1][c]])))
     assert run_iterate(cfg, tmp_path / "it") == reports  # resumed: every round done, read back
+
+
+def test_rl_refuses_a_reward_model_trained_on_a_held_out_problem(tiny: str, tmp_path: Path, capsys) -> None:
+    from qprobe.features.spec import FeatureSpec
+    from qprobe.generation.hf_load import load_causal_lm
+    from qprobe.probes import TokenProbe
+    from qprobe.store.run import prompt_hash
+    from qprobe.tasks.fake import FakeTask
+
+    sha = load_causal_lm(tiny, dtype="float32", device="cpu").sha256
+    leaked = FakeTask(4).prompts("test")[1].text
+    rng = np.random.default_rng(0)
+    probe = TokenProbe(loss="bt").fit(rng.normal(size=(8, 32)), rng.integers(0, 2, 8).astype(float),
+                                      np.repeat(np.arange(4), 2), spec=FeatureSpec("transformers", tiny, sha, -1, "mean", 32),
+                                      source={"train_prompts": {"hashes": [prompt_hash(leaked)]}})
+    probe.save_pretrained(tmp_path / "qrm")
+    code, _, err = run_cli(["rl", "--reward", "qrm", "--probe", str(tmp_path / "qrm"), "--task", "fake", "--task-option",
+                            "size=4", "--pool", "4", "--batch", "2", "--eval-size", "2", "--model", tiny, "--top-blocks",
+                            "1", "--out", str(tmp_path / "w")], capsys)
+    last = err.strip().splitlines()[-1]  # above it: transformers' own FutureWarning
+    assert code == 2 and last.startswith("qprobe: error: expected a reward model trained on other problems")
+    assert "trained on 1 of them (e.g. ['test/1'])" in last

@@ -146,28 +146,34 @@ def setup(cfg: RLConfig, folder: Path, lm: Any = None) -> Setup:
     task_reward = task.reward()
     kinds: dict[str, Any] = {"oracle": OracleReward, "orm": LastTokenReward, "qrm": TokenReward, "qprobe": ProbeValueReward}
     reward = kinds[cfg.reward](task_reward, probe)
-    if probe is not None:
-        _check_held_out(probe, held, cfg.probe or "")
     lm = lm if lm is not None else load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
     trunk = Trunk(lm, LoraSettings(cfg.top_blocks, cfg.lora_r, cfg.lora_alpha), seed=cfg.seed)
     policy = Policy(trunk, cfg.sampler, gguf=cfg.gguf, workdir=folder)
+    if probe is not None:
+        _check_held_out(probe, held, policy.render, cfg.probe or "")
     opt = torch.optim.AdamW(trunk.parameters(), lr=cfg.lr, weight_decay=0.0)
     stop = tuple(getattr(task, "stop", ()) or ())
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, stop=stop, seed=cfg.seed)
     return Setup(cfg, pool, held, task_reward, policy, reward, opt, sampling)
 
 
-def _check_held_out(probe: Any, held: list[Any], name: str) -> None:
-    """Refuse a reward model trained on any held-out problem (by the hash of its prompt text)."""
-    from qprobe.evaluation.evaluate import check_overlap
+def _check_held_out(probe: Any, held: list[Any], render: Callable[[Any], str], name: str) -> None:
+    """Refuse a reward model trained on any held-out problem, by the hash of its prompt text (raw or
+    rendered: a run stores the prompt as its back-end rendered it); warn when it records none."""
+    import warnings
+
     from qprobe.store.run import prompt_hash
 
-    texts = {p.id: p.text for p in held}
-    note = check_overlap(probe, {pid: prompt_hash(t) for pid, t in texts.items()}, name)
-    if note:
-        import warnings
-
-        warnings.warn(note, stacklevel=3)
+    trained = set((getattr(probe, "source_", {}) or {}).get("train_prompts", {}).get("hashes", []))
+    if not trained:
+        warnings.warn(f"reward model {name} records no training prompts: cannot check that it was not trained on "
+                      "the held-out problems", stacklevel=3)
+        return
+    leaked = [p.id for p in held if {prompt_hash(p.text), prompt_hash(render(p))} & trained]
+    if leaked:
+        raise DataError(f"expected a reward model trained on other problems than the {len(held)} held-out ones, got "
+                        f"{name} trained on {len(leaked)} of them (e.g. {leaked[:3]}); train it on base-model samples "
+                        "of the training split only")
 
 
 def _step_state(s: Setup, folder: Path) -> tuple[int, dict[str, Any]]:
