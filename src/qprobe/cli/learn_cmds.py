@@ -68,7 +68,7 @@ def _interval(d: dict[str, Any]) -> str:
 @_common
 @click.option("--steps", type=int, default=150, show_default=True, help="Optimiser steps in all (raise it and re-run to train on).")
 @click.option("--batch", type=int, default=8, show_default=True, help="Prompts a step, one sample each at temperature 1.")
-@click.option("--lr", type=float, default=2e-5, show_default=True, help="AdamW learning rate (weight decay 0, constant).")
+@click.option("--lr", type=float, default=5e-5, show_default=True, help="AdamW learning rate (weight decay 0, constant).")
 @click.option("--eval-every", type=int, default=25, show_default=True, help="Evaluate the held-out set every N steps (and at 0 and the end).")
 @click.option("--eval-samples", type=int, default=1, show_default=True, help="Samples per held-out problem for sampled pass@1.")
 @click.option("--hack-quantile", type=float, default=0.75, show_default=True, help="Flag rollouts with a reward at or above this quantile of all so far that fail the oracle.")

@@ -60,7 +60,7 @@ class RLConfig:
     steps: int = 150
     batch: int = 8
     max_new_tokens: int = 128
-    lr: float = 2e-5
+    lr: float = 5e-5
     model: str = ""  # "" = the packaged default GGUF, through transformers
     sampler: str = "transformers"
     gguf: str | None = None  # the base GGUF llama.cpp samples (default: the packaged one)
