@@ -236,6 +236,7 @@ def test_resume_after_sigkill_ends_equal_to_an_uninterrupted_run(tiny: str, tmp_
 # ------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("args, message", [
     (["--reward", "bogus"], "expected --reward in"),
+    (["--reward", "qrn"], "did you mean 'qrm'?"),
     (["--reward", "qrm"], "expected --probe DIR with --reward qrm"),
     (["--reward", "oracle", "--probe", "p"], "expected no --probe with --reward oracle"),
     (["--reward", "oracle", "--batch", "0"], "expected batch >= 1"),

@@ -76,7 +76,11 @@ class RLConfig:
         from qprobe.learn.policy import SAMPLERS
 
         if self.reward not in REWARDS:
-            raise ConfigError(f"expected --reward in {list(REWARDS)}, got '{self.reward}'")
+            import difflib
+
+            near = difflib.get_close_matches(self.reward, REWARDS, n=1)
+            raise ConfigError(f"expected --reward in {list(REWARDS)}, got '{self.reward}'"
+                              + (f"; did you mean '{near[0]}'?" if near else ""))
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"expected --sampler in {list(SAMPLERS)}, got '{self.sampler}'")
         for name in ("pool", "eval_size", "eval_every", "eval_samples", "steps", "batch", "max_new_tokens"):
