@@ -182,6 +182,18 @@ def test_collect_backend_samples_the_policy_and_embeds_with_the_base_model(tiny:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_llamacpp_sampler_refuses_a_gguf_of_other_weights(tiny: str, tmp_path: Path) -> None:
+    from qprobe.errors import ConfigError
+    from qprobe.generation.base import SamplingConfig
+    from qprobe.learn.policy import Policy
+
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF not the trunk's weights")
+    policy = Policy(_policy(tiny).trunk, "llamacpp", gguf=str(other), workdir=tmp_path)
+    with pytest.raises(ConfigError, match="expected --gguf to be the trunk's own weights"):
+        policy.sample([Prompt("p", "x")], SamplingConfig(max_new_tokens=2), [0])
+
+
 # ---------------------------------------------------------------------- resume after SIGKILL
 RUN = """
 import json, os, signal, sys, threading, time

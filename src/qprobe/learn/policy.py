@@ -92,19 +92,31 @@ class Policy:
         if self.sampler == "transformers":
             return self.hf
         from qprobe.catalog import BACKENDS
-        from qprobe.rm.gguf_adapter import export_gguf_lora  # type: ignore[import-not-found,unused-ignore]  # lora branch
 
         if self._llama is None:
+            self._check_gguf()
             opts = dict(self._llama_options)
             if self.gguf:
                 opts["model"] = self.gguf
             self._llama = BACKENDS.create("llamacpp", **opts)
         if self._exported_for != version:  # the adapter changes once per optimiser step
+            from qprobe.rm.gguf_adapter import export_gguf_lora  # type: ignore[import-not-found,unused-ignore]  # lora branch
+
             folder = self.workdir if self.workdir is not None else Path.cwd()
             path = export_gguf_lora(self.trunk, Path(folder) / "adapter.gguf", base_gguf=self.gguf)
             self._llama.set_lora(path)
             self._exported_for = version
         return self._llama
+
+    def _check_gguf(self) -> None:
+        """Refuse a GGUF other than the trunk's weights: the adapter would be applied to another model."""
+        from qprobe.generation.models import default_model_path, file_sha256
+
+        path = Path(self.gguf) if self.gguf else Path(default_model_path())
+        have = self.trunk.lm.sha256
+        if path.is_file() and have and not have.startswith("hub:") and file_sha256(path) != have:
+            raise ConfigError(f"expected --gguf to be the trunk's own weights (sha256 {have[:12]}), got '{path}' "
+                              "with other weights; pass the GGUF the trunk was loaded from (--model)")
 
     def sample(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seeds: Sequence[int],
                version: int = 0) -> list[Rollout]:

@@ -48,8 +48,9 @@ class StepReward(ABC):
     terminal = True
 
     @abstractmethod
-    def values(self, policy: Policy, rollouts: list[Rollout]) -> list[np.ndarray]:
-        """Z [n_actions] per rollout."""
+    def values(self, policy: Policy, rollouts: list[Rollout],
+               verdicts: list[float | None] | None = None) -> list[np.ndarray]:
+        """Z [n_actions] per rollout (`verdicts`: the oracle's, when the caller has them already)."""
 
     def sequence_value(self, z: np.ndarray) -> float:
         return float(z[-1]) if self.terminal else float(np.mean(z))
@@ -70,8 +71,9 @@ class OracleReward(StepReward):
 
             sandbox.require_opt_in()
 
-    def values(self, policy: Policy, rollouts: list[Rollout]) -> list[np.ndarray]:
-        got = oracle_rewards(self.task_reward, rollouts)
+    def values(self, policy: Policy, rollouts: list[Rollout],
+               verdicts: list[float | None] | None = None) -> list[np.ndarray]:
+        got = oracle_rewards(self.task_reward, rollouts) if verdicts is None else verdicts
         vals = [0.0 if g is None else g for g in got]  # unscored (a sandbox error) counts as a fail
         return terminal_values(vals, [r.n_actions for r in rollouts])
 
@@ -117,7 +119,8 @@ class ProbeValueReward(_ProbeReward):
 
     name = "qprobe"
 
-    def values(self, policy: Policy, rollouts: list[Rollout]) -> list[np.ndarray]:
+    def values(self, policy: Policy, rollouts: list[Rollout],
+               verdicts: list[float | None] | None = None) -> list[np.ndarray]:
         emb = self.embedder(policy)
         req = FeatureRequest(self.spec.layer, self.spec.pooling)
         vals = []
@@ -150,7 +153,8 @@ class TokenReward(_ProbeReward):
             raise ConfigError(f"expected a Q-RM token probe (`qprobe train --arch token` on mean-pooled states) for "
                               f"--reward qrm, got a {type(probe).__name__} on {self.spec.describe()}")
 
-    def values(self, policy: Policy, rollouts: list[Rollout]) -> list[np.ndarray]:
+    def values(self, policy: Policy, rollouts: list[Rollout],
+               verdicts: list[float | None] | None = None) -> list[np.ndarray]:
         emb = self.embedder(policy)
         layer = self.spec.layer
         out = []

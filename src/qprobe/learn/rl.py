@@ -204,7 +204,7 @@ def train_step(s: Setup, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     t1 = time.perf_counter()
     verdicts = oracle_rewards(s.task_reward, rollouts)
     t2 = time.perf_counter()
-    z = s.reward.values(s.policy, rollouts)  # raw Z [t_i] per rollout
+    z = s.reward.values(s.policy, rollouts, verdicts)  # raw Z [t_i] per rollout
     r = token_rewards(z)
     t3 = time.perf_counter()
     n_tokens = sum(x.n_actions for x in rollouts)
