@@ -61,6 +61,8 @@ _EXPORTS = {
     # policy and evaluation
     "QProbePolicy": "qprobe.policy.select", "PolicyConfig": "qprobe.policy.select",
     "Selection": "qprobe.policy.select", "Candidate": "qprobe.policy.select",
+    "RLConfig": "qprobe.learn.rl", "RLSetup": "qprobe.learn.rl", "run_rl": "qprobe.learn.rl",
+    "IterConfig": "qprobe.learn.iterate", "run_iterate": "qprobe.learn.iterate",
     "pass_at_k": "qprobe.metrics", "expected_return": "qprobe.metrics", "bootstrap_ci": "qprobe.intervals",
     "paired_bootstrap_ci": "qprobe.intervals",
 }

@@ -109,7 +109,7 @@ def batch_indices(seed: int, pool: int, batch: int, step: int) -> np.ndarray:
 
 
 @dataclass
-class Setup:
+class RLSetup:
     """What a run holds in memory: the task's prompts and reward, the policy, its optimiser."""
 
     config: RLConfig
@@ -122,7 +122,7 @@ class Setup:
     sampling: SamplingConfig
 
 
-def setup(cfg: RLConfig, folder: Path, lm: Any = None) -> Setup:
+def setup(cfg: RLConfig, folder: Path, lm: Any = None) -> RLSetup:
     """Load the task, the base model with fresh adapters, the reward and AdamW."""
     import torch
 
@@ -158,7 +158,7 @@ def setup(cfg: RLConfig, folder: Path, lm: Any = None) -> Setup:
     opt = torch.optim.AdamW(trunk.parameters(), lr=cfg.lr, weight_decay=0.0)
     stop = tuple(getattr(task, "stop", ()) or ())
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, stop=stop, seed=cfg.seed)
-    return Setup(cfg, pool, held, task_reward, policy, reward, opt, sampling)
+    return RLSetup(cfg, pool, held, task_reward, policy, reward, opt, sampling)
 
 
 def _check_held_out(probe: Any, held: list[Any], render: Callable[[Any], str], name: str) -> None:
@@ -180,7 +180,7 @@ def _check_held_out(probe: Any, held: list[Any], render: Callable[[Any], str], n
                         "of the training split only")
 
 
-def _step_state(s: Setup, folder: Path) -> tuple[int, dict[str, Any]]:
+def _step_state(s: RLSetup, folder: Path) -> tuple[int, dict[str, Any]]:
     from qprobe.rm.workdir import load_checkpoint, restore_optimizer
 
     ck = load_checkpoint(folder)
@@ -192,7 +192,7 @@ def _step_state(s: Setup, folder: Path) -> tuple[int, dict[str, Any]]:
     return int(state["step"]), state
 
 
-def train_step(s: Setup, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def train_step(s: RLSetup, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Step `step` (0-based) -> (its log row, its rollouts as rows of the samples file)."""
     from qprobe.learn.reinforce import reinforce_loss, token_rewards
     from qprobe.learn.rewards import oracle_rewards
@@ -286,7 +286,7 @@ def eval_steps(cfg: RLConfig, upto: int) -> list[int]:
     return steps + ([cfg.steps] if upto >= cfg.steps and cfg.steps not in steps else [])
 
 
-def _evaluate_missing(s: Setup, folder: Path, step: int, callback: Callable[[dict[str, Any]], None] | None) -> None:
+def _evaluate_missing(s: RLSetup, folder: Path, step: int, callback: Callable[[dict[str, Any]], None] | None) -> None:
     from qprobe.learn.evaluate import evaluate_policy
 
     for t in eval_steps(s.config, step):
