@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -228,7 +229,7 @@ def test_resume_after_sigkill_ends_equal_to_an_uninterrupted_run(tiny: str, tmp_
     script = tmp_path / "run.py"
     script.write_text(RUN.format(tests=str(HERE), cfg=json.dumps(_cfg(tiny))))
     killed = tmp_path / "killed"
-    env = {"PYTHONPATH": str(HERE.parent / "src"), "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
     proc = subprocess.run([sys.executable, str(script), "2", str(killed)], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert load_checkpoint(killed)[1]["step"] == 2  # killed during step 3: the last checkpoint is step 2
