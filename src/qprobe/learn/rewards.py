@@ -11,6 +11,10 @@ trained on base-model samples would: the token states of prompt + actions at the
 computed by the transformers embedder on the trunk's own weights. The probe must have been trained
 on these weights (its feature spec's sha256) and on base-model samples of the training split only:
 `check_probe` refuses a probe whose training prompts include any evaluation prompt.
+Tokens: the ORM reads the last kept token's state, as qprobe trains it (Q-RM's code reads the EOS
+token's; probes/token.py); Q-RM scores every action token, the end token included as in the
+authors' code, with a head trained on the mean of the kept tokens' states (whose EOS score the EOS
+rule then replaces by the sequence mean anyway; it still enters std(Z)).
 `sequence_value` is the one number a rollout's reward is reported as (the hacking report, the log).
 """
 
