@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-torch.set_num_threads(1)
-os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
 from qprobe.features.spec import FeatureSpec
 from qprobe.generation.base import sample_seed
 from qprobe.learn.reinforce import reinforce_loss, token_rewards
 from qprobe.learn.rewards import TokenReward, oracle_rewards
 from qprobe.learn.rl import RLConfig, batch_indices, setup
 from qprobe.probes import TokenProbe
+torch.set_num_threads(1)
+os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
 
 parts = {}
 def timed(name, fn):
