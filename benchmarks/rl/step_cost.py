@@ -16,6 +16,7 @@ from qprobe.learn.reinforce import reinforce_loss, token_rewards
 from qprobe.learn.rewards import TokenReward, oracle_rewards
 from qprobe.learn.rl import RLConfig, batch_indices, setup
 from qprobe.probes import TokenProbe
+
 torch.set_num_threads(1)
 os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
 
