@@ -17,8 +17,10 @@ registries (it imports that registry's targets). tests/test_layers.py reads this
                  with a trainable trunk: LoRA adapters + an EX / IM / Q-RM head)
   9. policy      qprobe.policy (best-of-k selection with a probe)
  10. evaluation  qprobe.evaluation (expected returns, tables, judges, reports)
- 11. serving     qprobe.serve (the Q-probe policy behind an OpenAI-compatible HTTP API)
- 12. cli         qprobe.cli
+ 11. learning    qprobe.learn (training loops that change the policy: REINFORCE with probe or oracle
+                 rewards, iterative Q-probing)
+ 12. serving     qprobe.serve (the Q-probe policy behind an OpenAI-compatible HTTP API)
+ 13. cli         qprobe.cli
 
 The names below are imported lazily: `import qprobe` stays light (no torch, no llama.cpp).
 """
@@ -59,6 +61,8 @@ _EXPORTS = {
     # policy and evaluation
     "QProbePolicy": "qprobe.policy.select", "PolicyConfig": "qprobe.policy.select",
     "Selection": "qprobe.policy.select", "Candidate": "qprobe.policy.select",
+    "RLConfig": "qprobe.learn.rl", "RLSetup": "qprobe.learn.rl", "run_rl": "qprobe.learn.rl",
+    "IterConfig": "qprobe.learn.iterate", "run_iterate": "qprobe.learn.iterate",
     "pass_at_k": "qprobe.metrics", "expected_return": "qprobe.metrics", "bootstrap_ci": "qprobe.intervals",
     "paired_bootstrap_ci": "qprobe.intervals",
 }
