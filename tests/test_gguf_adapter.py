@@ -89,17 +89,27 @@ def hf_logprobs(trunk: Trunk, ids: list[int]) -> np.ndarray:
 
 
 def max_diffs(setup) -> dict[str, float]:
+    """Max |log p difference| over TEXTS: llama.cpp + adapter vs peft ("adapter"), llama.cpp vs
+    transformers without it ("base"), peft vs its base ("effect"); over every position and token of
+    the vocabulary, and ("..._next") at the text's own next tokens only."""
     b, trunk = setup["backend"], setup["trunk"]
-    out = {"adapter": 0.0, "base": 0.0, "effect": 0.0}
+    out: dict[str, float] = {}
+
+    def keep(name: str, x: np.ndarray, y: np.ndarray, nxt: np.ndarray) -> None:
+        d = np.abs(x - y)  # [T, V]
+        out[name] = max(out.get(name, 0.0), float(d.max()))
+        out[f"{name}_next"] = max(out.get(f"{name}_next", 0.0), float(d[np.arange(len(nxt)), nxt].max()))
+
     for text in TEXTS:
         ids = b.tokenize(text)
+        nxt = np.array(ids[1:])  # position t predicts ids[t + 1]
         peft_lp = hf_logprobs(trunk, ids)
         with trunk.reference():
             base_lp = hf_logprobs(trunk, ids)
-        out["adapter"] = max(out["adapter"], float(np.abs(cpp_logprobs(b, ids) - peft_lp).max()))
-        out["effect"] = max(out["effect"], float(np.abs(peft_lp - base_lp).max()))
+        keep("adapter", cpp_logprobs(b, ids), peft_lp, nxt)
+        keep("effect", peft_lp, base_lp, nxt)
         b.set_lora(None)
-        out["base"] = max(out["base"], float(np.abs(cpp_logprobs(b, ids) - base_lp).max()))
+        keep("base", cpp_logprobs(b, ids), base_lp, nxt)
         b.set_lora(setup["adapter"])
     return out
 
@@ -222,6 +232,14 @@ def test_features_stay_the_base_models(setup) -> None:
         b.set_lora(setup["adapter"])
     for key in base:
         np.testing.assert_allclose(with_adapter[key], base[key], atol=1e-5)
+    unified = LlamaCppBackend(str(setup["gguf"]), n_ctx=256, n_seq_max=2, chat=False, kv_unified=True,
+                              lora=setup["adapter"], kv_dtype="f32")
+    try:  # a unified cache evaluates in the main context unless an adapter is on
+        got = LlamaCppEmbedder(unified).embed(text, comps, reqs)
+    finally:
+        unified.close()
+    for key in base:
+        np.testing.assert_allclose(got[key], base[key], atol=1e-5)
 
 
 def max_diffs_once(setup) -> float:
@@ -267,8 +285,13 @@ def gguf_adapter_sha(path: Path) -> str:
 # ---------------------------------------------------------------------- the real default model
 @pytest.mark.slow
 def test_default_model_adapter_tolerance(tmp_path) -> None:
-    """peft (transformers, dequantised F32) vs llama.cpp (Q4_K_M) with a random adapter on the top 4
-    blocks: prints both differences; the adapter's must stay near the base model's own."""
+    """peft (transformers, the GGUF dequantised to F32) vs llama.cpp (Q4_K_M: activations quantised to
+    Q8 in its matmuls, F16 KV cache) with a random adapter on the top 4 blocks (r 16, alpha 32).
+
+    Measured here (2 cores, llama-cpp-python 0.3.36): the base model alone differs by max 0.59 over
+    every token of the vocabulary and 0.18 at the texts' own next tokens (0.71 / 0.15 with an F32 KV
+    cache: the quantised matmuls dominate); with the adapter 0.52 / 0.06, while the adapter moves
+    log-probabilities by 8.4 / 2.2. Tolerance: 0.75 (vocabulary) and 0.25 (next tokens)."""
     from qprobe.generation import models
 
     try:
@@ -277,7 +300,7 @@ def test_default_model_adapter_tolerance(tmp_path) -> None:
         pytest.skip(str(exc))
     lm = load_causal_lm(str(path), dtype="float32", device="cpu")
     trunk = Trunk(lm, LoraSettings(top_blocks=4, r=16, alpha=32.0), seed=0)
-    randomise(trunk, 1, scale=0.05)
+    randomise(trunk, 1, scale=0.02)
     adapter = export_gguf_lora(trunk, tmp_path / "adapter.gguf")
     b = LlamaCppBackend(n_ctx=1024, n_seq_max=1, lora=adapter)
     try:
@@ -285,4 +308,5 @@ def test_default_model_adapter_tolerance(tmp_path) -> None:
     finally:
         b.close()
     print(f"default model, max |d log p| over {len(TEXTS)} prompts: {d}")
-    assert d["effect"] > 2 * d["adapter"] and d["adapter"] < 1.5 * d["base"] + 0.05, d
+    assert d["adapter"] < 0.75 and d["adapter_next"] < 0.25 and d["base"] < 0.75, d
+    assert d["effect"] > 5 * d["adapter"] and d["effect_next"] > 5 * d["adapter_next"], d
