@@ -310,3 +310,17 @@ def test_default_model_adapter_tolerance(tmp_path) -> None:
     print(f"default model, max |d log p| over {len(TEXTS)} prompts: {d}")
     assert d["adapter"] < 0.75 and d["adapter_next"] < 0.25 and d["base"] < 0.75, d
     assert d["effect"] > 5 * d["adapter"] and d["effect_next"] > 5 * d["adapter_next"], d
+
+
+def test_cli_bad_adapter_is_one_line(setup, tmp_path, capsys) -> None:
+    if setup["arch"] != "qwen2":
+        pytest.skip("one architecture is enough for the CLI")
+    from helpers import run_cli
+
+    base = ["collect", "--task", "fake", "--out", str(tmp_path / "run"), "--backend", "llamacpp",
+            "--model", str(setup["gguf"]), "--backend-option", "chat=false", "--n", "1"]
+    code, _, err = run_cli(base + ["--backend-option", f"lora={tmp_path / 'missing.gguf'}"], capsys)
+    assert code == 2 and "expected a GGUF LoRA adapter file" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(base + ["--backend-option", f"lora={setup['adapter']}", "--backend-option",
+                                   "lora_scale=big"], capsys)
+    assert code == 2 and "lora_scale" in err and not (tmp_path / "run").exists()

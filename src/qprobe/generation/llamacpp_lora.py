@@ -51,9 +51,12 @@ class LlamaLora:
             self._release()
             self.lora = None
         else:
-            scale = float(scale)
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                scale = math.nan
             if not math.isfinite(scale):
-                raise ConfigError(f"expected a finite lora_scale, got {scale}")
+                raise ConfigError(f"expected a finite number for lora_scale, got {scale!r}; e.g. lora_scale=1.0")
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"expected a GGUF LoRA adapter file, got nothing at '{p}'; "
