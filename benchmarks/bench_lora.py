@@ -59,7 +59,6 @@ def main() -> None:
 
     import torch
 
-    from qprobe.core.files import write_json_atomic
     from qprobe.core.types import Prompt
     from qprobe.generation import models
     from qprobe.generation.hf_load import load_causal_lm
@@ -76,16 +75,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter.gguf"
         export_s = []
-        for _ in range(3):
+        for _ in range(3):  # each a whole export: adapter state, base GGUF's metadata, write, fsync
             t0 = time.perf_counter()
             export_gguf_lora(trunk, adapter)
             export_s.append(time.perf_counter() - t0)
+        print(f"export seconds: {[round(x, 3) for x in export_s]}", flush=True)
         size = adapter.stat().st_size
         b = LlamaCppBackend(n_seq_max=args.slots, n_threads=args.threads)
         try:
             text = b.render(Prompt(id="p", text="", messages=({"role": "user", "content": PROMPT},)))
             rounds: dict[str, list[dict]] = {"base": [], "lora": []}
-            set_s = []
+            set_s: list[float] = []
             for r in range(args.rounds):
                 for name in ("base", "lora"):
                     t0 = time.perf_counter()
@@ -93,8 +93,17 @@ def main() -> None:
                     if name == "lora":
                         set_s.append(time.perf_counter() - t0)
                     rounds[name].append(decode_round(b, text, args.slots, args.steps, seed=100 * r))
+                    print(f"round {r} {name}: {rounds[name][-1]}", flush=True)
+                    if rounds["lora"]:  # partial results survive a kill
+                        report(args, rounds, export_s, set_s, size, load_before, complete=False)
         finally:
             b.close()
+    report(args, rounds, export_s, set_s, size, load_before, complete=True)
+
+
+def report(args: argparse.Namespace, rounds: dict, export_s: list, set_s: list, size: int, load_before: tuple,
+           complete: bool) -> None:
+    from qprobe.core.files import write_json_atomic
 
     def total(name: str) -> float:
         return sum(x["tokens"] for x in rounds[name]) / sum(x["seconds"] for x in rounds[name])
@@ -102,12 +111,13 @@ def main() -> None:
     base, lora = total("base"), total("lora")
     result = {
         "command": f"nice -n 19 python benchmarks/bench_lora.py --slots {args.slots} --steps {args.steps} "
-                   f"--rounds {args.rounds}",
+                   f"--rounds {args.rounds}" + (f" --threads {args.threads}" if args.threads else ""),
+        "complete": complete,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_before": load_before,
                     "load_after": os.getloadavg(),
-                    "note": "shared machine (other agents' jobs and a timing job), run under nice -n 19"},
+                    "note": "shared machine (other agents' jobs and a timing job at nice 0), run under nice -n 19"},
         "adapter": {"top_blocks": 4, "r": 16, "alpha": 32.0, "tensors": 2 * 7 * 4, "bytes": size},
-        "slots": args.slots, "steps": args.steps, "rounds": rounds,
+        "slots": args.slots, "steps": args.steps, "threads": args.threads, "rounds": rounds,
         "tok_per_s": {"base": round(base, 2), "lora": round(lora, 2)},
         "ratio_lora_over_base": round(lora / base, 3),
         "export_seconds_best_of_3": round(min(export_s), 3), "export_seconds": [round(x, 3) for x in export_s],
@@ -115,13 +125,14 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, result)
+    if not complete:
+        return
     print(f"{'':10} {'tok/s':>8}  rounds (tok/s)")
     for name, v in (("base", base), ("lora", lora)):
         print(f"{name:10} {v:8.1f}  {[x['tok_per_s'] for x in rounds[name]]}")
     print(f"ratio lora/base: {lora / base:.3f}; export {min(export_s):.3f} s (best of 3, {size} bytes); "
           f"set_lora {[round(x, 3) for x in set_s]} s")
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()
