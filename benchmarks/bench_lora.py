@@ -6,10 +6,11 @@ RM/policy defaults) exported by `qprobe.rm.gguf_adapter.export_gguf_lora`. On on
 chat prompt and decode --steps tokens each (llama.cpp's temperature-1 sampler, end-of-text
 ignored, so every round decodes the same number of tokens); rounds alternate base / adapter
 (`set_lora`) --rounds times, so a load change on a shared machine hits both alike. Reports decode
-tok/s of each and their ratio, the export's seconds (adapter state -> GGUF file, best of 3) and
+tok/s of each and their ratio (wall and, robust on a shared machine with --threads 1, per CPU
+second), the export's seconds (adapter state -> GGUF file, best of 3) and
 `set_lora`'s (llama.cpp loading the file).
 
-    nice -n 19 python benchmarks/bench_lora.py --slots 16 --steps 64 --rounds 2
+    nice -n 19 python benchmarks/bench_lora.py --slots 16 --steps 24 --rounds 2 --threads 1
 
 Writes benchmarks/results/lora.json.
 """
@@ -36,16 +37,17 @@ def decode_round(b, text: str, slots: int, steps: int, seed: int) -> dict:
     b.set_embeddings(False)
     samplers = [b._sampler(SamplingConfig(temperature=1.0), seed + s) for s in range(slots)]
     rows = [0] * slots
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(steps):
         feed = [(int(lib.llama_sampler_sample(samplers[s], b._ctx, rows[s])), len(tokens) + step, s, True)
                 for s in range(slots)]
         b.decode(feed)
         rows = list(range(slots))
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     for smp in samplers:
         lib.llama_sampler_free(smp)
-    return {"tokens": slots * steps, "seconds": round(dt, 3), "tok_per_s": round(slots * steps / dt, 2)}
+    return {"tokens": slots * steps, "seconds": round(dt, 3), "tok_per_s": round(slots * steps / dt, 2),
+            "cpu_seconds": round(cpu, 3), "tok_per_cpu_s": round(slots * steps / cpu, 2) if cpu > 0 else None}
 
 
 def main() -> None:
@@ -74,12 +76,13 @@ def main() -> None:
     trunk.load_adapter_state({k: torch.randn(v.shape, generator=g) * 0.02 for k, v in trunk.adapter_state().items()})
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter.gguf"
-        export_s = []
+        export_s, export_cpu = [], []
         for _ in range(3):  # each a whole export: adapter state, base GGUF's metadata, write, fsync
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             export_gguf_lora(trunk, adapter)
             export_s.append(time.perf_counter() - t0)
-        print(f"export seconds: {[round(x, 3) for x in export_s]}", flush=True)
+            export_cpu.append(time.process_time() - c0)
+        print(f"export seconds: {[round(x, 3) for x in export_s]} (cpu {[round(x, 3) for x in export_cpu]})", flush=True)
         size = adapter.stat().st_size
         b = LlamaCppBackend(n_seq_max=args.slots, n_threads=args.threads)
         try:
@@ -95,14 +98,14 @@ def main() -> None:
                     rounds[name].append(decode_round(b, text, args.slots, args.steps, seed=100 * r))
                     print(f"round {r} {name}: {rounds[name][-1]}", flush=True)
                     if rounds["lora"]:  # partial results survive a kill
-                        report(args, rounds, export_s, set_s, size, load_before, complete=False)
+                        report(args, rounds, export_s, export_cpu, set_s, size, load_before, complete=False)
         finally:
             b.close()
-    report(args, rounds, export_s, set_s, size, load_before, complete=True)
+    report(args, rounds, export_s, export_cpu, set_s, size, load_before, complete=True)
 
 
-def report(args: argparse.Namespace, rounds: dict, export_s: list, set_s: list, size: int, load_before: tuple,
-           complete: bool) -> None:
+def report(args: argparse.Namespace, rounds: dict, export_s: list, export_cpu: list, set_s: list, size: int,
+           load_before: tuple, complete: bool) -> None:
     from qprobe.core.files import write_json_atomic
 
     def total(name: str) -> float:
@@ -121,6 +124,9 @@ def report(args: argparse.Namespace, rounds: dict, export_s: list, set_s: list, 
         "tok_per_s": {"base": round(base, 2), "lora": round(lora, 2)},
         "ratio_lora_over_base": round(lora / base, 3),
         "export_seconds_best_of_3": round(min(export_s), 3), "export_seconds": [round(x, 3) for x in export_s],
+        "export_cpu_seconds": [round(x, 3) for x in export_cpu],
+        "tok_per_cpu_s": {k: round(sum(x["tokens"] for x in v) / sum(x["cpu_seconds"] for x in v), 2)
+                          for k, v in rounds.items() if v},
         "set_lora_seconds": [round(x, 3) for x in set_s],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
