@@ -48,6 +48,23 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     fsync_dir(path.parent)
 
 
+def write_path_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """`write_atomic` for writers that open the file themselves: `write(tmp)` fills a temp path in the
+    same directory, which is then fsynced and renamed into place (removed if `write` raises)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     def write(f: BinaryIO) -> None:
         f.write(data)

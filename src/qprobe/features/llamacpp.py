@@ -176,8 +176,9 @@ class LlamaCppEmbedder(Embedder):
                 used = 0
             groups[-1].append(i)
             used += len(t)
-        # never under running sequences, and always in one KV stream (rows in batch order)
-        with b.aside() if b.in_flight or not b.kv_unified else contextlib.nullcontext():
+        # never under running sequences, always in one KV stream (rows in batch order), never
+        # with the policy's LoRA adapter (features are the base model's)
+        with b.aside() if b.in_flight or not b.kv_unified or b.lora is not None else contextlib.nullcontext():
             return self._evaluate_groups(prompt, comps, groups)
 
     def _evaluate_groups(

@@ -32,16 +32,18 @@ from qprobe.errors import BackendError, ConfigError
 from qprobe.generation.base import Backend, GenRequest, Pool, SamplingConfig, SequentialPool
 from qprobe.generation.llamacpp_capture import LayerCapture, resolve_layer
 from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load, set_verbose
+from qprobe.generation.llamacpp_lora import LlamaLora
 from qprobe.generation.llamacpp_pool import LlamaCppPool
 from qprobe.generation.llamacpp_text import LlamaText
 from qprobe.generation.models import file_sha256, model_name, resolve_model
 
 BATCHING = ("continuous", "prompt")
+KV_DTYPES = ("f16", "f32")  # the KV cache's element type: llama.cpp's default, or exact (tests)
 CTX_PER_SEQ = 1024  # default KV cells a sequence (prompt + completion)
 CAPTURED_PROMPTS = 4  # finished prompts whose generation-time states are kept for the embedder
 
 
-class LlamaCppBackend(LlamaText, Backend):
+class LlamaCppBackend(LlamaText, LlamaLora, Backend):
     """Samples from a GGUF model; `model`: None/'default', a known name, or a .gguf path.
 
     `n_seq_max` sequences at most decode together; `n_ctx` is the KV cache of them all (default
@@ -52,7 +54,10 @@ class LlamaCppBackend(LlamaText, Backend):
     a prompt is evaluated once and its cells copied to its siblings' streams. `kv_unified=True`
     shares the prompt's cells by reference in one cache of n_ctx cells. `batching="continuous"`
     keeps the sequences busy across prompts (`pool()`); `"prompt"` decodes one prompt's samples at
-    a time, as qprobe did before continuous batching.
+    a time, as qprobe did before continuous batching. `lora=PATH` samples with a GGUF LoRA adapter
+    (scaled by `lora_scale`) on the generation context, the embedder's side context staying the
+    base model (`set_lora` swaps it: qprobe.generation.llamacpp_lora). `kv_dtype="f32"` keeps the KV
+    cache in F32 instead of llama.cpp's F16 (exact comparisons with transformers; more memory).
     """
 
     name = "llamacpp"
@@ -70,9 +75,14 @@ class LlamaCppBackend(LlamaText, Backend):
         verbose: bool = False,
         batching: str = "continuous",
         kv_unified: bool = False,
+        lora: str | os.PathLike[str] | None = None,
+        lora_scale: float = 1.0,
+        kv_dtype: str = "f16",
     ) -> None:
         if batching not in BATCHING:
             raise ConfigError(f"expected batching in {list(BATCHING)}, got '{batching}'")
+        if kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"expected kv_dtype in {list(KV_DTYPES)}, got '{kv_dtype}'")
         n_ctx = int(n_ctx) if n_ctx is not None else CTX_PER_SEQ * int(n_seq_max)
         if n_ctx < 64 or not 1 <= n_seq_max <= min(batch_size, 256):
             raise ConfigError(
@@ -86,6 +96,7 @@ class LlamaCppBackend(LlamaText, Backend):
         self.chat = bool(chat)
         self.batching = batching
         self.kv_unified = bool(kv_unified)
+        self.kv_dtype = kv_dtype
         self.n_seq_max = int(n_seq_max)
         self.batch_size = int(batch_size)
         self.n_threads = int(n_threads or default_threads())
@@ -124,6 +135,12 @@ class LlamaCppBackend(LlamaText, Backend):
         self.n_ctx_seq = self.n_ctx if self.kv_unified else int(lib.llama_n_ctx_seq(self._ctx))
         self._batch = lib.llama_batch_init(self.batch_size, 0, 1)
         self._formatter: Any = None
+        if lora is not None:
+            try:
+                self.set_lora(lora, lora_scale)
+            except BaseException:
+                self.close()
+                raise
 
     def _new_context(self, unified: bool) -> tuple[Any, LayerCapture | None]:
         """A context on the loaded weights, with its own layer capture (None if no layers asked)."""
@@ -134,6 +151,7 @@ class LlamaCppBackend(LlamaText, Backend):
         cparams.n_seq_max = self.n_seq_max
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.kv_unified = unified
+        cparams.type_k = cparams.type_v = lib.GGML_TYPE_F32 if self.kv_dtype == "f32" else lib.GGML_TYPE_F16
         # llama.cpp's CPU flash attention was slower here at every fill (benchmarks/RESULTS.md)
         cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.embeddings = True  # states of fed tokens, together with the logits
@@ -166,13 +184,14 @@ class LlamaCppBackend(LlamaText, Backend):
         self._lib.llama_free(self._ctx)
         self._ctx = None
         self._ctx, self._layer_capture = self._new_context(self.kv_unified)
+        self._apply_lora()
 
     @contextmanager
     def aside(self) -> Iterator[None]:
         """Decode in a second context of the same weights for a while, with a unified cache (the
         embedder evaluating completions of different lengths together, whose captured rows come
         back in batch order only there; and while a pool's sequences are in flight in the main
-        context, whose cells stay)."""
+        context, whose cells stay). It never has the LoRA adapter: its states are the base model's."""
         if self._aside:
             yield
             return
@@ -208,6 +227,7 @@ class LlamaCppBackend(LlamaText, Backend):
             "dim": self.dim,
             "chat": self.chat,
             "llama_cpp_python": getattr(self._lib, "__version__", "?"),
+            **({"lora": dict(self.lora)} if self.lora is not None else {}),
         }
 
     # ----------------------------------------------------------------- low-level decoding
@@ -345,6 +365,7 @@ class LlamaCppBackend(LlamaText, Backend):
         if getattr(self, "_ctx", None):
             lib.llama_free(self._ctx)
             self._ctx = None
+        self._free_lora()
         if getattr(self, "_model", None):
             lib.llama_model_free(self._model)
             self._model = None

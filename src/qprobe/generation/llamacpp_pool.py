@@ -11,7 +11,8 @@ Each slot is one llama.cpp sequence (seq id = slot index): a KV stream of its ow
    drops all but the prompt's; if no sibling is left the prompt is evaluated again.
 2. decode: one `llama_batch` with one row per running slot, in slot order (its last sampled
    token, or the last prompt token for a new slot), every row an output: logits and, when the
-   embedder asked for them (`backend.capture_states`), the states of every fed token, per sequence.
+   embedder asked for them (`backend.capture_states`, and no LoRA adapter is on), the states of
+   every fed token, per sequence.
 3. sample: each slot's own sampler chain draws its next token from its row; an end-of-generation
    token, a stop sequence or max_new_tokens ends the slot, whose cells are then dropped.
 A request finishes when all its seeds have; its completions come back in seed order.
@@ -79,7 +80,7 @@ class LlamaCppPool(Pool):
         self.slots: list[_Slot | None] = [None] * self.n_slots
         self.queue: deque[_Job] = deque()
         self.jobs: dict[Hashable, _Job] = {}
-        self.capture = backend.capture_states
+        self.capture = backend.generation_captures()
         self.layers = (backend.n_layers, *backend.capture_layers)
         self.steps = 0
         backend._lib.llama_memory_clear(backend._memory(), True)
@@ -126,7 +127,7 @@ class LlamaCppPool(Pool):
             return self._finished()
         self.steps += 1
         b = self.b
-        self.capture = b.capture_states  # the embedder may have changed its mind (then it re-evaluates)
+        self.capture = b.generation_captures()  # the embedder may have changed its mind (then it re-evaluates)
         b.set_embeddings(self.capture)
         if b._layer_capture is not None:
             b._layer_capture.enabled = self.capture
