@@ -332,3 +332,25 @@ def test_rl_refuses_a_reward_model_trained_on_a_held_out_problem(tiny: str, tmp_
     last = err.strip().splitlines()[-1]  # above it: transformers' own FutureWarning
     assert code == 2 and last.startswith("qprobe: error: expected a reward model trained on other problems")
     assert "trained on 1 of them (e.g. ['test/1'])" in last
+
+
+# --------------------------------------------------------- sampling through llama.cpp + adapter
+def test_rl_and_iterate_sample_the_adapted_policy_through_llamacpp(tmp_path: Path) -> None:
+    """The lora branch's exporter + set_lora wired into the loop: a tiny GGUF that transformers and
+    llama.cpp both load; after a step the exported adapter is what llama.cpp samples, and the
+    rollout's action ids are llama.cpp's own tokens (no re-tokenisation)."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from tiny_gguf import tiny_pair
+
+    from qprobe.learn.rl import RLConfig, run_rl
+
+    _, g = tiny_pair(tmp_path / "tiny.gguf", "qwen2")
+    cfg = RLConfig(**{**_cfg(str(g)), "sampler": "llamacpp", "gguf": str(g), "steps": 2, "max_new_tokens": 4})
+    run_rl(cfg, tmp_path / "rl")
+    _, step, rows = _final(tmp_path / "rl")
+    assert step == 2 and len(rows) == 2
+    adapter = tmp_path / "rl" / "adapter.gguf"
+    assert adapter.is_file() and adapter.stat().st_size > 0  # the policy llama.cpp sampled at step 2
+    lines = [json.loads(x) for x in (tmp_path / "rl" / "samples" / "step000002.jsonl").read_text().splitlines()]
+    assert len(lines) == cfg.batch and all(isinstance(x["completion"], str) for x in lines)

@@ -217,7 +217,7 @@ def run_iterate(cfg: IterConfig, workdir: str | Path, *, lm: Any = None, progres
             t0 = time.perf_counter()
             adapter = "base" if t == 0 else str(folder / f"round{t - 1}" / "checkpoint")
             if cfg.sampler == "llamacpp" and t > 0:
-                from qprobe.rm.gguf_adapter import export_gguf_lora  # type: ignore[import-not-found,unused-ignore]  # lora branch
+                from qprobe.rm.gguf_adapter import export_gguf_lora
 
                 adapter = str(export_gguf_lora(trunk, here / "adapter.gguf", base_gguf=cfg.gguf))
             train_run = _collect(cfg, policy, here / "train", cfg.split, cfg.pool, adapter, progress)

@@ -100,7 +100,7 @@ class Policy:
                 opts["model"] = self.gguf
             self._llama = BACKENDS.create("llamacpp", **opts)
         if self._exported_for != version:  # the adapter changes once per optimiser step
-            from qprobe.rm.gguf_adapter import export_gguf_lora  # type: ignore[import-not-found,unused-ignore]  # lora branch
+            from qprobe.rm.gguf_adapter import export_gguf_lora
 
             folder = self.workdir if self.workdir is not None else Path.cwd()
             path = export_gguf_lora(self.trunk, Path(folder) / "adapter.gguf", base_gguf=self.gguf)
