@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from qprobe.cli.options import parse_kv
+from qprobe.cli.options import parse_kv, set_torch_threads, trunk_options
 
 
 def _common(f: Any) -> Any:
@@ -26,30 +26,20 @@ def _common(f: Any) -> Any:
         click.option("--eval-split", default="test", show_default=True, help="Split of the fixed held-out problems."),
         click.option("--eval-size", type=int, default=100, show_default=True, help="The first N problems of --eval-split."),
         click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Most tokens per completion."),
-        click.option("--model", default="", help="Base model for the trunk: a .gguf, a transformers folder or hub id (default: the packaged GGUF)."),
         click.option("--sampler", type=click.Choice(["transformers", "llamacpp"]), default="transformers", show_default=True, help="Who samples the policy: transformers (the trunk itself) or llama.cpp with the exported LoRA adapter."),
         click.option("--gguf", default=None, help="--sampler llamacpp: the base GGUF (default: the packaged one; the same weights as --model)."),
-        click.option("--top-blocks", type=int, default=4, show_default=True, help="LoRA on the top N blocks only."),
-        click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank."),
-        click.option("--lora-alpha", type=float, default=32.0, show_default=True, help="LoRA alpha."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapters, the data order and the samples."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True, help="Model precision."),
-        click.option("--threads", type=int, default=None, help="torch CPU threads."),
         click.option("--allow-code-execution", is_flag=True, help="Allow running model-written code in the sandbox (code tasks)."),
         click.option("--out", required=True, type=click.Path(path_type=Path), help="Work folder (created, or resumed)."),
     ]
     for option in reversed(options):
         f = option(f)
-    return f
+    return trunk_options("Seed of the adapters, the data order and the samples.")(f)
 
 
 def _prepare(threads: int | None, allow_code_execution: bool) -> None:
     if allow_code_execution:
         os.environ["QPROBE_ALLOW_CODE_EXECUTION"] = "1"
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_torch_threads(threads)
 
 
 def _duration(seconds: float) -> str:

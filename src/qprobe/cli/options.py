@@ -56,3 +56,35 @@ def generator_name(probe: Any, probe_path: str, backend: str | None) -> str:
         raise ConfigError(f"expected --backend NAME for probe {probe_path}, whose features come from the external "
                           f"embedder '{spec.embedder}' and whose training run names no generator; e.g. --backend llamacpp")
     return str(name)
+
+
+def trunk_options(seed_help: str) -> Any:
+    """The click options of a LoRA trunk (`qprobe.rm.trunk`), shared by `rm train`, `rl` and `iterate`:
+    --model, --top-blocks, --lora-r, --lora-alpha, --seed, --dtype, --threads (the names of
+    RMConfig / RLConfig / IterConfig's fields)."""
+    import click
+
+    options = [
+        click.option("--model", default="", help="Base model for the trunk: a .gguf, a transformers folder or hub id (default: the packaged GGUF)."),
+        click.option("--top-blocks", type=int, default=4, show_default=True, help="LoRA on the top N blocks only (the rest frozen)."),
+        click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank."),
+        click.option("--lora-alpha", type=float, default=32.0, show_default=True, help="LoRA alpha (scale alpha / r)."),
+        click.option("--seed", type=int, default=0, show_default=True, help=seed_help),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True, help="Model precision."),
+        click.option("--threads", type=int, default=None, help="torch CPU threads."),
+    ]
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def set_torch_threads(n: int | None) -> None:
+    """--threads: torch's CPU threads (None: torch's default)."""
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)

@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from qprobe.cli.options import set_torch_threads, trunk_options
+
 FORMATS = ["auto", "hh", "columns", "qrm", "persona"]
 
 
@@ -49,13 +51,6 @@ def _source(pairs_path: str, fmt: str, split: str | None, words: str, data_seed:
     return f"{pairs_path} (format {fmt}{'' if split is None else f', split {split}'}{extra})"
 
 
-def _threads(n: int | None) -> None:
-    if n is not None:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 @click.group("rm")
 def rm() -> None:
     """Reward models with a trainable trunk: LoRA on the top blocks + an EX / IM / Q-RM head.
@@ -69,18 +64,12 @@ def rm() -> None:
 @rm.command("train")
 @click.option("--head", required=True, help="Head: ex, im or qrm (see `qprobe ls`).")
 @_pair_options
-@click.option("--model", default="", help="Base model: a .gguf file, a transformers folder or hub id (default: the packaged GGUF).")
-@click.option("--top-blocks", type=int, default=4, show_default=True, help="LoRA on the top N blocks only (the rest frozen, their states cached).")
-@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option("--lora-alpha", type=float, default=32.0, show_default=True, help="LoRA alpha (scale alpha / r).")
+@trunk_options("Seed of the adapters, the head and the pair order.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate (weight decay 0, constant).")
 @click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the pairs (raise it and re-run to train on).")
 @click.option("--batch-pairs", type=int, default=8, show_default=True, help="Pairs per optimiser step.")
 @click.option("--max-response-tokens", type=int, default=256, show_default=True, help="Responses cut to this many tokens (recorded).")
 @click.option("--max-prompt-tokens", type=int, default=512, show_default=True, help="Prompts cut to their last N tokens (recorded).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapters, the head and the pair order.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True, help="Model precision.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps in all (re-run to continue).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder: the reward model, and work/ (cache + checkpoint).")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None, help="Frozen-trunk cache folder to share between runs on the same pairs and base model (any head, seed, lr); default OUT/work/cache.")
@@ -97,7 +86,7 @@ def rm_train_cmd(head, pairs_path, fmt, split, fields, limit, max_chars, words, 
                       epochs=epochs, batch_pairs=batch_pairs, max_response_tokens=max_response_tokens,
                       max_prompt_tokens=max_prompt_tokens, seed=seed, dtype=dtype)
     items = _load(pairs_path, fmt, split, fields, limit, max_chars, words, data_seed)
-    _threads(threads)
+    set_torch_threads(threads)
     work = out / "work"
     ck = load_checkpoint(work) if work.is_dir() else None
     if ck is not None:
@@ -130,7 +119,7 @@ def rm_eval_cmd(rm_path, pairs_path, fmt, split, fields, limit, max_chars, words
     from qprobe.rm import load_rm
 
     items = _load(pairs_path, fmt, split, fields, limit, max_chars, words, data_seed)
-    _threads(threads)
+    set_torch_threads(threads)
     reward_model = load_rm(rm_path, model=model)
     chosen, rejected = reward_model.rewards(items, progress=progress, cache_dir=cache_dir)
     acc = accuracy(pairwise_outcomes(chosen, rejected))

@@ -198,7 +198,7 @@ def run_iterate(cfg: IterConfig, workdir: str | Path, *, lm: Any = None, progres
     task = TASKS.create(cfg.task, **cfg.task_options)
     prompts = {p.id: p for p in task.prompts(cfg.split)[: cfg.pool]}
     lm = lm if lm is not None else load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    trunk = Trunk(lm, LoraSettings(cfg.top_blocks, cfg.lora_r, cfg.lora_alpha), seed=cfg.seed)
+    trunk = Trunk(lm, LoraSettings.of(cfg), seed=cfg.seed)
     policy = Policy(trunk, cfg.sampler, gguf=cfg.gguf, workdir=folder)
     optimizer = torch.optim.AdamW(trunk.parameters(), lr=cfg.lr, weight_decay=0.0)
     reports: list[dict[str, Any]] = []

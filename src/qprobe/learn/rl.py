@@ -151,7 +151,7 @@ def setup(cfg: RLConfig, folder: Path, lm: Any = None) -> RLSetup:
     kinds: dict[str, Any] = {"oracle": OracleReward, "orm": LastTokenReward, "qrm": TokenReward, "qprobe": ProbeValueReward}
     reward = kinds[cfg.reward](task_reward, probe)
     lm = lm if lm is not None else load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    trunk = Trunk(lm, LoraSettings(cfg.top_blocks, cfg.lora_r, cfg.lora_alpha), seed=cfg.seed)
+    trunk = Trunk(lm, LoraSettings.of(cfg), seed=cfg.seed)
     policy = Policy(trunk, cfg.sampler, gguf=cfg.gguf, workdir=folder)
     if probe is not None:
         _check_held_out(probe, held, policy.render, cfg.probe or "")

@@ -64,7 +64,7 @@ class RMConfig:
         self.lora()  # validates top_blocks, r, alpha
 
     def lora(self) -> LoraSettings:
-        return LoraSettings(self.top_blocks, self.lora_r, self.lora_alpha)
+        return LoraSettings.of(self)
 
 
 def _seconds() -> float:

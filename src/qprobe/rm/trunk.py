@@ -97,6 +97,12 @@ class LoraSettings:
         if self.alpha <= 0:
             raise ConfigError(f"expected LoRA alpha > 0, got {self.alpha}")
 
+    @classmethod
+    def of(cls, config: Any) -> LoraSettings:
+        """From a run's config with the flat fields `top_blocks`, `lora_r`, `lora_alpha` (RMConfig,
+        RLConfig, IterConfig: the CLI's --top-blocks, --lora-r, --lora-alpha)."""
+        return cls(config.top_blocks, config.lora_r, config.lora_alpha)
+
 
 class Trunk:
     """`lm` with LoRA adapters on its top `settings.top_blocks` blocks; everything else frozen.
