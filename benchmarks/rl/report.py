@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         for ax, xl in zip(axes, ("step", "generated tokens"), strict=True):
             ax.axhline(out["target"], color="grey", ls="--", lw=0.8)
             ax.set_xlabel(xl)
-            ax.set_ylabel(f"{METRIC} pass@1 (100 MBPP-test)")
+            n = next(iter(made.values()))["curve"][0][METRIC]["n_prompts"]
+            ax.set_ylabel(f"{METRIC} pass@1 ({n} MBPP-test)")
         axes[0].legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)

@@ -7,27 +7,27 @@
 #
 #   QPROBE=.venv/bin/qprobe bash benchmarks/rl/run.sh                     # every stage, in order
 #   STAGES="rm-data rm" bash benchmarks/rl/run.sh                          # some of them
-#   STAGES="oracle" SAMPLER=transformers bash benchmarks/rl/run.sh         # without the lora branch
+#   STAGES="oracle" SAMPLER=transformers bash benchmarks/rl/run.sh         # the slow exact sampler
 #   python benchmarks/rl/report.py --runs runs/rl                          # curves + tables (any time)
 #
 # rm-data: base-model samples of the 200 pool problems (MBPP train split, chat format), 8 each at
 #   temperature 1, 128 new tokens, layer-18 states (last and mean): the reward models' only data.
 # rm: the ORM (token head, Bradley-Terry on L18_last), Q-RM (token head, margin BT on L18_mean) and
 #   the Q-probe (L_PG on L18_mean), on within-problem (pass, fail) pairs / the samples of rm-data.
-# oracle, orm, qrm, qprobe: `qprobe rl`, 150 steps of 8 prompts, 100 fixed MBPP-test problems
-#   evaluated every 25 steps (greedy + sampled pass@1).
-# iterate: 2 rounds of iterative Q-probing, 200 problems x 8 samples.
+# oracle, orm, qrm, qprobe: `qprobe rl`, 100 steps of 8 prompts, 50 fixed MBPP-test problems
+#   evaluated every 20 steps (greedy + sampled pass@1).
+# iterate: 2 rounds of iterative Q-probing, the first 100 pool problems x 8 samples.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 QPROBE=${QPROBE:-qprobe}
 OUT=${OUT:-runs/rl}
 DATA=${DATA:-../shared/data/mbpp/mbpp.jsonl}
-SAMPLER=${SAMPLER:-llamacpp}          # llamacpp needs the lora branch (export_gguf_lora, set_lora)
+SAMPLER=${SAMPLER:-llamacpp}          # llama.cpp with the exported adapter (export_gguf_lora, set_lora)
 STAGES=${STAGES:-"rm-data rm oracle orm qrm qprobe iterate"}
 THREADS=${THREADS:-2}
 # Pre-registered (benchmarks/results/rl.md):
-POOL=200; EVAL=100; EVERY=25; STEPS=150; BATCH=8; TOKENS=128; LR=5e-5; SEED=0
-ITER_ROUNDS=2; ITER_K=8; ITER_LR=1e-4
+POOL=200; EVAL=50; EVERY=20; STEPS=100; BATCH=8; TOKENS=128; LR=5e-5; SEED=0
+ITER_POOL=100; ITER_ROUNDS=2; ITER_K=8; ITER_LR=1e-4
 mkdir -p "$OUT"
 TASK=(--task mbpp --task-option "data=$DATA" --task-option prompt_format=chat)
 
@@ -48,7 +48,7 @@ for stage in $STAGES; do
         --steps "$STEPS" --batch "$BATCH" --max-new-tokens "$TOKENS" --lr "$LR" --seed "$SEED" --sampler "$SAMPLER" \
         --threads "$THREADS" --out "$OUT/$stage" --allow-code-execution ;;
     iterate)
-      $QPROBE iterate "${TASK[@]}" --pool "$POOL" --eval-size "$EVAL" --rounds "$ITER_ROUNDS" --k "$ITER_K" \
+      $QPROBE iterate "${TASK[@]}" --pool "$ITER_POOL" --eval-size "$EVAL" --rounds "$ITER_ROUNDS" --k "$ITER_K" \
         --feature 18:mean --max-new-tokens "$TOKENS" --lr "$ITER_LR" --seed "$SEED" --sampler "$SAMPLER" \
         --threads "$THREADS" --out "$OUT/iterate" --allow-code-execution --no-progress ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
