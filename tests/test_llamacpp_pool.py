@@ -236,3 +236,66 @@ def test_the_embedder_evaluates_aside_while_sequences_are_in_flight(backend) -> 
     finally:
         pool.close()
     assert {a.key: [c.text for c in cs] for a, cs in got.items()} == plain
+
+
+HEAD = "You are a careful Python programmer. Answer with the function only, no tests, no prose.\n\n"
+
+
+def _first_logits(b, share: bool, texts: list[str], monkeypatch: pytest.MonkeyPatch):
+    """{request key: logits of its first decode row} and the pool, for prompts decoded together."""
+    first: dict[int, np.ndarray] = {}
+    prefills: list[list[tuple[int, int, int, bool]]] = []
+    original = b.decode
+    n_vocab = b._lib.llama_vocab_n_tokens(b._vocab)
+
+    def spy(items):
+        original(items)
+        if not all(r[3] for r in items):
+            prefills.append(list(items))
+            return
+        for j, (_, _, seq, _) in enumerate(items):
+            slot = pool.slots[seq]
+            if slot is not None and slot.prefill and slot.job.req.key not in first:
+                ptr = b._lib.llama_get_logits_ith(b._ctx, j)
+                first[slot.job.req.key] = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+    monkeypatch.setattr(b, "decode", spy)
+    b.share_prefix = share
+    pool = b.pool()
+    try:
+        for i, t in enumerate(texts):
+            pool.submit(GenRequest(i, t, SamplingConfig(temperature=0.0, max_new_tokens=8), (i,)))
+        while pool.busy():
+            pool.step()
+    finally:
+        pool.close()
+        b.share_prefix = True
+        monkeypatch.setattr(b, "decode", original)
+    return first, pool, prefills
+
+
+@pytest.mark.smoke
+def test_prompts_share_their_common_head_and_get_the_same_next_token_distribution(
+        backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = [HEAD + t for t in TEXTS] + [HEAD + TEXTS[0]]  # the last: a second request for the first text
+    toks = [backend.prompt_tokens(t) for t in texts]
+    head = 0
+    while all(t[head] == toks[0][head] for t in toks):
+        head += 1
+    shared, pool, prefills = _first_logits(backend, True, texts, monkeypatch)
+    alone, pool0, prefills0 = _first_logits(backend, False, texts, monkeypatch)
+    # the first prompt is evaluated whole, the next two from the end of the common head on, the
+    # repeated one not at all (all its tokens but the last are the first prompt's)
+    assert pool.shared_tokens == 2 * head + len(toks[0]) - 1 and pool0.shared_tokens == 0
+    assert pool.prefilled_tokens == sum(len(t) - 1 for t in toks) - pool.shared_tokens
+    assert sum(map(len, prefills)) == pool.prefilled_tokens and sum(map(len, prefills0)) == pool0.prefilled_tokens
+    assert sorted(min(r[1] for r in b) for b in prefills) == [0, head, head]
+    # the copied cells are the very cells: the repeat's logits equal the first prompt's evaluated alone
+    np.testing.assert_allclose(shared[3], alone[0], atol=1e-5)
+    np.testing.assert_allclose(shared[0], alone[0], atol=1e-5)
+    # a head computed in another prompt's prefill rounds differently (measured: at most 0.32 of logits
+    # up to 22.4 on the default model), the next token stays the same
+    for key in (1, 2):
+        a, b = shared[key], alone[key]
+        assert np.abs(a - b).max() < 0.05 * np.abs(b).max() and a.argmax() == b.argmax()
+    assert backend.in_flight == 0

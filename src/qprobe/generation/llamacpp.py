@@ -54,7 +54,8 @@ class LlamaCppBackend(LlamaText, LlamaLora, Backend):
     a prompt is evaluated once and its cells copied to its siblings' streams. `kv_unified=True`
     shares the prompt's cells by reference in one cache of n_ctx cells. `batching="continuous"`
     keeps the sequences busy across prompts (`pool()`); `"prompt"` decodes one prompt's samples at
-    a time, as qprobe did before continuous batching. `lora=PATH` samples with a GGUF LoRA adapter
+    a time, as qprobe did before continuous batching; `share_prefix=False` evaluates every prompt
+    whole instead of copying the head it shares with a prompt in flight. `lora=PATH` samples with a GGUF LoRA adapter
     (scaled by `lora_scale`) on the generation context, the embedder's side context staying the
     base model (`set_lora` swaps it: qprobe.generation.llamacpp_lora). `kv_dtype="f32"` keeps the KV
     cache in F32 instead of llama.cpp's F16 (exact comparisons with transformers; more memory).
@@ -78,6 +79,7 @@ class LlamaCppBackend(LlamaText, LlamaLora, Backend):
         lora: str | os.PathLike[str] | None = None,
         lora_scale: float = 1.0,
         kv_dtype: str = "f16",
+        share_prefix: bool = True,
     ) -> None:
         if batching not in BATCHING:
             raise ConfigError(f"expected batching in {list(BATCHING)}, got '{batching}'")
@@ -95,6 +97,7 @@ class LlamaCppBackend(LlamaText, LlamaLora, Backend):
         self.path = resolve_model(model, cache_dir)
         self.chat = bool(chat)
         self.batching = batching
+        self.share_prefix = bool(share_prefix)
         self.kv_unified = bool(kv_unified)
         self.kv_dtype = kv_dtype
         self.n_seq_max = int(n_seq_max)
@@ -324,10 +327,10 @@ class LlamaCppBackend(LlamaText, LlamaLora, Backend):
         (with batching="prompt": one request at a time, each through its own pool)."""
         if self.batching == "prompt":
             return SequentialPool(self)
-        return LlamaCppPool(self, slots)
+        return LlamaCppPool(self, slots, self.share_prefix)
 
     def generate(self, text: str, sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
-        pool = LlamaCppPool(self)
+        pool = LlamaCppPool(self, share_prefix=self.share_prefix)
         try:
             pool.submit(GenRequest(0, text, sampling, tuple(seeds)))
             out: list[Completion] = []
