@@ -324,3 +324,18 @@ def test_cli_bad_adapter_is_one_line(setup, tmp_path, capsys) -> None:
     code, _, err = run_cli(base + ["--backend-option", f"lora={setup['adapter']}", "--backend-option",
                                    "lora_scale=big"], capsys)
     assert code == 2 and "lora_scale" in err and not (tmp_path / "run").exists()
+
+
+def test_base_facts_are_read_once_per_file_version(setup, tmp_path) -> None:
+    """REINFORCE exports an adapter every step: the base GGUF is parsed once, again only when it changes."""
+    import shutil
+
+    copy = tmp_path / "base.gguf"
+    shutil.copyfile(setup["gguf"], copy)
+    first = gguf_adapter.BaseFacts.read(copy)
+    assert gguf_adapter.BaseFacts.read(copy) is first
+    _, other = tiny_pair(tmp_path / "other.gguf", "llama" if setup["arch"] == "qwen2" else "qwen2")
+    shutil.copyfile(other, copy)
+    os.utime(copy, ns=(1, 1))  # another size and mtime: another version of the file
+    again = gguf_adapter.BaseFacts.read(copy)
+    assert again is not first and again.arch != first.arch

@@ -22,6 +22,7 @@ trunk's current adapters; `export_lora_state(state, alpha, out, base_gguf)` a sa
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -54,10 +55,19 @@ class BaseFacts:
 
     @classmethod
     def read(cls, path: str | Path) -> BaseFacts:
-        gguf = require("gguf", "rm")
+        """The facts of the GGUF at `path`, parsed once per file version (gguf's reader takes about
+        12 s on the default model, most of it the vocabulary; REINFORCE exports an adapter a step)."""
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"expected the base model's GGUF file, got nothing at '{p}'; pass base_gguf=PATH")
+        st = p.stat()
+        return cls._read(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    @functools.lru_cache(maxsize=4)
+    def _read(cls, path: str, size: int, mtime_ns: int) -> BaseFacts:  # size, mtime: the cache key only
+        gguf = require("gguf", "rm")
+        p = Path(path)
         try:
             reader = gguf.GGUFReader(str(p))
         except (ValueError, OSError) as exc:
