@@ -300,6 +300,8 @@ def test_one_cache_serves_every_head_and_evaluation(tiny: str, pairs: list, tmp_
     assert im.provenance_["cached_pairs_this_run"] == len(pairs)
     again = _rm(tiny, "im", lr=0.01).fit(pairs, cache_dir=cache, max_steps=1)
     assert again.provenance_["cached_pairs_this_run"] == 0
+    for rm in (ex, im, again):  # CPU time next to wall time: a paused or crowded run inflates only the wall figure
+        assert rm.provenance_["cpu_seconds_per_pair"] > 0 and rm.provenance_["seconds_per_pair"] > 0
     for rm in (ex, im):
         np.testing.assert_allclose(np.c_[rm.rewards(pairs, cache_dir=cache)], np.c_[rm.rewards(pairs)], atol=1e-6)
     with pytest.raises(ConfigError, match="cache"):

@@ -232,10 +232,12 @@ def table(exp: str, work: Path, out: Path) -> dict[str, Any] | None:
                 e = json.loads(f.read_text())
                 got[method] = cell(e)
                 cfg = root / folder.format(seed=seed) / "config.json"
-                spp = json.loads(cfg.read_text())["provenance"].get("seconds_per_pair") if cfg.exists() else None
+                prov = json.loads(cfg.read_text())["provenance"] if cfg.exists() else {}
                 rows["cells"].append({"test": test, "seed": seed, "method": method,
                                       **{k: v for k, v in got[method].items() if k != "outcomes"},
-                                      "train_seconds_per_pair": spp, "eval_seconds_per_pair": e["seconds"] / e["pairs"]})
+                                      "train_seconds_per_pair": prov.get("seconds_per_pair"),  # wall
+                                      "train_cpu_seconds_per_pair": prov.get("cpu_seconds_per_pair"),  # None before it was kept
+                                      "eval_seconds_per_pair": e["seconds"] / e["pairs"]})
                 pooled.setdefault(method, []).append(got[method]["outcomes"])
             if "ex" in got and "im" in got:
                 d, lo, hi = accuracy_difference(got["ex"]["outcomes"], got["im"]["outcomes"])

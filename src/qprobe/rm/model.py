@@ -230,7 +230,7 @@ class RewardModel:
             restore_optimizer(opt, tensors, state["param_groups"])
             step, losses = int(state["step"]), list(state["losses"])
         stop = total if max_steps is None else min(total, max_steps)
-        t0, trained = _seconds(), 0
+        t0, cpu0, trained = _seconds(), time.process_time(), 0
         with _bar(stop - step, progress and step < stop, "rm train") as bar, _flush_denormals():
             while step < stop:
                 epoch, k = divmod(step, per_epoch)
@@ -251,7 +251,7 @@ class RewardModel:
                     save_checkpoint(folder, self.tensors(), opt, {"step": step, "losses": losses})
                 bar.advance(len(batch), sum(len(encoded[i].chosen) + len(encoded[i].rejected) for i in batch),
                             _seconds() - t1)
-        train_seconds = _seconds() - t0
+        train_seconds, train_cpu = _seconds() - t0, time.process_time() - cpu0
         self.losses_ = losses
         self.steps_ = step
         self.provenance_ = {
@@ -259,7 +259,8 @@ class RewardModel:
             "truncated": sum(e.cuts for e in encoded), "steps": step, "steps_planned": total,
             "finished": step >= total, "cache_seconds": round(cache_seconds, 3), "cached_pairs_this_run": n_cached,
             "train_seconds_this_run": round(train_seconds, 3),
-            "seconds_per_pair": round(train_seconds / trained, 4) if trained else None,
+            "seconds_per_pair": round(train_seconds / trained, 4) if trained else None,  # wall: counts pauses, others' load
+            "cpu_seconds_per_pair": round(train_cpu / trained, 4) if trained else None,  # this process, all its threads
             "final_loss": losses[-1] if losses else None,
         }
         return self
