@@ -14,7 +14,10 @@ sampler and sandboxed rewards included. Throughput = completion tokens stored / 
 It also reports how many texts are identical between the two collections (same seeds: they
 differ only where a batch rounds differently) and, with --repeat, between two continuous runs.
 
-    python benchmarks/bench_batching.py --prompts 12 --n 8 --slots 8 16 32 --repeat --unified
+    python benchmarks/bench_batching.py --prompts 12 --n 8 --slots 8 16 32 --repeat --unified --no-share
+
+Since prompt tokens cost about as much as decoded ones here and the decode limit has none, each
+continuous run also reports (prompt + generated tokens) / s against the limit.
 
 Writes benchmarks/results/batching.json.
 """
@@ -71,6 +74,7 @@ def decode_limit(slots: int, text: str, args: argparse.Namespace) -> dict:
 def run_collect(work: dict, out: Path, backend_options: dict, args: argparse.Namespace) -> dict:
     from qprobe.collection.collect import CollectConfig, collect
     from qprobe.generation.base import SamplingConfig
+    from qprobe.generation.llamacpp import LlamaCppBackend
     from qprobe.store.run import Run
 
     cfg = CollectConfig(
@@ -83,12 +87,17 @@ def run_collect(work: dict, out: Path, backend_options: dict, args: argparse.Nam
     t0 = time.perf_counter()
     collect(cfg, progress=False)
     dt = time.perf_counter() - t0
-    rows = Run.open(out).table(["prompt_id", "sample_index", "completion", "n_tokens", "reward"]).to_pylist()
+    rows = Run.open(out).table(["prompt_id", "prompt", "sample_index", "completion", "n_tokens", "reward"]).to_pylist()
     tokens = sum(r["n_tokens"] for r in rows)
+    prompts = {r["prompt_id"]: r["prompt"] for r in rows}
+    with LlamaCppBackend(n_ctx=256, n_threads=1) as tok:  # each distinct prompt's tokens, once
+        prompt_tokens = sum(len(tok.prompt_tokens(t)) for t in prompts.values())
     texts = {(r["prompt_id"], r["sample_index"]): r["completion"] for r in rows}
     mean_reward = sum(r["reward"] or 0 for r in rows) / len(rows)
     return {"options": backend_options, "samples": len(rows), "tokens": tokens, "seconds": round(dt, 2),
-            "tok_per_s": round(tokens / dt, 1), "mean_reward": round(mean_reward, 4), "_texts": texts}
+            "tok_per_s": round(tokens / dt, 1), "prompt_tokens": prompt_tokens,
+            "with_prompts_tok_per_s": round((tokens + prompt_tokens) / dt, 1),
+            "mean_reward": round(mean_reward, 4), "_texts": texts}
 
 
 def same(a: dict, b: dict) -> float:
@@ -111,6 +120,8 @@ def main() -> None:
     ap.add_argument("--repeat", action="store_true", help="a second continuous run at the best S (determinism)")
     ap.add_argument("--unified", action="store_true",
                     help="also a continuous run at the largest S with one unified KV cache (kv_unified=True)")
+    ap.add_argument("--no-share", action="store_true",
+                    help="also a continuous run at the best S with share_prefix=False (every prompt evaluated whole)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "batching.json")
     args = ap.parse_args()
     os.environ.setdefault("QPROBE_ALLOW_CODE_EXECUTION", "1")
@@ -139,6 +150,9 @@ def main() -> None:
                 n_ctx = max(8192, s * (args.max_new_tokens + 1) + 2048)
                 res["continuous_unified_kv"] = run_collect(
                     work, d / "unified", {"n_seq_max": s, "n_ctx": n_ctx, "kv_unified": True}, args)
+            if args.no_share:
+                res["continuous_no_share_prefix"] = run_collect(
+                    work, d / "noshare", {**top["options"], "share_prefix": False}, args)
             if args.repeat:
                 again = run_collect(work, d / "again", dict(top["options"]), args)
                 res["repeat_identical_texts"] = same(top, again)
@@ -148,10 +162,17 @@ def main() -> None:
         res["best_decode_limit"] = best["tok_per_s"]
         res["ratio_per_prompt"] = round(per_prompt["tok_per_s"] / best["tok_per_s"], 3)
         res["ratio_continuous"] = [round(c["tok_per_s"] / best["tok_per_s"], 3) for c in cont]
+        # prompt tokens cost about as much as decoded ones on a CPU, and the decode limit has none:
+        # (prompt + generated tokens) / s against the limit says how busy the pool keeps the model
+        res["ratio_continuous_with_prompts"] = [round(c["with_prompts_tok_per_s"] / best["tok_per_s"], 3) for c in cont]
+        if args.no_share:
+            ns = res["continuous_no_share_prefix"]
+            ns["ratio"] = round(ns["tok_per_s"] / best["tok_per_s"], 3)
         if args.unified:
             u = res["continuous_unified_kv"]
             u["ratio"] = round(u["tok_per_s"] / best["tok_per_s"], 3)
-        for r in [per_prompt, *cont] + ([again] if args.repeat else []) + ([u] if args.unified else []):
+        extra = [res["continuous_no_share_prefix"]] if args.no_share else []
+        for r in [per_prompt, *cont, *extra] + ([again] if args.repeat else []) + ([u] if args.unified else []):
             r.pop("_texts", None)
         record["workloads"][name] = res
         print(f"\n{name}: {args.prompts} prompts x {args.n}, max_new_tokens {args.max_new_tokens}, {args.threads} threads")
@@ -160,8 +181,13 @@ def main() -> None:
             print(f"{'decode limit':34} {r['slots']:>4} {r['tokens']:>7} {r['seconds']:>7} {r['tok_per_s']:>7}")
         print(f"{'collect, one prompt at a time':34} {'':>4} {per_prompt['tokens']:>7} {per_prompt['seconds']:>7} "
               f"{per_prompt['tok_per_s']:>7} {res['ratio_per_prompt']:>7}")
-        for s, c, q in zip(args.slots, cont, res["ratio_continuous"], strict=True):
-            print(f"{'collect, continuous batching':34} {s:>4} {c['tokens']:>7} {c['seconds']:>7} {c['tok_per_s']:>7} {q:>7}")
+        for s, c, q, qp in zip(args.slots, cont, res["ratio_continuous"], res["ratio_continuous_with_prompts"],
+                               strict=True):
+            print(f"{'collect, continuous batching':34} {s:>4} {c['tokens']:>7} {c['seconds']:>7} {c['tok_per_s']:>7} {q:>7}"
+                  f"   (with its {c['prompt_tokens']} prompt tokens: {c['with_prompts_tok_per_s']} tok/s, {qp})")
+        if args.no_share:
+            print(f"{'collect, continuous, share_prefix off':34} {'':>4} {ns['tokens']:>7} {ns['seconds']:>7} "
+                  f"{ns['tok_per_s']:>7} {ns['ratio']:>7}")
         if args.unified:
             print(f"{'collect, continuous, unified KV':34} {max(args.slots):>4} {u['tokens']:>7} {u['seconds']:>7} "
                   f"{u['tok_per_s']:>7} {u['ratio']:>7}")
