@@ -31,10 +31,11 @@ import numpy as np
 
 from qprobe.core.files import write_json_atomic
 from qprobe.errors import ConfigError
+from qprobe.rm.trunk_config import TrunkConfig
 
 
 @dataclass(frozen=True)
-class IterConfig:
+class IterConfig(TrunkConfig):
     """Iterative Q-probing (one source for Python, the CLI and work.json)."""
 
     task: str = "mbpp"
@@ -54,15 +55,8 @@ class IterConfig:
     sft_epochs: int = 1
     batch: int = 8
     lr: float = 1e-4
-    model: str = ""
     sampler: str = "transformers"
     gguf: str | None = None
-    top_blocks: int = 4
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         from qprobe.features.spec import FeatureRequest
@@ -190,7 +184,7 @@ def run_iterate(cfg: IterConfig, workdir: str | Path, *, lm: Any = None, progres
     from qprobe.generation.hf_load import load_causal_lm
     from qprobe.learn.policy import Policy
     from qprobe.probes.models import Probe
-    from qprobe.rm.trunk import LoraSettings, Trunk
+    from qprobe.rm.trunk import Trunk
     from qprobe.rm.workdir import load_checkpoint, open_workdir, restore_optimizer, save_checkpoint
 
     folder = Path(workdir)
@@ -198,7 +192,7 @@ def run_iterate(cfg: IterConfig, workdir: str | Path, *, lm: Any = None, progres
     task = TASKS.create(cfg.task, **cfg.task_options)
     prompts = {p.id: p for p in task.prompts(cfg.split)[: cfg.pool]}
     lm = lm if lm is not None else load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    trunk = Trunk(lm, LoraSettings.of(cfg), seed=cfg.seed)
+    trunk = Trunk(lm, cfg.lora(), seed=cfg.seed)
     policy = Policy(trunk, cfg.sampler, gguf=cfg.gguf, workdir=folder)
     optimizer = torch.optim.AdamW(trunk.parameters(), lr=cfg.lr, weight_decay=0.0)
     reports: list[dict[str, Any]] = []

@@ -39,12 +39,13 @@ import numpy as np
 from qprobe.core.files import write_json_atomic, write_text_atomic
 from qprobe.errors import ConfigError, DataError
 from qprobe.generation.base import SamplingConfig, sample_seed
+from qprobe.rm.trunk_config import TrunkConfig
 
 REWARDS = ("oracle", "orm", "qrm", "qprobe")
 
 
 @dataclass(frozen=True)
-class RLConfig:
+class RLConfig(TrunkConfig):
     """A REINFORCE run (one source for Python, the CLI and work.json)."""
 
     task: str = "mbpp"
@@ -61,16 +62,9 @@ class RLConfig:
     batch: int = 8
     max_new_tokens: int = 128
     lr: float = 5e-5
-    model: str = ""  # "" = the packaged default GGUF, through transformers
     sampler: str = "transformers"
     gguf: str | None = None  # the base GGUF llama.cpp samples (default: the packaged one)
-    top_blocks: int = 4
-    lora_r: int = 16
-    lora_alpha: float = 32.0
     hack_quantile: float = 0.75
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         from qprobe.learn.policy import SAMPLERS
@@ -130,7 +124,7 @@ def setup(cfg: RLConfig, folder: Path, lm: Any = None) -> RLSetup:
     from qprobe.generation.hf_load import load_causal_lm
     from qprobe.learn.policy import Policy
     from qprobe.learn.rewards import LastTokenReward, OracleReward, ProbeValueReward, TokenReward
-    from qprobe.rm.trunk import LoraSettings, Trunk
+    from qprobe.rm.trunk import Trunk
 
     task = TASKS.create(cfg.task, **cfg.task_options)
     task.check_split(cfg.split)
@@ -151,7 +145,7 @@ def setup(cfg: RLConfig, folder: Path, lm: Any = None) -> RLSetup:
     kinds: dict[str, Any] = {"oracle": OracleReward, "orm": LastTokenReward, "qrm": TokenReward, "qprobe": ProbeValueReward}
     reward = kinds[cfg.reward](task_reward, probe)
     lm = lm if lm is not None else load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    trunk = Trunk(lm, LoraSettings.of(cfg), seed=cfg.seed)
+    trunk = Trunk(lm, cfg.lora(), seed=cfg.seed)
     policy = Policy(trunk, cfg.sampler, gguf=cfg.gguf, workdir=folder)
     if probe is not None:
         _check_held_out(probe, held, policy.render, cfg.probe or "")

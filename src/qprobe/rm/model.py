@@ -27,7 +27,8 @@ import torch
 
 from qprobe.errors import ConfigError, NotFittedError
 from qprobe.rm.base import Head, Sequence
-from qprobe.rm.trunk import Encoded, LoraSettings, Trunk, encode_pair
+from qprobe.rm.trunk import Encoded, Trunk, encode_pair
+from qprobe.rm.trunk_config import TrunkConfig
 from qprobe.rm.workdir import StateCache, load_checkpoint, open_workdir, restore_optimizer, save_checkpoint
 from qprobe.tasks.pairs import Pair
 
@@ -35,22 +36,15 @@ SIDES = ("chosen", "rejected")
 
 
 @dataclass(frozen=True)
-class RMConfig:
+class RMConfig(TrunkConfig):
     """Hyper-parameters of a trainable-trunk reward model (one source for Python, CLI and files)."""
 
     head: str = "ex"
-    model: str = ""  # "" = the packaged default GGUF, through transformers
-    top_blocks: int = 4
-    lora_r: int = 16
-    lora_alpha: float = 32.0
     lr: float = 1e-4
     epochs: int = 1
     batch_pairs: int = 8
     max_response_tokens: int = 256
     max_prompt_tokens: int = 512
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         from qprobe.catalog import RM_HEADS
@@ -62,9 +56,6 @@ class RMConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"expected a learning rate lr > 0, got {self.lr}")
         self.lora()  # validates top_blocks, r, alpha
-
-    def lora(self) -> LoraSettings:
-        return LoraSettings.of(self)
 
 
 def _seconds() -> float:

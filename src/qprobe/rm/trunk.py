@@ -99,9 +99,10 @@ class LoraSettings:
 
     @classmethod
     def of(cls, config: Any) -> LoraSettings:
-        """From a run's config with the flat fields `top_blocks`, `lora_r`, `lora_alpha` (RMConfig,
-        RLConfig, IterConfig: the CLI's --top-blocks, --lora-r, --lora-alpha)."""
+        """From a run's config with the flat fields `top_blocks`, `lora_r`, `lora_alpha` (a
+        `TrunkConfig`: the CLI's --top-blocks, --lora-r, --lora-alpha)."""
         return cls(config.top_blocks, config.lora_r, config.lora_alpha)
+
 
 
 class Trunk:
