@@ -167,6 +167,45 @@ def test_features_captured_in_the_pool_are_each_sequences_own(backend) -> None:
 
 
 @pytest.mark.slow
+def test_a_stop_cut_inside_a_token_feeds_the_kept_tail_with_the_running_batch(backend, monkeypatch) -> None:
+    """A stop string cut inside a token (`x` in ` x`, `x)`, ...) leaves kept text that re-tokenises
+    differently; the kept tail's states are decoded as rows of later steps, never in a decode of
+    one sequence of its own, and they equal a fresh evaluation of the completion."""
+    from qprobe.features.llamacpp import LlamaCppEmbedder
+    from qprobe.features.spec import FeatureRequest
+
+    emb = LlamaCppEmbedder(backend)
+    reqs = [FeatureRequest(12, "mean"), FeatureRequest(-1, "last")]
+    emb.prepare(reqs)
+    sc = SamplingConfig(temperature=1.0, max_new_tokens=24, stop=("x",))
+    batches = _spy(backend, monkeypatch)
+    pool = backend.pool()
+    done = []
+    try:
+        for ask in _asks(sc):
+            pool.submit(ask)
+        while pool.busy():
+            done += pool.step()
+    finally:
+        pool.close()
+    assert pool.tail_tokens > 0  # the case is exercised
+    outputs = [b for b in batches if any(r[3] for r in b)]
+    assert len(outputs) == pool.steps  # no decode but the steps' own has outputs
+    assert all(len({r[2] for r in b}) == len(b) for b in outputs)
+    feats = [(ask, comps, emb.embed(ask.text, comps, reqs)) for ask, comps in done]
+    assert emb.stats["evaluated"] == 0  # every completion's states came from the pool
+    for ask, comps, got in feats:
+        assert all("x" not in c.text for c in comps)
+        backend.captured.clear()
+        fresh = emb.embed(ask.text, comps, reqs)
+        for key in ("L12_mean", "L-1_last"):
+            a, b = got[key], fresh[key]
+            cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+            assert cos.min() > 0.999, key
+    assert backend.in_flight == 0
+
+
+@pytest.mark.slow
 def test_a_small_kv_cache_admits_fewer_sequences_and_still_finishes(monkeypatch: pytest.MonkeyPatch) -> None:
     from qprobe.generation.llamacpp import LlamaCppBackend
 

@@ -75,6 +75,7 @@ class _Slot:
     cut: int | None = None
     prefill: bool = False  # its row is the job's last prompt token
     row: int = 0
+    tail: deque[tuple[int, int]] | None = None  # kept tokens still to feed for their states (then it ends)
 
 
 class LlamaCppPool(Pool):
@@ -84,6 +85,7 @@ class LlamaCppPool(Pool):
         self.b = backend
         self.share_prefix = bool(share_prefix)
         self.shared_tokens = self.prefilled_tokens = 0  # prompt positions copied from another prompt / evaluated
+        self.tail_tokens = 0  # kept tokens re-fed after a stop cut inside a token, as rows of running steps
         self.n_slots = int(slots or backend.n_seq_max)
         if not 1 <= self.n_slots <= backend.n_seq_max:
             raise BackendError(f"expected 1 <= slots <= n_seq_max={backend.n_seq_max}, got {self.n_slots}")
@@ -261,7 +263,10 @@ class LlamaCppPool(Pool):
         slot = self.slots[s]
         assert slot is not None
         b, sampling = self.b, slot.job.req.sampling
-        if slot.finish is not None:  # its last token was fed for its state only
+        if slot.tail:  # a kept tail fed with this step's batch, for its states only
+            slot.feed = slot.tail.popleft()
+            return False
+        if slot.finish is not None:  # its last token (or its tail) was fed for its state only
             return True
         tok = int(b._lib.llama_sampler_sample(slot.sampler, b._ctx, slot.row))
         if b.is_eog(tok):
@@ -283,8 +288,11 @@ class LlamaCppPool(Pool):
         assert slot is not None
         job = slot.job
         body, ids = self.b._kept(slot.gen, slot.raw, slot.cut)
+        if self.capture and slot.tail is None and self._queue_tail(s, slot, ids):
+            return  # it ends once its tail is fed, with the next steps' batches
         if self.capture:
-            self._feed_tail(s, slot, ids)
+            if slot.tail is None:
+                self._feed_tail(s, slot, ids)
             if len(slot.states[self.b.n_layers]) == len(ids):
                 self.b._captured(job.req.text)[(job.req.seeds[slot.index], ids)] = {
                     layer: np.stack(rows) if ids else np.zeros((0, self.b.dim), np.float32)  # [t, d]
@@ -294,16 +302,40 @@ class LlamaCppPool(Pool):
                                           seed=job.req.seeds[slot.index], token_ids=ids)
         self._free(s)
 
-    def _feed_tail(self, s: int, slot: _Slot, ids: tuple[int, ...]) -> None:
-        """States for kept tokens that were never fed (a stop sequence cut inside a token and the
-        kept text re-tokenised differently): drop the cells from the first differing position
-        and decode the kept tail there (this overwrites only logits already sampled from)."""
-        n_prompt, states = len(slot.job.tokens), slot.states
+    def _kept_fed(self, slot: _Slot, ids: tuple[int, ...]) -> int:
+        """How many of the kept tokens `ids` were fed as generated (their states are right); the
+        states of the rest are dropped."""
         m = 0
-        while m < min(len(ids), len(slot.gen), len(states[self.b.n_layers])) and ids[m] == slot.gen[m]:
+        while m < min(len(ids), len(slot.gen), len(slot.states[self.b.n_layers])) and ids[m] == slot.gen[m]:
             m += 1
-        for rows in states.values():
+        for rows in slot.states.values():
             del rows[m:]
+        return m
+
+    def _queue_tail(self, s: int, slot: _Slot, ids: tuple[int, ...]) -> bool:
+        """States for kept tokens never fed as generated (a stop sequence cut inside a token, and
+        the kept text re-tokenised differently, e.g. `)\n` kept as `)`): drop the slot's cells
+        from the first differing position and feed the kept tail there one token a step, as a row
+        of the running batch (no decode of its own); -> whether a tail was queued. A tail longer
+        than the cells the slot has used is left to `_feed_tail` (a unified cache reserved no more)."""
+        m = self._kept_fed(slot, ids)
+        if m >= len(ids):
+            slot.tail = deque()
+            return False
+        n_prompt = len(slot.job.tokens)
+        if len(ids) > len(slot.gen):
+            return False
+        self.b._lib.llama_memory_seq_rm(self.b._memory(), s, n_prompt + m, -1)
+        slot.tail = deque((tok, n_prompt + m + j) for j, tok in enumerate(ids[m:]))
+        self.tail_tokens += len(slot.tail)
+        slot.feed = slot.tail.popleft()
+        return True
+
+    def _feed_tail(self, s: int, slot: _Slot, ids: tuple[int, ...]) -> None:
+        """The tail of `_queue_tail` decoded at once, in a decode of this slot's own (this overwrites
+        only logits already sampled from)."""
+        n_prompt, states = len(slot.job.tokens), slot.states
+        m = self._kept_fed(slot, ids)
         if m >= len(ids):
             return
         b = self.b
