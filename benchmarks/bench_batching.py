@@ -4,7 +4,8 @@ For each workload (a: MBPP chat prompts, long answers; b: HumanEval completion p
 answers cut at the task's stop sequences), on the same model and the same prompts:
 1. the decode limit at S sequences: the back-end's own context set up as a collection uses it
    (a KV stream a sequence, embeddings on, the feature's layer captured), S sequences sharing
-   one prompt, one token per sequence per step drawn by llama.cpp's temperature/top-p sampler,
+   one prompt, one token per sequence per step drawn by llama.cpp's temperature/top-p sampler
+   (through `backend.sample`, the rows spread over the threads, as the pool draws them),
    end-of-text ignored, over the first --steps tokens after the prompt (short contexts: the
    cheapest steps of a collection);
 2. `collect` as before continuous batching (`batching=prompt`: one prompt's samples at a time);
@@ -60,8 +61,8 @@ def decode_limit(slots: int, text: str, args: argparse.Namespace) -> dict:
         rows = [0] * slots
         t0 = time.perf_counter()
         for step in range(args.steps):
-            feed = [(int(lib.llama_sampler_sample(samplers[s], b._ctx, rows[s])), len(tokens) + step, s, True)
-                    for s in range(slots)]
+            drawn = b.sample(list(zip(samplers, rows, strict=True)))  # as the pool draws (its threads)
+            feed = [(tok, len(tokens) + step, s, True) for s, tok in enumerate(drawn)]
             b.decode(feed)
             b.states(slots)  # what a collection reads back every step
             rows = list(range(slots))

@@ -166,6 +166,30 @@ def test_features_captured_in_the_pool_are_each_sequences_own(backend) -> None:
     assert backend.in_flight == 0
 
 
+@pytest.mark.smoke
+def test_backend_sample_draws_what_llama_sampler_sample_draws(backend) -> None:
+    """`sample` (candidates built here, the chains applied in threads) against llama.cpp's own
+    llama_sampler_sample, chain for chain with the same seeds, over several steps of 4 sequences."""
+    lib = backend._lib
+    tokens = backend.prompt_tokens(TEXTS[0])
+    backend.evaluate_prompt(tokens, 4)
+    for sc in (SamplingConfig(temperature=0.8, top_p=0.95), SamplingConfig(temperature=1.0), SamplingConfig(temperature=0)):
+        ours = [backend._sampler(sc, seed) for seed in range(4)]
+        theirs = [backend._sampler(sc, seed) for seed in range(4)]
+        rows = [0] * 4
+        try:
+            for step in range(6):
+                want = [int(lib.llama_sampler_sample(smp, backend._ctx, r)) for smp, r in zip(theirs, rows, strict=True)]
+                assert backend.sample(list(zip(ours, rows, strict=True))) == want
+                backend.decode([(tok, len(tokens) + step, s, True) for s, tok in enumerate(want)])
+                rows = list(range(4))
+        finally:
+            for smp in ours + theirs:
+                lib.llama_sampler_free(smp)
+        backend.evaluate_prompt(tokens, 4)
+    assert backend.n_threads < 2 or backend._draw_pool is not None  # the threaded path ran
+
+
 @pytest.mark.slow
 def test_a_stop_cut_inside_a_token_feeds_the_kept_tail_with_the_running_batch(backend, monkeypatch) -> None:
     """A stop string cut inside a token (`x` in ` x`, `x)`, ...) leaves kept text that re-tokenises

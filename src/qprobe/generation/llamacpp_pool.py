@@ -18,7 +18,8 @@ Each slot is one llama.cpp sequence (seq id = slot index): a KV stream of its ow
    token, or the last prompt token for a new slot), every row an output: logits and, when the
    embedder asked for them (`backend.capture_states`, and no LoRA adapter is on), the states of
    every fed token, per sequence.
-3. sample: each slot's own sampler chain draws its next token from its row; an end-of-generation
+3. sample: each slot's own sampler chain draws its next token from its row (`backend.sample`:
+   the rows spread over the back-end's threads); an end-of-generation
    token, a stop sequence or max_new_tokens ends the slot, whose cells are then dropped.
 A request finishes when all its seeds have; its completions come back in seed order.
 
@@ -160,7 +161,11 @@ class LlamaCppPool(Pool):
             if fed and slot.prefill and slot.job.prompt_states is None:
                 slot.job.prompt_states = {layer: fed[layer][j] for layer in self.layers}
             slot.prefill = False
-        ended = [s for s in sorted(running) if self._sample(s)]  # every slot samples before any tail decode
+        order = sorted(running)
+        drawing = [s for s in order if self._draws(s)]
+        drawn = dict(zip(drawing, b.sample([(self.slots[s].sampler, self.slots[s].row) for s in drawing]),  # type: ignore[union-attr]
+                         strict=True))
+        ended = [s for s in order if self._advance(s, drawn.get(s))]  # every slot samples before any tail decode
         for s in ended:
             self._end(s)
         return self._finished()
@@ -258,8 +263,14 @@ class LlamaCppPool(Pool):
             b.decode([(tokens[p], p, seq, False) for p in range(first, min(n, first + b.batch_size))])
 
     # ----------------------------------------------------------------- sampling and finishing
-    def _sample(self, s: int) -> bool:
-        """Draw the slot's next token from its row; whether the slot has ended."""
+    def _draws(self, s: int) -> bool:
+        """Whether the slot draws a token from this step's row (not when it was fed for states only)."""
+        slot = self.slots[s]
+        return slot is not None and not slot.tail and slot.finish is None
+
+    def _advance(self, s: int, tok: int | None) -> bool:
+        """Take the token the slot drew from its row (None: it draws none, `_draws`); whether the
+        slot has ended."""
         slot = self.slots[s]
         assert slot is not None
         b, sampling = self.b, slot.job.req.sampling
@@ -268,7 +279,7 @@ class LlamaCppPool(Pool):
             return False
         if slot.finish is not None:  # its last token (or its tail) was fed for its state only
             return True
-        tok = int(b._lib.llama_sampler_sample(slot.sampler, b._ctx, slot.row))
+        assert tok is not None
         if b.is_eog(tok):
             slot.finish = "stop"
             return True
