@@ -2,7 +2,7 @@
 
 One `collect` call (the same as bench_batching.py's continuous run) with timers wrapped around the
 llama.cpp back-end's parts: decode steps (split into prompt prefill and sampling steps, with the
-number of sequences each step carries), llama.cpp's sampler, the state read-back, the pool's own
+number of sequences each step carries), llama.cpp's sampler (`backend.sample`), the stop checks, the state read-back, the pool's own
 Python, the rewards (sandbox, in their thread), and the rest (model load, features, store). It then
 prices the collection at the decode limit measured in the same run: what the steps would cost at
 full occupancy, and what the prompts cost at the prefill rate.
@@ -103,7 +103,8 @@ def main() -> None:
     t.wrap(B, "states", "state read-back")
     t.wrap(B, "__init__", "back-end load")
     t.wrap(P, "step", "pool.step (all of it)")
-    t.wrap(P, "_sample", "sampler + stop checks")
+    t.wrap(B, "sample", "sampler (backend.sample)")
+    t.wrap(P, "_advance", "stop checks, text")
     score_seconds = [0.0]
     t.wrap(collect_mod, "_flush", "store writes (+ waiting for rewards)")
 
@@ -132,7 +133,8 @@ def main() -> None:
     prefill_rate = t.calls["prefill tokens"] / max(t.seconds["decode: prompt prefill"], 1e-9)
     full = {k: round(v, 2) for k, v in t.seconds.items()}
     py = t.seconds["pool.step (all of it)"] - t.seconds["decode: sampling steps"] - t.seconds["state read-back"] - \
-        t.seconds["sampler + stop checks"] - t.seconds["decode: prompt prefill"]
+        t.seconds["sampler (backend.sample)"] - \
+        t.seconds["stop checks, text"] - t.seconds["decode: prompt prefill"]
     report = {
         "args": vars(args) | {"out": str(args.out)},
         "decode_limits": limits,
