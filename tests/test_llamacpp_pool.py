@@ -137,6 +137,16 @@ def test_pool_is_deterministic_and_matches_one_prompt_at_a_time(backend) -> None
     assert same >= 0.5 * sum(map(len, SEEDS))  # rounding may differ in other batches, rarely
 
 
+def _same_as_fresh(backend, emb, reqs, ask, comps, feats) -> None:
+    """The pool's captured features of `comps` against the embedder evaluating them afresh."""
+    backend.captured.clear()
+    fresh = emb.embed(ask.text, comps, reqs)
+    for key in ("L12_mean", "L-1_last"):
+        a, b = feats[key], fresh[key]
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cos.min() > 0.999, key
+
+
 @pytest.mark.slow
 def test_features_captured_in_the_pool_are_each_sequences_own(backend) -> None:
     from qprobe.features.llamacpp import LlamaCppEmbedder
@@ -150,12 +160,7 @@ def test_features_captured_in_the_pool_are_each_sequences_own(backend) -> None:
         done.append((ask, comps, emb.embed(ask.text, comps, reqs)))
     assert emb.stats["evaluated"] == 0
     for ask, comps, feats in done:
-        backend.captured.clear()
-        fresh = emb.embed(ask.text, comps, reqs)
-        for key in ("L12_mean", "L-1_last"):
-            a, b = feats[key], fresh[key]
-            cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-            assert cos.min() > 0.999, key
+        _same_as_fresh(backend, emb, reqs, ask, comps, feats)
         assert [len(t) for t in feats["L12_tokens"]] == [max(c.n_tokens, 1) for c in comps]
     with pytest.raises(BackendError, match="in flight"):
         pool = backend.pool()
@@ -220,12 +225,7 @@ def test_a_stop_cut_inside_a_token_feeds_the_kept_tail_with_the_running_batch(ba
     assert emb.stats["evaluated"] == 0  # every completion's states came from the pool
     for ask, comps, got in feats:
         assert all("x" not in c.text for c in comps)
-        backend.captured.clear()
-        fresh = emb.embed(ask.text, comps, reqs)
-        for key in ("L12_mean", "L-1_last"):
-            a, b = got[key], fresh[key]
-            cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-            assert cos.min() > 0.999, key
+        _same_as_fresh(backend, emb, reqs, ask, comps, got)
     assert backend.in_flight == 0
 
 
