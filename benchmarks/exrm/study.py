@@ -251,12 +251,12 @@ def table(exp: str, work: Path, out: Path) -> dict[str, Any] | None:
     print(f"\n{exp}: learning rates chosen on training pairs: "
           + ", ".join(f"{h} {s['chosen']:g} (grid " + " ".join(f"{g['lr']:g}:{g['accuracy']:.3f}/{g['loss']:.3f}" for g in s["grid"]) + ")"
                       for h, s in rows["lr_selection"].items()))
-    print(f"{'test':<18} {'seed':>4} {'method':<13} {'accuracy':>8}  95% CI          margin  s/pair(train)")
+    print(f"{'test':<18} {'seed':>4} {'method':<13} {'accuracy':>8}  95% CI          margin  train s/pair: wall, CPU")
     for c in rows["cells"]:
         margin = f"{c['margin']:6.3f}" if "margin" in c else "      "
-        spp = c.get("train_seconds_per_pair")
+        spp, cpu = c.get("train_seconds_per_pair"), c.get("train_cpu_seconds_per_pair")
         print(f"{c['test']:<18} {c['seed']!s:>4} {c['method']:<13} {c['accuracy']:8.3f}  [{c['low']:.3f}, {c['high']:.3f}]  "
-              f"{margin}  {'' if spp is None else f'{spp:.2f}'}")
+              f"{margin}  {'' if spp is None else f'{spp:.2f}'}{'' if cpu is None else f', {cpu:.2f}'}")
     for d in rows["ex_minus_im"]:
         print(f"EX - IM  {d['test']:<18} seed {d['seed']:>3}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
     out.parent.mkdir(parents=True, exist_ok=True)
