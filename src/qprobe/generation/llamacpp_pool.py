@@ -35,7 +35,11 @@ server's traffic) can give another text where llama.cpp's CPU kernels round a ba
 differently (benchmarks/bench_batching.py measures how often). Shared heads are part of the
 schedule: a head's cells were computed in another prompt's prefill, which can round them
 differently from a prefill of this prompt alone, so texts can differ from those of
-`share_prefix=False` (or of qprobe before it), as they can with another S.
+`share_prefix=False` (or of qprobe before it), as they can with another S. A kept tail (a stop
+sequence cut inside a token) has its states decoded as rows of the running batch, so those
+features can differ in their last digits from a decode of the tail alone; texts do not depend on
+it. `backend.sample` draws a step's rows in threads, chain by chain: the same tokens as drawing
+them one after another.
 """
 
 from __future__ import annotations
