@@ -113,6 +113,9 @@ def main() -> None:
     orig_submit = cf.ThreadPoolExecutor.submit
 
     def submit(self, fn, *a, **k):
+        if not self._thread_name_prefix.startswith("qprobe-reward"):  # e.g. backend.sample's threads
+            return orig_submit(self, fn, *a, **k)
+
         def timed(*a2, **k2):
             t0 = time.perf_counter()
             try:
@@ -158,7 +161,7 @@ def main() -> None:
           f"with the {res['prompt_tokens']} prompt tokens {report['ratio_with_prompts']}")
     for k, v in sorted(full.items(), key=lambda kv: -kv[1]):
         print(f"  {k:40s} {v:8.2f} s  ({v / wall:.0%})")
-    print(f"  {'rewards (their thread, overlapping)':40s} {score_seconds[0]:8.2f} s")
+    print(f"  {'rewards (the reward thread, overlapping)':40s} {score_seconds[0]:8.2f} s")
     print(f"  pool Python outside decode/prefill/sampler/read-back: {py:.2f} s")
     print(f"  sampling steps {steps}, {rows} rows, mean {rows / max(steps, 1):.1f} a step (S={args.slots}); "
           f"those rows at the best decode limit: {at_limit:.1f} s")
