@@ -192,7 +192,7 @@ def test_backend_sample_draws_what_llama_sampler_sample_draws(backend) -> None:
             for smp in ours + theirs:
                 lib.llama_sampler_free(smp)
         backend.evaluate_prompt(tokens, 4)
-    assert backend.n_threads < 2 or backend._draw_pool is not None  # the threaded path ran
+    assert backend.n_threads < 2 or backend._drawer.threaded  # the threaded path ran
 
 
 @pytest.mark.slow

@@ -19,12 +19,9 @@ another text (benchmarks/bench_batching.py measures how often).
 
 from __future__ import annotations
 
-import ctypes
 import os
-import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,13 +31,12 @@ from qprobe.core.types import Completion
 from qprobe.errors import BackendError, ConfigError
 from qprobe.generation.base import Backend, GenRequest, Pool, SamplingConfig, SequentialPool
 from qprobe.generation.llamacpp_capture import LayerCapture, resolve_layer
+from qprobe.generation.llamacpp_draw import RowDrawer
 from qprobe.generation.llamacpp_lib import default_threads, extra_buffers_default, load, set_verbose
 from qprobe.generation.llamacpp_lora import LlamaLora
 from qprobe.generation.llamacpp_pool import LlamaCppPool
 from qprobe.generation.llamacpp_text import LlamaText
 from qprobe.generation.models import file_sha256, model_name, resolve_model
-
-_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 
 BATCHING = ("continuous", "prompt")
 KV_DTYPES = ("f16", "f32")  # the KV cache's element type: llama.cpp's default, or exact (tests)
@@ -128,11 +124,7 @@ class LlamaCppBackend(LlamaText, LlamaLora, Backend):
         if not self._model:
             raise BackendError(f"expected a loadable GGUF model, got '{self.path}'; is the file complete?")
         self._vocab = lib.llama_model_get_vocab(self._model)
-        self._n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
-        self._vocab_ids = np.arange(self._n_vocab, dtype="<i4")
-        self._draw_pool: ThreadPoolExecutor | None = None  # `sample`'s threads
-        self._draw_local = threading.local()  # a candidates buffer a thread
-        self._draw_own = ctypes.sizeof(lib.llama_token_data) == _TOKEN_DATA.itemsize  # else llama_sampler_sample
+        self._drawer = RowDrawer(lib, self._vocab, self.n_threads)  # `sample`
         self.n_layers = int(lib.llama_model_n_layer(self._model))
         self.dim = int(lib.llama_model_n_embd(self._model))
         self._n_ctx_asked = int(n_ctx)
@@ -324,39 +316,9 @@ class LlamaCppBackend(LlamaText, LlamaLora, Backend):
         return chain
 
     def sample(self, picks: list[tuple[Any, int]]) -> list[int]:
-        """The next token of each (sampler chain, row of the last decode): what llama.cpp's
-        `llama_sampler_sample` does (every vocabulary token a candidate with its logit, the chain
-        applied, its pick accepted), the rows spread over n_threads threads. The chains are
-        independent sampler states and ctypes calls release the GIL, so the tokens are those of
-        a sequential loop (tests/test_llamacpp_pool.py checks it), in about half the time on 2
-        cores: a sampler chain over the 151k-token vocabulary takes 2-3 ms a row here, about 12%
-        of a collection's time."""
-        if not picks:
-            return []
-        if not self._draw_own:  # a llama_token_data layout this code does not know
-            return [int(self._lib.llama_sampler_sample(smp, self._ctx, row)) for smp, row in picks]
-        logits = [self._lib.llama_get_logits_ith(self._ctx, row) for _, row in picks]  # in this thread
-        if self.n_threads < 2 or len(picks) < 2:
-            return [self._draw(smp, ptr) for (smp, _), ptr in zip(picks, logits, strict=True)]
-        if self._draw_pool is None:
-            self._draw_pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="qprobe-sampler")
-        return list(self._draw_pool.map(self._draw, [smp for smp, _ in picks], logits))
-
-    def _draw(self, smp: Any, logits_ptr: Any) -> int:
-        lib, n = self._lib, self._n_vocab
-        buf = getattr(self._draw_local, "buf", None)
-        if buf is None:
-            buf = self._draw_local.buf = np.empty(n, _TOKEN_DATA)
-        buf["id"] = self._vocab_ids
-        buf["logit"] = np.ctypeslib.as_array(logits_ptr, shape=(n,))
-        buf["p"] = 0.0
-        cur = lib.llama_token_data_array(buf.ctypes.data_as(lib.llama_token_data_p), n, -1, False)
-        lib.llama_sampler_apply(smp, ctypes.byref(cur))
-        if not 0 <= cur.selected < cur.size:
-            raise BackendError(f"expected the sampler chain to select a candidate, got index {cur.selected}")
-        tok = int(cur.data[cur.selected].id)  # a sampler may point `data` at its own sorted buffer
-        lib.llama_sampler_accept(smp, tok)
-        return tok
+        """The next token of each (sampler chain, row of the last decode), the rows in threads
+        (`llamacpp_draw.RowDrawer`: the tokens llama_sampler_sample would draw)."""
+        return self._drawer.draw(self._ctx, picks)
 
     def sampler(self, sampling: SamplingConfig) -> dict[str, Any]:
         """The sampling configuration applied (stored in the run's manifest): nothing but these."""
@@ -405,9 +367,8 @@ class LlamaCppBackend(LlamaText, LlamaLora, Backend):
         lib = getattr(self, "_lib", None)
         if lib is None:
             return
-        if getattr(self, "_draw_pool", None) is not None:
-            self._draw_pool.shutdown()  # type: ignore[union-attr]
-            self._draw_pool = None
+        if getattr(self, "_drawer", None) is not None:
+            self._drawer.close()
         if getattr(self, "_batch", None) is not None:
             lib.llama_batch_free(self._batch)
             self._batch = None
