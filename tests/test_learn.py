@@ -244,6 +244,12 @@ def test_resume_after_sigkill_ends_equal_to_an_uninterrupted_run(tiny: str, tmp_
         assert torch.equal(ta[k], tb[k]), k
     assert [json.loads(x)["step"] for x in (killed / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert sorted(p.name for p in (killed / "evals").iterdir()) == ["step000000.json", "step000004.json"]
+    for name in ("step000000.json", "step000004.json"):
+        ev = json.loads((killed / "evals" / name).read_text())
+        for metric in ("greedy", "sampled"):  # per-problem values, for paired comparisons of runs and steps
+            per = ev[metric]["per_prompt"]
+            assert len(per) == ev[metric]["n_prompts"] == 2
+            assert ev[metric]["mean"] == pytest.approx(sum(per.values()) / 2)
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -296,6 +302,8 @@ def test_iterate_rounds_report_resume_and_keep_base_model_features(tiny: str, tm
     for r in reports:
         assert set(r["held_out"]) == {"pass@1", "probe@3", "pass@3"} and r["held_out"]["pass@1"]["n_prompts"] == 3
         assert r["held_out"]["pass@1"]["mean"] <= r["held_out"]["pass@3"]["mean"]
+        per1, perk = r["held_out"]["pass@1"]["per_prompt"], r["held_out"]["pass@3"]["per_prompt"]
+        assert set(per1) == set(perk) and len(per1) == 3 and all(per1[p] <= perk[p] for p in per1)
         assert r["sft"]["steps"] == 2
     a0 = load_checkpoint(tmp_path / "it" / "round0")[0]
     a1 = load_checkpoint(tmp_path / "it" / "round1")[0]

@@ -8,6 +8,9 @@ reported as "not run", never filled in. The pre-registered rule (benchmarks/resu
 target is the step-0 greedy pass@1 (the same base policy for every reward: LoRA's B starts at 0)
 plus TARGET_GAIN; "steps to reach" is the first evaluated step at or above it; the ratio is
 steps(ORM) / steps(Q-RM), with a run that never reaches it counted as "> its last step".
+Paired differences (95% paired bootstrap over the same held-out problems) where the evaluations
+recorded per-problem values: Q-RM - ORM at their last common evaluated step, each run's last
+evaluation - its step 0, and each round of iterative Q-probing - round 0.
 """
 
 from __future__ import annotations
@@ -49,6 +52,25 @@ def steps_to_reach(curve: list[dict[str, Any]], target: float, metric: str = MET
     return None
 
 
+def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """mean(a - b) over the problems both evaluated, with a 95% paired bootstrap interval (None when
+    either evaluation lacks per-problem values: runs made before they were recorded)."""
+    from qprobe.intervals import paired_bootstrap_ci
+
+    pa, pb = a.get("per_prompt"), b.get("per_prompt")
+    if not pa or not pb:
+        return None
+    common = sorted(set(pa) & set(pb))
+    d, lo, hi = paired_bootstrap_ci([pa[p] for p in common], [pb[p] for p in common])
+    return {"mean": d, "low": lo, "high": hi, "n_prompts": len(common)}
+
+
+def _fmt(d: dict[str, Any] | None, sign: str = "") -> str:
+    if d is None:
+        return "n/a (no per-problem values)"
+    return f"{d['mean']:{sign}.3f} [{d['low']:{sign}.3f}, {d['high']:{sign}.3f}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=Path("runs/rl"))
@@ -75,6 +97,21 @@ def main(argv: list[str] | None = None) -> int:
             fmt = lambda d: f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"  # noqa: E731
             print(f"{r:<8} {v['steps']:>5} {v['mean_step_seconds'] or 0:>7.1f} {fmt(last['greedy']):>22} "
                   f"{fmt(last['sampled']):>22} {reach if reach else '-':>6} {v['flagged']:>7}")
+        out["paired"] = {}
+        for r, v in made.items():
+            first, last = v["curve"][0], v["curve"][-1]
+            if last["step"] > first["step"]:
+                cell = {m: paired(last[m], first[m]) for m in ("greedy", "sampled")}
+                out["paired"][f"{r} step {last['step']} - step {first['step']}"] = cell
+        o, q = runs.get("orm"), runs.get("qrm")
+        if o and q and o["curve"] and q["curve"]:
+            at = {p["step"]: p for p in o["curve"]}
+            common = [p for p in q["curve"] if p["step"] in at]
+            if common:
+                qa, oa = common[-1], at[common[-1]["step"]]
+                out["paired"][f"qrm - orm at step {qa['step']}"] = {m: paired(qa[m], oa[m]) for m in ("greedy", "sampled")}
+        for name, cell in out["paired"].items():
+            print(f"paired {name}: greedy {_fmt(cell['greedy'], '+')}  sampled {_fmt(cell['sampled'], '+')}")
         o, q = runs.get("orm"), runs.get("qrm")
         if o and q and o["curve"] and q["curve"]:
             so, sq = o.get("steps_to_reach"), q.get("steps_to_reach")
@@ -93,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         for rep in out["iterate"]:
             cells = "  ".join(f"{n} {v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for n, v in rep["held_out"].items())
             print(f"  round {rep['round']}: {cells}  picked reward {rep['picked_reward']:.3f}")
+        first = out["iterate"][0]
+        for rep in out["iterate"][1:]:
+            cells = {n: paired(v, first["held_out"][n]) for n, v in rep["held_out"].items() if n in first["held_out"]}
+            rep["paired_vs_round0"] = cells
+            print(f"  round {rep['round']} - round {first['round']}: "
+                  + "  ".join(f"{n} {_fmt(c, '+')}" for n, c in cells.items()))
     else:
         print("iterative Q-probing: not run")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,10 @@ from qprobe.learn.rewards import oracle_rewards
 
 def evaluate_policy(policy: Policy, prompts: list[Prompt], task_reward: Any, sampling: SamplingConfig,
                     samples: int, seed: int, version: int) -> dict[str, Any]:
-    """{"greedy": {mean, low, high, n_prompts}, "sampled": {...}, "tokens", "seconds"} (see the module docstring)."""
+    """{"greedy": {mean, low, high, n_prompts, per_prompt}, "sampled": {...}, "tokens", "seconds"}.
+
+    `per_prompt` (problem id -> its pass@1) lets two runs or two steps be compared paired on the same
+    problems (`qprobe.evaluation.evaluate.paired_difference`); see the module docstring."""
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     tokens = 0
@@ -41,7 +44,7 @@ def evaluate_policy(policy: Policy, prompts: list[Prompt], task_reward: Any, sam
         res = method_result(f"{name} pass@1", {p: float(np.mean(v)) for p, v in per.items()},
                             rng=np.random.default_rng(0))
         out[name] = {"mean": res.mean, "low": res.low, "high": res.high, "n_prompts": res.n_prompts,
-                     "samples_per_prompt": n}
+                     "samples_per_prompt": n, "per_prompt": res.per_prompt}
     out["tokens"] = tokens
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out

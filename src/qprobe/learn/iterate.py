@@ -113,7 +113,8 @@ def train_probe(cfg: IterConfig, run: Any) -> Any:
 
 
 def held_out_report(run: Any, probe: Any, k: int, beta: float) -> dict[str, Any]:
-    """pass@1, the probe policy's return at k and pass@k on a run, each with a 95% interval over problems."""
+    """pass@1, the probe policy's return at k and pass@k on a run, each with a 95% interval over problems
+    and its per-problem values (for paired comparisons of rounds)."""
     from qprobe.evaluation.evaluate import (
         RunData,
         mean_reward_values,
@@ -129,7 +130,7 @@ def held_out_report(run: Any, probe: Any, k: int, beta: float) -> dict[str, Any]
                       (f"probe@{k}", probe_values(data, probe_scores(data, probe), k, beta)),
                       (f"pass@{k}", pass_at_k_values(data, k))):
         m = method_result(name, per, rng=np.random.default_rng(0))
-        out[name] = {"mean": m.mean, "low": m.low, "high": m.high, "n_prompts": m.n_prompts}
+        out[name] = {"mean": m.mean, "low": m.low, "high": m.high, "n_prompts": m.n_prompts, "per_prompt": m.per_prompt}
     return out
 
 
