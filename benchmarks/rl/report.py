@@ -55,14 +55,13 @@ def steps_to_reach(curve: list[dict[str, Any]], target: float, metric: str = MET
 def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
     """mean(a - b) over the problems both evaluated, with a 95% paired bootstrap interval (None when
     either evaluation lacks per-problem values: runs made before they were recorded)."""
-    from qprobe.intervals import paired_bootstrap_ci
+    from qprobe.evaluation.evaluate import MethodResult, paired_difference
 
-    pa, pb = a.get("per_prompt"), b.get("per_prompt")
-    if not pa or not pb:
+    ma, mb = MethodResult.from_json("a", a), MethodResult.from_json("b", b)
+    if ma is None or mb is None:
         return None
-    common = sorted(set(pa) & set(pb))
-    d, lo, hi = paired_bootstrap_ci([pa[p] for p in common], [pb[p] for p in common])
-    return {"mean": d, "low": lo, "high": hi, "n_prompts": len(common)}
+    d, lo, hi = paired_difference(ma, mb)
+    return {"mean": d, "low": lo, "high": hi, "n_prompts": len(set(ma.per_prompt) & set(mb.per_prompt))}
 
 
 def _fmt(d: dict[str, Any] | None, sign: str = "") -> str:
@@ -94,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             last = v["curve"][-1]
             reach = steps_to_reach(v["curve"], target)
             v["steps_to_reach"] = reach
-            fmt = lambda d: f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"  # noqa: E731
-            print(f"{r:<8} {v['steps']:>5} {v['mean_step_seconds'] or 0:>7.1f} {fmt(last['greedy']):>22} "
-                  f"{fmt(last['sampled']):>22} {reach if reach else '-':>6} {v['flagged']:>7}")
+            print(f"{r:<8} {v['steps']:>5} {v['mean_step_seconds'] or 0:>7.1f} {_fmt(last['greedy']):>22} "
+                  f"{_fmt(last['sampled']):>22} {reach if reach else '-':>6} {v['flagged']:>7}")
         out["paired"] = {}
         for r, v in made.items():
             first, last = v["curve"][0], v["curve"][-1]
@@ -104,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 cell = {m: paired(last[m], first[m]) for m in ("greedy", "sampled")}
                 out["paired"][f"{r} step {last['step']} - step {first['step']}"] = cell
         o, q = runs.get("orm"), runs.get("qrm")
-        if o and q and o["curve"] and q["curve"]:
+        both = bool(o and q and o["curve"] and q["curve"])
+        if both:
             at = {p["step"]: p for p in o["curve"]}
             common = [p for p in q["curve"] if p["step"] in at]
             if common:
@@ -112,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 out["paired"][f"qrm - orm at step {qa['step']}"] = {m: paired(qa[m], oa[m]) for m in ("greedy", "sampled")}
         for name, cell in out["paired"].items():
             print(f"paired {name}: greedy {_fmt(cell['greedy'], '+')}  sampled {_fmt(cell['sampled'], '+')}")
-        o, q = runs.get("orm"), runs.get("qrm")
-        if o and q and o["curve"] and q["curve"]:
+        if both:
             so, sq = o.get("steps_to_reach"), q.get("steps_to_reach")
             if so and sq:
                 out["ratio_orm_over_qrm"] = so / sq
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if out["iterate"]:
         print("iterative Q-probing (held-out):")
         for rep in out["iterate"]:
-            cells = "  ".join(f"{n} {v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for n, v in rep["held_out"].items())
+            cells = "  ".join(f"{n} {_fmt(v)}" for n, v in rep["held_out"].items())
             print(f"  round {rep['round']}: {cells}  picked reward {rep['picked_reward']:.3f}")
         first = out["iterate"][0]
         for rep in out["iterate"][1:]:

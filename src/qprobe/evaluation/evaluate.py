@@ -175,6 +175,18 @@ class MethodResult:
     def row(self) -> list[Any]:
         return [self.name, self.mean, self.low, self.high, self.n_prompts]
 
+    def to_json(self) -> dict[str, Any]:
+        """{mean, low, high, n_prompts, per_prompt}: what evaluation files store (the name is their key)."""
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n_prompts": self.n_prompts,
+                "per_prompt": self.per_prompt}
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> MethodResult | None:
+        """The inverse of `to_json`; None for a record without per-problem values (older files)."""
+        if not d.get("per_prompt"):
+            return None
+        return cls(name, d["mean"], d["low"], d["high"], d["n_prompts"], d["per_prompt"])
+
 
 def method_result(name: str, per_prompt: dict[str, float], prompts: list[str] | None = None,
                   rng: np.random.Generator | None = None) -> MethodResult:

@@ -26,7 +26,7 @@ def evaluate_policy(policy: Policy, prompts: list[Prompt], task_reward: Any, sam
     """{"greedy": {mean, low, high, n_prompts, per_prompt}, "sampled": {...}, "tokens", "seconds"}.
 
     `per_prompt` (problem id -> its pass@1) lets two runs or two steps be compared paired on the same
-    problems (`qprobe.evaluation.evaluate.paired_difference`); see the module docstring."""
+    problems (`MethodResult.from_json`, `paired_difference`); see the module docstring."""
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     tokens = 0
@@ -43,8 +43,7 @@ def evaluate_policy(policy: Policy, prompts: list[Prompt], task_reward: Any, sam
             per.setdefault(r.prompt.id, []).append(0.0 if v is None else float(v))
         res = method_result(f"{name} pass@1", {p: float(np.mean(v)) for p, v in per.items()},
                             rng=np.random.default_rng(0))
-        out[name] = {"mean": res.mean, "low": res.low, "high": res.high, "n_prompts": res.n_prompts,
-                     "samples_per_prompt": n, "per_prompt": res.per_prompt}
+        out[name] = {**res.to_json(), "samples_per_prompt": n}
     out["tokens"] = tokens
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out

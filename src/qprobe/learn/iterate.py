@@ -130,7 +130,7 @@ def held_out_report(run: Any, probe: Any, k: int, beta: float) -> dict[str, Any]
                       (f"probe@{k}", probe_values(data, probe_scores(data, probe), k, beta)),
                       (f"pass@{k}", pass_at_k_values(data, k))):
         m = method_result(name, per, rng=np.random.default_rng(0))
-        out[name] = {"mean": m.mean, "low": m.low, "high": m.high, "n_prompts": m.n_prompts, "per_prompt": m.per_prompt}
+        out[name] = m.to_json()
     return out
 
 
